@@ -1,0 +1,188 @@
+"""Point-cloud kernels for pqae: FPS, kNN, grouping and Chamfer-L2.
+
+Public API
+----------
+``fps(xyz, m, *, check=None) -> LongTensor (B, m)``
+    Farthest point sampling with pointnet2 CUDA semantics (SPEC 1.1): first index 0,
+    running-min squared distance (init 1e10), ties to the lowest index, points with
+    squared norm <= 1e-3 never picked after the first.
+``knn(query, ref, k, *, check=None) -> LongTensor (B, S, k)``
+    k nearest ``ref`` points of each ``query`` by squared Euclidean distance, nearest first.
+``group(xyz, num_group, group_size, *, check=None) -> (neighborhood (B, G, M, 3), center (B, G, 3))``
+    SPEC 1.2: centers = FPS, neighbours = kNN of the centers, neighbourhood = neighbour - center.
+    float32 output.
+``chamfer_l2(a, b, *, check=None) -> (d_a (P, n), d_b (P, m))``
+    Squared distance of each point to its nearest point in the other set (SPEC 2.7),
+    float32, differentiable w.r.t. ``a`` and ``b``.
+
+Inputs may be float32 / bfloat16 / float16 (computed in float32; float64 is computed in
+float64 by the reference and in float32 by Triton) and non-contiguous. Bad input raises
+``ValueError`` naming the argument and its shape.
+
+Backend switch
+--------------
+* ``auto`` (default): CUDA tensors use the Triton kernels (``kernels/triton_ops.py``),
+  CPU tensors use the plain-PyTorch reference (``kernels/reference.py``).
+* ``set_backend("reference" | "triton" | "auto")`` forces a backend for the process.
+* Environment variable ``PQAE_KERNELS=reference|triton|auto``, read at every call, is used
+  when ``set_backend`` has not forced one (i.e. ``set_backend("auto")`` defers to it).
+* ``triton`` on CPU tensors is only allowed under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before triton is imported); otherwise it raises.
+
+Triton path details (``kernels/triton_ops.py``)
+-----------------------------------------------
+* FPS: one program per cloud, whole cloud in registers; indices bit-identical to the
+  reference (same distance op order, FMA contraction disabled). N > 16384 falls back to the
+  reference.
+* kNN: running top-k in registers; k <= 128 (``triton_ops.KNN_MAX_K``) runs in Triton, larger
+  k falls back to the reference. Distances are bit-identical to the reference; on exact ties
+  Triton prefers the lower index while ``torch.topk`` order on ties is unspecified.
+* group: two launches (FPS writing the centers, kNN writing neighbour - center).
+* chamfer_l2: forward returns min + argmin in both directions (one launch for sets of <= 64
+  points, else one tiled launch per direction); backward is a Triton kernel (deterministic,
+  no atomics) via ``triton_ops.ChamferL2`` (torch.autograd.Function).
+
+NaN/inf check
+-------------
+Checking coordinates for NaN/inf costs a host sync on the GPU. It is on by default; skip it
+per call with ``check=False`` or globally with ``kernels.CHECK_FINITE = False``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+__all__ = ["fps", "knn", "group", "chamfer_l2", "set_backend", "get_backend", "CHECK_FINITE"]
+
+CHECK_FINITE = True
+_BACKENDS = ("auto", "reference", "triton")
+_forced = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force the backend: "reference", "triton" or "auto" (auto defers to $PQAE_KERNELS)."""
+    global _forced
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _forced = name
+
+
+def get_backend() -> str:
+    """The requested backend ("auto", "reference" or "triton"): set_backend, else $PQAE_KERNELS."""
+    if _forced != "auto":
+        return _forced
+    env = os.environ.get("PQAE_KERNELS", "").strip().lower() or "auto"
+    if env not in _BACKENDS:
+        raise ValueError(f"PQAE_KERNELS must be one of {_BACKENDS}, got {env!r}")
+    return env
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_ops():
+    from . import triton_ops  # lazy: triton is optional on CPU-only machines
+
+    return triton_ops
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    be = get_backend()
+    if be == "reference":
+        return False
+    if be == "triton":
+        if t.device.type != "cuda" and not _interpret():
+            raise ValueError(
+                f"backend 'triton' needs CUDA tensors (got device {t.device}) "
+                "unless TRITON_INTERPRET=1")
+        return True
+    # auto
+    if t.device.type != "cuda":
+        return False
+    try:
+        _triton_ops()
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- validation
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_points(name: str, t, check: bool | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3 or t.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (B, N, 3), got {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype} shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    if (CHECK_FINITE if check is None else check) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} contains NaN or inf coordinates")
+
+
+def _check_count(name: str, v, limit: int, limit_name: str, shape) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            import operator
+            v = operator.index(v)
+        except TypeError:
+            raise ValueError(f"{name} must be an int, got {type(v).__name__}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    if v > limit:
+        raise ValueError(f"{name}={v} exceeds {limit_name}={limit} of input shape {tuple(shape)}")
+
+
+def _check_same_batch(n1, t1, n2, t2) -> None:
+    if t1.shape[0] != t2.shape[0]:
+        raise ValueError(f"batch sizes differ: {n1} {tuple(t1.shape)} vs {n2} {tuple(t2.shape)}")
+    if t1.device != t2.device:
+        raise ValueError(f"devices differ: {n1} on {t1.device}, {n2} on {t2.device}")
+
+
+# ----------------------------------------------------------------------------- public ops
+def fps(xyz: torch.Tensor, m: int, *, check: bool | None = None) -> torch.Tensor:
+    """Farthest point sampling. xyz (B, N, 3) -> indices (B, m) int64 (see module doc)."""
+    _check_points("xyz", xyz, check)
+    _check_count("m", m, xyz.shape[1], "N", xyz.shape)
+    if _use_triton(xyz):
+        return _triton_ops().fps(xyz, int(m))
+    return reference.fps(xyz, int(m))
+
+
+def knn(query: torch.Tensor, ref: torch.Tensor, k: int, *, check: bool | None = None) -> torch.Tensor:
+    """k nearest ref points of each query, nearest first. (B, S, 3), (B, N, 3) -> (B, S, k) int64."""
+    _check_points("query", query, check)
+    _check_points("ref", ref, check)
+    _check_same_batch("query", query, "ref", ref)
+    _check_count("k", k, ref.shape[1], "N", ref.shape)
+    if _use_triton(query):
+        return _triton_ops().knn(query, ref, int(k))
+    return reference.knn(query, ref, int(k))
+
+
+def group(xyz: torch.Tensor, num_group: int, group_size: int, *, check: bool | None = None):
+    """FPS + kNN grouping (SPEC 1.2). xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3))."""
+    _check_points("xyz", xyz, check)
+    _check_count("num_group", num_group, xyz.shape[1], "N", xyz.shape)
+    _check_count("group_size", group_size, xyz.shape[1], "N", xyz.shape)
+    if _use_triton(xyz):
+        return _triton_ops().group(xyz, int(num_group), int(group_size))
+    return reference.group(xyz, int(num_group), int(group_size))
+
+
+def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
+    """Chamfer-L2 halves. a (P, n, 3), b (P, m, 3) -> (d_a (P, n), d_b (P, m)), differentiable."""
+    _check_points("a", a, check)
+    _check_points("b", b, check)
+    _check_same_batch("a", a, "b", b)
+    if _use_triton(a):
+        return _triton_ops().chamfer_l2(a, b)
+    return reference.chamfer_l2(a, b)

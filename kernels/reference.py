@@ -1,0 +1,111 @@
+"""Plain-PyTorch reference implementations (CPU path and test oracle).
+
+Every function here assumes already-validated inputs (see ``kernels/__init__.py``):
+float coordinates of shape (..., 3). Low-precision inputs (bf16/fp16) are upcast to
+float32; float64 stays float64 (so ``gradcheck`` works on the Chamfer reference).
+
+Squared distances are always computed as ``((dx*dx + dy*dy) + dz*dz)`` with
+``d = p - q`` in this exact operation order, never as |a|^2 + |b|^2 - 2ab: the
+expansion loses precision (a point's distance to itself is not exactly 0), and the
+Triton kernels use the same order so FPS/kNN results match bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+# Squared norm at or below which a point is never picked by FPS after the first pick
+# (quirk of the pointnet2 CUDA op, SPEC 1.1).
+FPS_ORIGIN_EPS = 1e-3
+# Initial running-minimum distance of FPS (pointnet2 uses 1e10).
+FPS_INIT_DIST = 1e10
+# kNN processes queries in chunks so that the (B, s, N) distance matrix stays below this
+# many elements (bounds memory at large N).
+_KNN_CHUNK_ELEMS = 1 << 25
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def sqdist(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Squared distance between broadcastable point tensors p (..., 3) and q (..., 3).
+
+    Operation order ((dx^2 + dy^2) + dz^2) is fixed on purpose (bitwise parity with Triton).
+    """
+    d = p - q
+    dx, dy, dz = d.unbind(-1)
+    return (dx * dx + dy * dy) + dz * dz
+
+
+def fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
+    """Farthest point sampling, pointnet2 CUDA semantics. xyz (B, N, 3) -> idx (B, m) int64.
+
+    First index is 0; each next pick maximises the running-minimum squared distance to the
+    picked set; ties go to the lowest index (torch.argmax returns the first maximum);
+    points with squared norm <= 1e-3 score -1 and so are never picked after the first
+    (if every score is -1, argmax gives index 0, as in the CUDA op). Computed in float32.
+    """
+    x = xyz.to(torch.float32)  # the CUDA op is float32-only; always compute in float32
+    B, N, _ = x.shape
+    px, py, pz = x.unbind(-1)  # each (B, N)
+    # pointnet2 tests `mag <= 1e-3` with a float32 mag against the double 1e-3. For float32
+    # values that is exactly `mag < float32(1e-3)`, since float32(1e-3) > 1e-3.
+    near_origin = ((px * px + py * py) + pz * pz) < FPS_ORIGIN_EPS  # (B, N)
+    run_min = torch.full((B, N), FPS_INIT_DIST, dtype=x.dtype, device=x.device)
+    neg_one = torch.full((), -1.0, dtype=x.dtype, device=x.device)
+    idx = torch.zeros((B, m), dtype=torch.long, device=x.device)
+    last = torch.zeros((B,), dtype=torch.long, device=x.device)
+    ar = torch.arange(B, device=x.device)
+    for i in range(1, m):
+        c = x[ar, last]  # (B, 3): coordinates of the previous pick
+        dx = px - c[:, 0:1]
+        dy = py - c[:, 1:2]
+        dz = pz - c[:, 2:3]
+        d = (dx * dx + dy * dy) + dz * dz  # (B, N)
+        run_min = torch.minimum(run_min, d)
+        score = torch.where(near_origin, neg_one, run_min)
+        last = torch.argmax(score, dim=1)  # first maximal index = lowest-index tie-break
+        idx[:, i] = last
+    return idx
+
+
+def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
+    """k nearest ref points of each query. query (B, S, 3), ref (B, N, 3) -> (B, S, k) int64,
+    nearest first. Distances computed exactly as sum of squared differences."""
+    dt = _compute_dtype(query) if query.dtype == torch.float64 or ref.dtype == torch.float64 else torch.float32
+    q = query.to(dt)
+    r = ref.to(dt)
+    B, S, _ = q.shape
+    N = r.shape[1]
+    chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * N))
+    out = []
+    for s0 in range(0, S, chunk):
+        d = sqdist(q[:, s0:s0 + chunk, None, :], r[:, None, :, :])  # (B, s, N)
+        out.append(torch.topk(d, k, dim=-1, largest=False, sorted=True).indices)
+    return torch.cat(out, dim=1)
+
+
+def gather_points(xyz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """xyz (B, N, C), idx (B, ...) -> (B, ..., C)."""
+    B = xyz.shape[0]
+    flat = idx.reshape(B, -1)
+    g = torch.gather(xyz, 1, flat[..., None].expand(-1, -1, xyz.shape[-1]))
+    return g.reshape(*idx.shape, xyz.shape[-1])
+
+
+def group(xyz: torch.Tensor, num_group: int, group_size: int):
+    """SPEC 1.2. xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3)), float32."""
+    x = xyz.float()
+    center = gather_points(x, fps(x, num_group))  # (B, G, 3)
+    nbr_idx = knn(center, x, group_size)  # (B, G, M)
+    neighborhood = gather_points(x, nbr_idx) - center[:, :, None, :]
+    return neighborhood, center
+
+
+def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
+    """a (P, n, 3), b (P, m, 3) -> (d_a (P, n), d_b (P, m)): squared distance of each point
+    to its nearest point in the other set. Differentiable (autograd through the dense
+    (P, n, m) matrix). float32 output (float64 if an input is float64)."""
+    dt = torch.float64 if (a.dtype == torch.float64 or b.dtype == torch.float64) else torch.float32
+    d = sqdist(a.to(dt)[:, :, None, :], b.to(dt)[:, None, :, :])  # (P, n, m)
+    return d.min(dim=2).values, d.min(dim=1).values

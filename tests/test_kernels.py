@@ -1,0 +1,405 @@
+"""Tests of kernels/: the plain-PyTorch references (semantics), the Triton kernels against them,
+input checks and dispatch.
+
+Without a GPU (CI) the Triton kernels run on CPU tensors under the Triton interpreter: this
+module sets TRITON_INTERPRET=1 before triton is imported (triton reads it at import time, so
+if triton was already imported without it, the Triton tests skip with that reason; run this
+file on its own then). With CUDA available the Triton kernels are compiled and run on the GPU
+(inputs are moved there and results compared with the CPU reference).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_ENV_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ON_GPU = torch.cuda.is_available() and not _ENV_INTERPRET
+_TRITON_PREIMPORTED = "triton" in sys.modules and not _ENV_INTERPRET
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels  # noqa: E402
+from kernels import reference as R  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+DEV = torch.device("cuda" if ON_GPU else "cpu")  # where the Triton path runs
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+AIRPLANES = DATA / "modelnet40_airplanes" / "airplanes_2048.npz"
+
+
+def _triton_module():
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    if not ON_GPU and _TRITON_PREIMPORTED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; "
+                    "run tests/test_kernels.py on its own")
+    import kernels.triton_ops as mod
+    return mod
+
+
+class _OnDevice:
+    """The Triton ops with CPU inputs moved to DEV and outputs moved back (differentiably)."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    def __getattr__(self, name):
+        fn = getattr(self.mod, name)
+
+        def wrapped(*args):
+            out = fn(*[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args])
+            if isinstance(out, tuple):
+                return tuple(o.cpu() for o in out)
+            return out.cpu()
+
+        return wrapped
+
+
+@pytest.fixture(scope="module")
+def T():
+    """The Triton ops (interpreted on CPU, or compiled on CUDA), taking/returning CPU tensors."""
+    return _OnDevice(_triton_module())
+
+
+@pytest.fixture
+def TM():
+    """The kernels.triton_ops module itself (for dispatch spies)."""
+    return _triton_module()
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend(monkeypatch):
+    monkeypatch.delenv("PQAE_KERNELS", raising=False)
+    kernels.set_backend("auto")
+    yield
+    kernels.set_backend("auto")
+
+
+@pytest.fixture(scope="module")
+def airplanes():
+    if not AIRPLANES.exists():
+        pytest.skip(f"{AIRPLANES} not present (real data slices live in ../shared/data)")
+    return torch.from_numpy(np.load(AIRPLANES)["points"])
+
+
+def _awkward_cloud(B, N, seed):
+    """Random cloud with duplicate points and points at / near the origin."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, 3, generator=g)
+    if N >= 12:
+        x[:, 3] = 0.0  # exactly the origin
+        x[:, 7] = 0.01  # near the origin (squared norm 3e-4)
+        x[:, 10] = x[:, 2]  # duplicate
+        x[:, 11] = x[:, 5]
+    return x
+
+
+def _knn_dists(q, r, idx):
+    return R.sqdist(R.gather_points(r.float(), idx), q.float()[:, :, None, :])
+
+
+# ============================================================== reference semantics
+def test_fps_reference_semantics():
+    x = torch.tensor([[[0.0, 0.0, 0.0],     # 0: origin, but first pick is always 0
+                       [1.0, 0.0, 0.0],     # 1
+                       [0.01, 0.0, 0.0],    # 2: near origin, never picked
+                       [-1.0, 0.0, 0.0],    # 3: ties with 1 (both at distance 1 from 0)
+                       [3.0, 0.0, 0.0]]])   # 4: farthest from 0
+    idx = R.fps(x, 5)
+    # 0 first; then 4 (d=9); then 1 and 3 tie at min distance 1 -> lowest index 1; then 3;
+    # then only already-picked points (score 0) and near-origin ones (score -1, points 0
+    # and 2) remain -> lowest-index picked point that is not near the origin: 1
+    assert idx[0].tolist() == [0, 4, 1, 3, 1]
+    assert 2 not in idx[0].tolist()
+
+
+def test_fps_reference_tie_lowest_index_and_all_near_origin():
+    # square: from 0, points 1 and 3 tie at distance 2*... lowest index wins
+    x = torch.tensor([[[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]])
+    assert R.fps(x, 2)[0].tolist() == [0, 2]
+    assert R.fps(x, 4)[0].tolist() == [0, 2, 1, 3]
+    # every point near the origin: all scores -1 -> index 0 every time
+    z = torch.full((2, 6, 3), 0.001)
+    assert R.fps(z, 6).tolist() == [[0] * 6] * 2
+    # m == N with near-origin points: they are replaced by repeats
+    y = _awkward_cloud(1, 20, 0)
+    idx = R.fps(y, 20)[0].tolist()
+    assert 3 not in idx[1:] and 7 not in idx[1:]
+    assert len(set(idx)) < 20
+
+
+def test_knn_reference_semantics():
+    r = torch.tensor([[[0.0, 0, 0], [3.0, 0, 0], [1.0, 0, 0], [-2.0, 0, 0]]])
+    q = torch.tensor([[[0.1, 0, 0], [2.9, 0, 0]]])
+    assert R.knn(q, r, 3).tolist() == [[[0, 2, 3], [1, 2, 0]]]
+    # nearest first, on a random cloud
+    x = _awkward_cloud(2, 50, 1)
+    idx = R.knn(x[:, :9], x, 10)
+    d = _knn_dists(x[:, :9], x, idx)
+    assert (d[..., 1:] >= d[..., :-1]).all()
+    full = R.sqdist(x[:, :9, None], x[:, None])
+    assert torch.equal(d, full.sort(-1).values[..., :10])
+
+
+def test_group_reference_semantics():
+    x = _awkward_cloud(2, 200, 2)
+    nbr, ctr = R.group(x, 16, 8)
+    assert nbr.shape == (2, 16, 8, 3) and ctr.shape == (2, 16, 3)
+    assert nbr.dtype == ctr.dtype == torch.float32
+    assert torch.equal(ctr, R.gather_points(x, R.fps(x, 16)))
+    # the centre is its own nearest neighbour (distance exactly 0)
+    assert (nbr[:, :, 0] == 0).all()
+    idx = R.knn(ctr, x, 8)
+    assert torch.equal(nbr, R.gather_points(x, idx) - ctr[:, :, None])
+
+
+def test_chamfer_reference_known_values():
+    a = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0]]])
+    b = torch.tensor([[[0.0, 0, 2], [1.0, 1, 0], [5.0, 0, 0]]])
+    da, db = R.chamfer_l2(a, b)
+    assert torch.allclose(da, torch.tensor([[2.0, 1.0]]))  # a0->b1: 1+1; a1->b1: 1
+    assert torch.allclose(db, torch.tensor([[4.0, 1.0, 16.0]]))
+    same = torch.randn(3, 10, 3)
+    da, db = R.chamfer_l2(same, same[:, torch.randperm(10)])
+    assert (da == 0).all() and (db == 0).all()
+
+
+def test_chamfer_reference_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, 7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: R.chamfer_l2(a, b), (a, b))
+
+
+# ============================================================== Triton vs reference
+FPS_CASES = [(1, 1, 1), (2, 5, 5), (3, 37, 10), (2, 100, 100), (2, 257, 64), (1, 1000, 33)]
+
+
+@pytest.mark.parametrize("B,N,m", FPS_CASES)
+def test_fps_triton_matches_reference(T, B, N, m):
+    x = _awkward_cloud(B, N, N)
+    assert torch.equal(T.fps(x, m), R.fps(x, m))
+
+
+def test_fps_triton_ties_and_all_near_origin(T):
+    z = torch.full((2, 6, 3), 0.001)
+    assert T.fps(z, 6).tolist() == [[0] * 6] * 2
+    sq = torch.tensor([[[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]])
+    assert T.fps(sq, 4)[0].tolist() == [0, 2, 1, 3]
+    x = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [0.01, 0, 0], [-1.0, 0, 0], [3.0, 0, 0]]])
+    assert T.fps(x, 5)[0].tolist() == [0, 4, 1, 3, 1]
+
+
+def test_fps_triton_airplanes(T, airplanes):
+    x = airplanes[:6]
+    assert torch.equal(T.fps(x, 64), R.fps(x, 64))
+    y = x[:1, :300].contiguous()  # m == N on a real cloud
+    assert torch.equal(T.fps(y, 300), R.fps(y, 300))
+
+
+KNN_CASES = [(2, 9, 100, 1), (2, 17, 100, 7), (1, 33, 300, 32), (1, 5, 5, 5), (1, 8, 130, 64)]
+
+
+@pytest.mark.parametrize("B,S,N,k", KNN_CASES)
+def test_knn_triton_matches_reference(T, B, S, N, k):
+    r = _awkward_cloud(B, N, N + k)
+    g = torch.Generator().manual_seed(S * k)
+    q = torch.cat([r[:, :S // 2], torch.randn(B, S - S // 2, 3, generator=g)], dim=1)  # some in r
+    it, ir = T.knn(q, r, k), R.knn(q, r, k)
+    dt, dr = _knn_dists(q, r, it), _knn_dists(q, r, ir)
+    assert torch.equal(dt, dr)
+    # order (and which point fills the last slot) may differ only on exact ties: rows whose
+    # k+1 smallest distances are all distinct must give identical indices
+    full = R.sqdist(q[:, :, None], r[:, None]).sort(-1).values[..., : k + 1]
+    no_tie = (full[..., 1:] != full[..., :-1]).all(-1)
+    assert no_tie.any() or 3 * k >= N  # (with large k/N every row reaches a duplicate)
+    assert torch.equal(it[no_tie], ir[no_tie])
+
+
+def test_knn_triton_large_k_fallback(T):
+    r = torch.randn(1, 150, 3)
+    assert torch.equal(T.knn(r[:, :3], r, 140), R.knn(r[:, :3], r, 140))
+
+
+def test_group_triton_airplanes(T, airplanes):
+    x = airplanes[:2]
+    nt, ct = T.group(x, 32, 32)
+    nr, cr = R.group(x, 32, 32)
+    assert torch.equal(ct, cr)
+    assert torch.equal(R.sqdist(nt, torch.zeros(3)), R.sqdist(nr, torch.zeros(3)))
+    assert (nt[:, :, 0] == 0).all()
+    assert torch.equal(nt, nr)  # no ties in real clouds -> identical neighbourhoods
+
+
+CD_CASES = [(6, 32, 32), (3, 5, 17), (2, 100, 70), (2, 7, 130)]
+
+
+@pytest.mark.parametrize("P,n,m", CD_CASES)
+def test_chamfer_triton_matches_reference(T, P, n, m):
+    g = torch.Generator().manual_seed(P * n + m)
+    a = torch.randn(P, n, 3, generator=g, requires_grad=True)
+    b = torch.randn(P, m, 3, generator=g, requires_grad=True)
+    ga, gb = torch.randn(P, n, generator=g), torch.randn(P, m, generator=g)
+    outs = []
+    for fn in (T.chamfer_l2, R.chamfer_l2):
+        da, db = fn(a, b)
+        grads = torch.autograd.grad((da * ga).sum() + (db * gb).sum(), (a, b))
+        outs.append((da, db, *grads))
+    for t, r in zip(*outs):
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, r, atol=1e-5, rtol=1e-5)
+
+
+def test_chamfer_triton_target_without_grad_and_airplanes(T, airplanes):
+    nbr, _ = R.group(airplanes[:2], 8, 32)
+    target = nbr.reshape(-1, 32, 3)
+    pred = (target + 0.01 * torch.randn_like(target)).requires_grad_(True)
+    lt = sum(d.mean() for d in T.chamfer_l2(pred, target))
+    lr = sum(d.mean() for d in R.chamfer_l2(pred, target))
+    torch.testing.assert_close(lt, lr, atol=1e-7, rtol=1e-5)
+    (gt,) = torch.autograd.grad(lt, pred)
+    (gr,) = torch.autograd.grad(lr, pred)
+    torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-5)
+
+
+# ============================================================== dtypes, layouts
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_and_noncontiguous(TM, dtype):
+    base = torch.randn(2, 3, 90, generator=torch.Generator().manual_seed(5))
+    x = base.transpose(1, 2).to(dtype)  # (2, 90, 3), non-contiguous
+    assert not x.is_contiguous()
+    x32 = x.float()
+    for be, dev in (("reference", torch.device("cpu")), ("triton", DEV)):
+        kernels.set_backend(be)
+        xd = base.to(dev).transpose(1, 2).to(dtype)
+        assert not xd.is_contiguous()
+        assert torch.equal(kernels.fps(xd, 20).cpu(), R.fps(x32, 20))
+        assert torch.equal(_knn_dists(x32[:, :7], x32, kernels.knn(xd[:, :7], xd, 5).cpu()),
+                           _knn_dists(x32[:, :7], x32, R.knn(x32[:, :7], x32, 5)))
+        nbr, ctr = kernels.group(xd, 8, 4)
+        assert nbr.dtype == ctr.dtype == torch.float32
+        assert torch.equal(ctr.cpu(), R.group(x32, 8, 4)[1])
+        a = xd[:, :40].clone().requires_grad_(True)
+        da, db = kernels.chamfer_l2(a, xd[:, 40:])
+        assert da.dtype == torch.float32
+        da.sum().backward()
+        assert a.grad.dtype == dtype and a.grad.shape == a.shape
+        ra, rb = R.chamfer_l2(x32[:, :40], x32[:, 40:])
+        torch.testing.assert_close(da.cpu(), ra, atol=1e-5, rtol=1e-5)
+
+
+# ============================================================== bad input
+def _bad_cases():
+    ok = torch.randn(2, 10, 3)
+    nan = ok.clone()
+    nan[1, 3, 2] = float("nan")
+    inf = ok.clone()
+    inf[0, 0, 0] = float("inf")
+    return [
+        ("xyz", lambda: kernels.fps(torch.randn(10, 3), 2)),
+        ("xyz", lambda: kernels.fps(torch.randn(2, 10, 2), 2)),
+        ("xyz", lambda: kernels.fps(torch.randn(0, 10, 3), 2)),
+        ("xyz", lambda: kernels.fps(torch.randn(2, 0, 3), 1)),
+        ("xyz", lambda: kernels.fps(nan, 2)),
+        ("xyz", lambda: kernels.fps(torch.zeros(2, 10, 3, dtype=torch.long), 2)),
+        ("m", lambda: kernels.fps(ok, 11)),
+        ("m", lambda: kernels.fps(ok, 0)),
+        ("query", lambda: kernels.knn(torch.randn(2, 4), ok, 2)),
+        ("query", lambda: kernels.knn(inf, ok, 2)),
+        ("ref", lambda: kernels.knn(ok, torch.randn(2, 10, 4), 2)),
+        ("ref", lambda: kernels.knn(ok, nan, 2)),
+        ("k", lambda: kernels.knn(ok, ok, 11)),
+        ("k", lambda: kernels.knn(ok, ok, 0)),
+        ("batch", lambda: kernels.knn(ok, torch.randn(3, 10, 3), 2)),
+        ("num_group", lambda: kernels.group(ok, 11, 2)),
+        ("group_size", lambda: kernels.group(ok, 2, 11)),
+        ("group_size", lambda: kernels.group(ok, 2, 0)),
+        ("xyz", lambda: kernels.group(inf, 2, 2)),
+        ("a", lambda: kernels.chamfer_l2(torch.randn(2, 5, 2), ok)),
+        ("a", lambda: kernels.chamfer_l2(nan, ok)),
+        ("b", lambda: kernels.chamfer_l2(ok, torch.randn(2, 0, 3))),
+        ("b", lambda: kernels.chamfer_l2(ok, inf)),
+        ("batch", lambda: kernels.chamfer_l2(ok, torch.randn(3, 10, 3))),
+    ]
+
+
+@pytest.mark.parametrize("name,call", _bad_cases())
+def test_bad_input_raises(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_finite_check_can_be_skipped():
+    nan = torch.randn(1, 10, 3)
+    nan[0, 4] = float("nan")
+    kernels.fps(nan, 3, check=False)  # no ValueError when the check is off
+    old = kernels.CHECK_FINITE
+    try:
+        kernels.CHECK_FINITE = False
+        kernels.knn(nan, nan, 2)
+    finally:
+        kernels.CHECK_FINITE = old
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.fps(nan, 3)
+
+
+# ============================================================== dispatch
+def _spy(monkeypatch, module, name):
+    calls = []
+    orig = getattr(module, name)
+
+    def wrapped(*a, **k):
+        calls.append(name)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def test_dispatch_cpu_defaults_to_reference(TM, monkeypatch):
+    ref_calls = _spy(monkeypatch, R, "fps")
+    tri_calls = _spy(monkeypatch, TM, "fps")
+    kernels.fps(torch.randn(1, 20, 3), 4)
+    assert ref_calls == ["fps"] and tri_calls == []
+
+
+def test_dispatch_env_and_set_backend(TM, monkeypatch):
+    ref_calls = _spy(monkeypatch, R, "chamfer_l2")
+    tri_calls = _spy(monkeypatch, TM, "chamfer_l2")
+    a, b = torch.randn(1, 8, 3, device=DEV), torch.randn(1, 9, 3, device=DEV)
+    if ON_GPU:  # auto: CUDA tensors go to Triton
+        kernels.chamfer_l2(a, b)
+        assert tri_calls == ["chamfer_l2"] and ref_calls == []
+        tri_calls.clear()
+    monkeypatch.setenv("PQAE_KERNELS", "triton")
+    kernels.chamfer_l2(a, b)
+    assert tri_calls == ["chamfer_l2"] and ref_calls == []
+    monkeypatch.setenv("PQAE_KERNELS", "reference")
+    kernels.chamfer_l2(a, b)
+    assert ref_calls == ["chamfer_l2"]
+    kernels.set_backend("triton")  # set_backend wins over the environment
+    kernels.chamfer_l2(a, b)
+    assert tri_calls == ["chamfer_l2"] * 2
+    monkeypatch.setenv("PQAE_KERNELS", "bogus")
+    kernels.set_backend("auto")
+    with pytest.raises(ValueError, match="PQAE_KERNELS"):
+        kernels.chamfer_l2(a, b)
+    with pytest.raises(ValueError):
+        kernels.set_backend("cuda")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernels.set_backend("triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kernels.fps(torch.randn(1, 5, 3), 2)

@@ -1,0 +1,1 @@
+"""Offline converters from the official dataset releases to the files `pqae.data` loads."""

@@ -1,0 +1,5 @@
+"""pqae: Point-PQAE models and the shared mechanics of the task scripts."""
+
+from pqae.model import PointEncoder, PointPQAE
+
+__all__ = ["PointEncoder", "PointPQAE"]

@@ -1,0 +1,145 @@
+"""Checkpoint I/O: safetensors weights + JSON metadata + a separate resume file.
+
+A checkpoint is a directory:
+    model.safetensors   unwrapped weights, our own key names (no `module.` / `_orig_mod.`)
+    meta.json           config, epoch, step, metrics
+    resume.pt           (only for the "last" checkpoint) optimizer state, epoch, step
+Directories are written complete under `<name>.tmp` and then swapped in by rename, so a run
+killed at any moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write of a state dict (tensors made contiguous and unshared)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp),
+              metadata=metadata)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return load_file(str(path))
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                ignore: tuple[str, ...] = ()) -> None:
+    """load_state_dict that fails with the names of missing and unexpected keys (and of shape
+    mismatches). Keys starting with a prefix in `ignore` are allowed to be missing."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the model"]
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if shapes:
+            lines.append(f"shape mismatches: {shapes}")
+        raise KeyError("\n".join(lines))
+    model.load_state_dict(state, strict=not ignore)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
+                    resume: dict | None = None) -> Path:
+    """Write model.safetensors + meta.json (+ resume.pt) into `directory`, atomically."""
+    final = Path(directory)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(tmp / "model.safetensors", unwrap(model).state_dict(),
+                 {"format": "pqae", "step": str(meta.get("step", ""))})
+    if resume is not None:
+        torch.save(resume, tmp / "resume.pt")
+        _fsync(tmp / "resume.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    _fsync(tmp / "meta.json")
+    # Swap: the old checkpoint stays readable (as <name>.old) until the new one is in place.
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint at `directory`, or its `.old` twin if a run was killed during the
+    swap; None if neither exists."""
+    final = Path(directory)
+    for cand in (final, final.with_name(final.name + ".old")):
+        if (cand / "meta.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    return None
+
+
+def load_meta(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / "meta.json").read_text())
+
+
+def load_resume(directory: str | Path) -> dict:
+    path = Path(directory) / "resume.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: {directory} is not a resumable checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Keys of a pretraining checkpoint that no downstream task uses (§3.3): the decoder side.
+PRETRAIN_ONLY = ("decoder.", "query_attn.", "head.")
+
+
+def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
+                            drop: tuple[str, ...] = ()) -> list[str]:
+    """Load the `encoder.*` weights of a pretraining checkpoint (ours, or a reference one
+    converted by `data_prep.convert_checkpoint`) into a PointEncoder, strictly.
+
+    Only the pretraining-only keys (PRETRAIN_ONLY) and the full key names in `drop` (e.g. the
+    class token, for an encoder without one) are dropped; they are returned so the caller can
+    print them. Any other key that does not fit the encoder is an error naming it.
+    """
+    state = load_weights(path)
+    dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY) or k in drop)
+    other = [k for k in state if not k.startswith(("encoder.",) + PRETRAIN_ONLY)]
+    if other:
+        raise KeyError(f"{path}: unexpected keys for a pretrained encoder ({len(other)}): {other}")
+    enc = {k[len("encoder."):]: v for k, v in state.items()
+           if k.startswith("encoder.") and k not in drop}
+    load_strict(encoder, enc, source=f"encoder of {path}")
+    return dropped

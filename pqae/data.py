@@ -1,0 +1,454 @@
+"""Point-cloud data: whole-dataset loaders, a procedural default corpus, and on-device sampling.
+
+Design: a dataset is held WHOLE as one float32 tensor (S, N, 3) (ShapeNet-55 is
+52,470 x 8192 x 3 = 5.2 GB, which fits in host RAM and GPU memory), and each training step
+draws its batch on the device with `sample_points` — no DataLoader, no worker processes.
+
+* `load_shapenet55`  ShapeNet-55 from the HDF5 written by `python -m data_prep.shapenet55`.
+* `load_airplanes`   the real ModelNet40 airplane slice in `shared/data` (tests, smoke runs).
+* `procedural_shapes` a small, deterministic corpus of random primitives; needs no files.
+* `sample_points`    the reference per-sample pretraining transform (SPEC 2.1 / 7.1), batched.
+* `rotate_y`         row-vector rotation about y (SPEC "Conventions"); also used by the model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPENET55_POINTS = 8192
+SHAPENET55_FORMAT_VERSION = 1
+AIRPLANES_POINTS = 2048
+SPLITS = ("train", "test", "all")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the loaders
+
+
+def check_finite(points: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming `what` and the first sample (index along dim 0) holding NaN/inf.
+
+    Works in chunks of samples so that checking a 5 GB tensor never allocates a 5 GB mask.
+    """
+    chunk = 1024
+    for start in range(0, points.shape[0], chunk):
+        bad = ~torch.isfinite(points[start : start + chunk]).flatten(1).all(dim=1)  # (chunk,)
+        if bad.any():
+            first = start + int(bad.nonzero()[0, 0])
+            raise ValueError(f"{what}: sample {first} contains NaN or inf values")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# ShapeNet-55 (pretraining, SPEC 2.1 / 7.1)
+
+
+def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
+    """Load ShapeNet-55 clouds (S, 8192, 3) float32 from the converter's HDF5 file.
+
+    split "all" is test followed by train, the order the reference reads with `--whole`
+    (the default): test.txt lines first, then train.txt — 10,518 + 41,952 = 52,470 shapes.
+    """
+    import h5py  # only this loader needs it
+
+    _check_split(split)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ShapeNet-55 file not found: {path}. Create it from the official release with "
+            f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {path}`"
+        )
+    expected = (
+        f"groups 'train' and 'test', each with a dataset 'points' of shape "
+        f"(S, {SHAPENET55_POINTS}, 3) and dtype float32"
+    )
+    groups = ("test", "train") if split == "all" else (split,)
+    with h5py.File(path, "r") as f:
+        dsets = []
+        for g in groups:
+            key = f"{g}/points"
+            if key not in f:
+                raise ValueError(
+                    f"{path}: expected {expected}; found no '{key}' (top-level keys: "
+                    f"{sorted(f.keys())})"
+                )
+            d = f[key]
+            if d.ndim != 3 or d.shape[1:] != (SHAPENET55_POINTS, 3) or d.dtype != np.float32:
+                raise ValueError(
+                    f"{path}: expected {expected}; found '{key}' with shape {d.shape} and "
+                    f"dtype {d.dtype}"
+                )
+            dsets.append(d)
+        # Read straight into one preallocated array: concatenating would need twice the RAM.
+        total = sum(d.shape[0] for d in dsets)
+        out = np.empty((total, SHAPENET55_POINTS, 3), dtype=np.float32)  # (S, 8192, 3)
+        start = 0
+        for d in dsets:
+            if d.shape[0]:
+                d.read_direct(out, dest_sel=np.s_[start : start + d.shape[0]])
+            start += d.shape[0]
+    points = torch.from_numpy(out)
+    check_finite(points, f"{path} (split {split!r})")
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# ModelNet40 airplanes: a real slice shipped for tests (shared/data/modelnet40_airplanes)
+
+
+def load_airplanes(path: str | Path, split: str = "all") -> torch.Tensor:
+    """Load the real ModelNet40 airplane slice: (S, 2048, 3) float32.
+
+    The .npz holds `points` (717, 2048, 3), `names` and `is_test` (the official split):
+    "train" = 618 shapes, "test" = 99, "all" = 717 in file order.
+    """
+    _check_split(split)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"airplane slice not found: {path}. It ships with the shared data as "
+            f"shared/data/modelnet40_airplanes/airplanes_2048.npz"
+        )
+    expected = (
+        f"keys 'points' (S, {AIRPLANES_POINTS}, 3) float32 and 'is_test' (S,) bool"
+    )
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("points", "is_test") if k not in f.files]
+        if missing:
+            raise ValueError(f"{path}: expected {expected}; missing {missing} (has {f.files})")
+        points, is_test = f["points"], f["is_test"]
+    layout_ok = (
+        points.ndim == 3
+        and points.shape[1:] == (AIRPLANES_POINTS, 3)
+        and points.dtype == np.float32
+        and is_test.shape == (points.shape[0],)
+        and is_test.dtype == np.bool_
+    )
+    if not layout_ok:
+        raise ValueError(
+            f"{path}: expected {expected}; found 'points' {points.shape} {points.dtype} and "
+            f"'is_test' {is_test.shape} {is_test.dtype}"
+        )
+    if split != "all":
+        points = points[is_test if split == "test" else ~is_test]
+    out = torch.from_numpy(np.ascontiguousarray(points))
+    check_finite(out, f"{path} (split {split!r})")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Procedural corpus: the built-in default data set (no files)
+
+# Primitive ids. Each primitive is centred near the origin with size ~1 before scaling.
+_SPHERE, _BOX, _CYLINDER, _CONE, _TORUS = range(5)
+_NUM_PRIMITIVES = 5
+_UNION = _NUM_PRIMITIVES  # shape kind: two primitives at a random offset
+
+
+def _uniform(g: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+
+def _random_rotations(n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, 3, 3) rotation matrices, uniform over SO(3) (normalised Gaussian quaternions)."""
+    q = torch.randn(n, 4, generator=g)
+    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=1,
+    ).view(n, 3, 3)
+
+
+def _ellipsoid(n: int, p: int, g: torch.Generator) -> torch.Tensor:
+    # Uniform directions stretched by the radii: exactly area-uniform for a sphere, close enough
+    # for a mildly stretched ellipsoid.
+    d = torch.randn(n, p, 3, generator=g)
+    d = d / d.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    radii = _uniform(g, (n, 1, 3), 0.5, 1.0)
+    return d * radii  # (n, p, 3)
+
+
+def _box(n: int, p: int, g: torch.Generator) -> torch.Tensor:
+    half = _uniform(g, (n, 3), 0.3, 1.0)  # half extents (n, 3)
+    # Pick which axis a point's face is normal to, proportional to that face pair's area.
+    area = torch.stack(
+        [half[:, 1] * half[:, 2], half[:, 0] * half[:, 2], half[:, 0] * half[:, 1]], dim=1
+    )
+    axis = torch.multinomial(area, p, replacement=True, generator=g)  # (n, p)
+    u = _uniform(g, (n, p, 3), -1.0, 1.0)
+    sign = torch.randint(0, 2, (n, p), generator=g).float() * 2 - 1
+    u.scatter_(2, axis[..., None], sign[..., None])  # that coordinate sits on the face, ±1
+    return u * half[:, None]
+
+
+def _cylinder(n: int, p: int, g: torch.Generator) -> torch.Tensor:
+    r = _uniform(g, (n, 1), 0.3, 0.8)
+    h = _uniform(g, (n, 1), 0.3, 1.0)  # half height
+    side, cap = 2 * math.pi * r * 2 * h, 2 * math.pi * r * r  # (n, 1) areas
+    on_side = torch.rand(n, p, generator=g) < side / (side + cap)  # (n, p)
+    theta = _uniform(g, (n, p), 0.0, 2 * math.pi)
+    # Side: radius r, y uniform; caps: sqrt for a uniform disc, y = ±h.
+    rad = torch.where(on_side, r.expand(n, p), r * torch.rand(n, p, generator=g).sqrt())
+    cap_y = (torch.randint(0, 2, (n, p), generator=g).float() * 2 - 1) * h
+    y = torch.where(on_side, _uniform(g, (n, p), -1.0, 1.0) * h, cap_y)
+    return torch.stack([rad * theta.cos(), y, rad * theta.sin()], dim=2)
+
+
+def _cone(n: int, p: int, g: torch.Generator) -> torch.Tensor:
+    r = _uniform(g, (n, 1), 0.3, 0.9)
+    h = _uniform(g, (n, 1), 0.6, 1.6)  # apex at y = h/2, base at y = -h/2
+    side, base = math.pi * r * (r * r + h * h).sqrt(), math.pi * r * r
+    on_side = torch.rand(n, p, generator=g) < side / (side + base)
+    theta = _uniform(g, (n, p), 0.0, 2 * math.pi)
+    # Lateral area grows linearly with distance from the apex, so t = sqrt(u) is uniform on it.
+    t = torch.rand(n, p, generator=g).sqrt()
+    rad = r * torch.where(on_side, t, torch.rand(n, p, generator=g).sqrt())
+    y = torch.where(on_side, h / 2 - h * t, -h / 2)
+    return torch.stack([rad * theta.cos(), y, rad * theta.sin()], dim=2)
+
+
+def _torus(n: int, p: int, g: torch.Generator) -> torch.Tensor:
+    big = _uniform(g, (n, 1), 0.5, 0.8)  # ring radius
+    small = big * _uniform(g, (n, 1), 0.2, 0.5)  # tube radius, < half the ring radius
+    # Surface density is proportional to (R + r cos phi): rejection sampling with a fixed
+    # output size. Draw 3p candidates, key accepted ones below 1 and rejected ones above,
+    # keep the p smallest keys. Acceptance is >= 2/3 on average, so falling back to a rejected
+    # candidate is astronomically rare (and still yields a valid surface point).
+    k = 3 * p
+    phi = _uniform(g, (n, k), 0.0, 2 * math.pi)  # around the tube
+    accept = torch.rand(n, k, generator=g) * (big + small) < big + small * phi.cos()
+    keys = torch.rand(n, k, generator=g) + (~accept).float()
+    phi = phi.gather(1, keys.topk(p, dim=1, largest=False).indices)  # (n, p)
+    theta = _uniform(g, (n, p), 0.0, 2 * math.pi)  # around the ring
+    rad = big + small * phi.cos()
+    return torch.stack([rad * theta.cos(), small * phi.sin(), rad * theta.sin()], dim=2)
+
+
+_PRIMITIVES = (_ellipsoid, _box, _cylinder, _cone, _torus)
+
+
+def _primitives(kinds: torch.Tensor, p: int, g: torch.Generator) -> torch.Tensor:
+    """Surface samples (n, p, 3) of one randomly rotated primitive per entry of kinds (n,)."""
+    out = torch.empty(kinds.shape[0], p, 3)
+    for kind, fn in enumerate(_PRIMITIVES):  # loop over the 5 types, never over points
+        rows = (kinds == kind).nonzero()[:, 0]
+        if rows.numel():
+            out[rows] = fn(rows.numel(), p, g)
+    return out @ _random_rotations(kinds.shape[0], g)  # rotate about all axes
+
+
+def procedural_shapes(
+    num_shapes: int = 1024, num_points: int = 2048, seed: int = 0
+) -> torch.Tensor:
+    """A deterministic corpus of surface point clouds of random primitives: (S, N, 3) float32.
+
+    Six kinds, equally likely: ellipsoid, box, cylinder, cone, torus, and the union of two
+    primitives of random kinds and sizes at a random offset. Each primitive is randomly
+    rotated about all axes; each shape is then scaled anisotropically (per axis, x0.75..1.25),
+    its points shuffled (no structure in the point order, like real scans), and normalised to
+    the unit sphere. Same seed -> identical tensor; drawn from a private torch.Generator, so
+    the global RNG is untouched.
+    """
+    if num_shapes < 1 or num_points < 2:
+        raise ValueError(f"need num_shapes >= 1, num_points >= 2; got {num_shapes}, {num_points}")
+    g = torch.Generator().manual_seed(seed)
+    s, p = num_shapes, num_points
+    kind = torch.randint(0, _NUM_PRIMITIVES + 1, (s,), generator=g)  # (S,)
+    points = _primitives(torch.randint(0, _NUM_PRIMITIVES, (s,), generator=g), p, g)
+
+    # Unions: the second part replaces a random share (30-70%) of the points, so the point
+    # budget stays fixed and neither part dominates. The part is shrunk and moved off-centre
+    # so the two overlap or touch rather than nest.
+    union = (kind == _UNION).nonzero()[:, 0]
+    if union.numel():
+        u = union.numel()
+        part = _primitives(torch.randint(0, _NUM_PRIMITIVES, (u,), generator=g), p, g)
+        part = part * _uniform(g, (u, 1, 1), 0.4, 0.9)
+        offset = torch.randn(u, 1, 3, generator=g)
+        offset = offset / offset.norm(dim=2, keepdim=True) * _uniform(g, (u, 1, 1), 0.5, 1.0)
+        take = torch.arange(p) < (_uniform(g, (u, 1), 0.3, 0.7) * p)  # (u, p) mask
+        points[union] = torch.where(take[..., None], part + offset, points[union])
+
+    points = points * _uniform(g, (s, 1, 3), 0.75, 1.25)  # anisotropic scale
+    perm = torch.rand(s, p, generator=g).argsort(dim=1)  # (S, N)
+    points = points.gather(1, perm[..., None].expand(-1, -1, 3))
+    return _unit_sphere(points)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step sampling and augmentation (on whatever device the data lives)
+
+
+def _unit_sphere(points: torch.Tensor) -> torch.Tensor:
+    """Centre each cloud of (B, N, 3) on its centroid and scale its max point norm to 1."""
+    points = points - points.mean(dim=1, keepdim=True)
+    # clamp: a cloud collapsed to one point would otherwise become NaN and poison training.
+    scale = points.norm(dim=2).amax(dim=1).clamp_min(1e-12)  # (B,)
+    return points / scale[:, None, None]
+
+
+def sample_points(clouds: torch.Tensor, idx: torch.Tensor, num_points: int) -> torch.Tensor:
+    """The reference pretraining transform (SPEC 2.1), batched: (B, num_points, 3).
+
+    clouds (S, N, 3), idx (B,) long: for each selected cloud, a uniformly random subset of
+    num_points of its N points without replacement, in random order (the first num_points of
+    a random permutation), THEN unit-sphere normalised on that subset. Randomness comes from
+    the global torch RNG of clouds' device, so the caller controls seeding.
+    """
+    n = clouds.shape[1]
+    if num_points > n:
+        raise ValueError(f"num_points={num_points} exceeds the {n} points per cloud")
+    idx = idx.to(clouds.device)
+    keys = torch.rand(idx.shape[0], n, device=clouds.device)  # (B, N)
+    # Argsort of iid uniform keys is a uniform random permutation; keep its first num_points.
+    pick = keys.argsort(dim=1)[:, :num_points]  # (B, num_points)
+    points = clouds[idx[:, None], pick]  # (B, num_points, 3), gathers only what is used
+    return _unit_sphere(points)
+
+
+def rotate_y(points: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each cloud about the y axis (row-vector convention of SPEC "Conventions").
+
+    points (B, N, 3), angles (B,) radians: (x, y, z) -> (x cos a - z sin a, y, x sin a + z cos a).
+    Returns a new tensor (the reference rotates in place; nothing here relies on that).
+    """
+    c = angles.cos()[:, None]  # (B, 1)
+    s = angles.sin()[:, None]
+    x, y, z = points.unbind(dim=2)  # each (B, N)
+    return torch.stack([x * c - z * s, y, x * s + z * c], dim=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification data (SPEC 3.5 - 3.7, 7.2, 7.3): whole splits as (points, labels) tensors
+
+SCANOBJECTNN_POINTS = 2048
+SCANOBJECTNN_CLASSES = 15
+MODELNET40_POINTS = 8192
+MODELNET40_CLASSES = 40
+CLS_FORMAT_VERSION = 1
+
+
+def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes: int,
+                      what: str, how_to_make: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read `<split>/points` (S, num_points, 3) float32 and `<split>/labels` (S,) int64 of a
+    classification HDF5 written by data_prep, checking layout, label range and finiteness."""
+    import h5py
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}. Create it with `{how_to_make}`")
+    expected = (f"groups 'train' and 'test', each with 'points' (S, {num_points}, 3) float32 "
+                f"and 'labels' (S,) int64 in [0, {num_classes})")
+    with h5py.File(path, "r") as f:
+        if f"{split}/points" not in f or f"{split}/labels" not in f:
+            raise ValueError(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
+                             + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
+        points, labels = f[f"{split}/points"][()], f[f"{split}/labels"][()]
+    if (points.ndim != 3 or points.shape[1:] != (num_points, 3) or points.dtype != np.float32
+            or labels.shape != (points.shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"{path}: expected {expected}; found '{split}/points' {points.shape} "
+                         f"{points.dtype} and '{split}/labels' {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: '{split}/labels' outside [0, {num_classes}): "
+                         f"min {labels.min()}, max {labels.max()}")
+    out = torch.from_numpy(points)
+    check_finite(out, f"{path} (split {split!r})")
+    return out, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_scanobjectnn(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScanObjectNN (one variant) from `python -m data_prep.scanobjectnn`:
+    points (S, 2048, 3) as stored (the reference does not normalise, §7.2), labels (S,)."""
+    return _load_labelled_h5(path, split, SCANOBJECTNN_POINTS, SCANOBJECTNN_CLASSES, "ScanObjectNN",
+                             "python -m data_prep.scanobjectnn --root data/ScanObjectNN "
+                             "--variant objbg --out data/scanobjectnn_objbg.h5")
+
+
+def load_modelnet40(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelNet40 from `python -m data_prep.modelnet40`: points (S, 8192, 3), each cloud
+    unit-sphere normalised over all its 8192 points (§7.3, before any subsampling), in the
+    stored point order; labels (S,)."""
+    points, labels = _load_labelled_h5(
+        path, split, MODELNET40_POINTS, MODELNET40_CLASSES, "ModelNet40",
+        "python -m data_prep.modelnet40 --root data/ModelNet/modelnet40_normal_resampled "
+        "--out data/modelnet40.h5")
+    return _unit_sphere(points), labels
+
+
+def procedural_classes(num_shapes: int, num_points: int = 1024, num_classes: int = 5,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A separable problem of up to 5 classes for tests and CPU smoke runs: the class is the
+    primitive kind (ellipsoid, box, cylinder, cone, torus, in that order), randomly rotated,
+    anisotropically scaled, shuffled and unit-sphere normalised like `procedural_shapes`.
+    Balanced labels (i % num_classes)."""
+    if not 1 <= num_classes <= _NUM_PRIMITIVES:
+        raise ValueError(f"num_classes must be in 1..{_NUM_PRIMITIVES}, got {num_classes}")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_shapes) % num_classes
+    points = _primitives(labels, num_points, g) * _uniform(g, (num_shapes, 1, 3), 0.75, 1.25)
+    perm = torch.rand(num_shapes, num_points, generator=g).argsort(dim=1)
+    points = points.gather(1, perm[..., None].expand(-1, -1, 3))
+    return _unit_sphere(points), labels
+
+
+def point_all_for(num_points: int, available: int) -> int:
+    """How many FPS points the train-time subset is drawn from (§3.6), capped at `available`."""
+    return min({1024: 1200, 2048: 2400, 4096: 4800, 8192: 8192}.get(num_points, num_points),
+               available)
+
+
+def fps_gather(points: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, N, 3) -> (B, m, 3): the FPS points (§1.1, start at index 0) in FPS order."""
+    import kernels  # local: only the classification sampling needs the point kernels
+
+    idx = kernels.fps(points, m)  # (B, m)
+    return points.gather(1, idx[..., None].expand(-1, -1, 3))
+
+
+def shuffle_points(points: torch.Tensor) -> torch.Tensor:
+    """A random point order per cloud (global RNG of the device): the reference's datasets
+    shuffle train samples, which randomises where FPS starts."""
+    perm = torch.rand(points.shape[:2], device=points.device).argsort(dim=1)  # (B, N)
+    return points.gather(1, perm[..., None].expand(-1, -1, 3))
+
+
+def draw_augmentation(kind: str, n: int, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """Per-sample parameters (n, k) of a reference train/vote transform (§3.5), drawn on the CPU
+    from `generator` (or the global CPU RNG): "rotate" -> angle U[0, 2pi) about y (n, 1);
+    "scale_translate" -> scale U(2/3, 3/2)^3 and shift U(-0.2, 0.2)^3 (n, 6); "none" -> (n, 0).
+    Drawing the parameters apart from applying them lets evaluation draw them for the whole
+    test set, so a sample's vote does not depend on how the set is sharded over processes."""
+    if kind == "rotate":
+        return torch.rand(n, 1, generator=generator) * 2 * math.pi
+    if kind == "scale_translate":
+        scale = 2 / 3 + (3 / 2 - 2 / 3) * torch.rand(n, 3, generator=generator)
+        return torch.cat([scale, -0.2 + 0.4 * torch.rand(n, 3, generator=generator)], dim=1)
+    if kind == "none":
+        return torch.zeros(n, 0)
+    raise ValueError(f"augmentation must be 'rotate', 'scale_translate' or 'none', got {kind!r}")
+
+
+def apply_augmentation(kind: str, points: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply `draw_augmentation`'s parameters (B, k) to (B, N, 3): rotation about y, or
+    `PointcloudScaleAndTranslate` p * s + t, or nothing."""
+    params = params.to(points.device)
+    if kind == "rotate":
+        return rotate_y(points, params[:, 0])
+    if kind == "scale_translate":
+        return points * params[:, None, :3] + params[:, None, 3:]
+    return points

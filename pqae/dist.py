@@ -1,0 +1,65 @@
+"""Distributed setup for torchrun (single process, one GPU, many GPUs, many nodes)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Initialise the process group when launched by torchrun (RANK set), else single process.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". NCCL on CUDA, gloo on CPU.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank, local_rank, world, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place), a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """The contiguous slice of n evaluation samples that `rank` handles: every sample is in
+    exactly one rank's slice (no padding, no duplicates), sizes differ by at most one."""
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))

@@ -1,0 +1,61 @@
+"""Rank-0 logging: a run header with versions and device, progress lines, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def print0(*args, rank: int = 0, **kwargs) -> None:
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run_header(device: torch.device, world_size: int) -> str:
+    """One line that makes a log reproducible: versions, device, world size."""
+    import numpy
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    return (f"python {platform.python_version()} | torch {torch.__version__} | triton {triton_v}"
+            f" | numpy {numpy.__version__} | device {device} ({name}) | world {world_size}")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Timer:
+    """Wall time per step over the last logging interval (synchronises CUDA when read)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def ms_per_step(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return 1000 * (time.perf_counter() - self.t0) / max(1, self.steps)
+
+
+def tensorboard(out_dir: str | Path, cfg, header: str):
+    """A SummaryWriter under out_dir/tb that also records the config and the run header."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(Path(out_dir) / "tb"))
+    writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=2) + "\n```")
+    writer.add_text("header", header)
+    return writer

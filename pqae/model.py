@@ -1,0 +1,349 @@
+"""Point-PQAE models: the shared point-cloud encoder and the cross-reconstruction pretrainer.
+
+Section numbers (§) refer to the project specification of the reference implementation.
+Shapes: B batch, N points, G patches (groups), M points per patch, C token width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from pqae.data import rotate_y
+from pqae.profiling import phase
+
+# ---------------------------------------------------------------------------------------------
+# Shared building blocks (§1)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: zero the whole residual branch of a sample with prob. p."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+    return x * mask.bernoulli_(keep).div_(keep)
+
+
+class PatchEmbed(nn.Module):
+    """Mini-PointNet over each patch (§1.3): (P, M, 3) -> (P, C).
+
+    The reference uses 1x1 Conv1d on channels-first tensors; a Linear on channels-last points is
+    the same map, and BatchNorm over the flattened (P*M, C) points is the same statistic as
+    BatchNorm1d over (P, C, M).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__()
+        h1, h2, h3 = hidden, 2 * hidden, 4 * hidden  # 128, 256, 512 in the reference
+        self.fc1, self.bn1, self.fc2 = nn.Linear(3, h1), nn.BatchNorm1d(h1), nn.Linear(h1, h2)
+        self.fc3, self.bn2, self.fc4 = nn.Linear(2 * h2, h3), nn.BatchNorm1d(h3), nn.Linear(h3, dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        with phase("patch_embed"):
+            return self._forward(patches)
+
+    def _forward(self, patches: torch.Tensor) -> torch.Tensor:
+        P, M, _ = patches.shape
+        x = self.fc2(F.relu(self.bn1(self.fc1(patches.reshape(P * M, 3)))))  # (P*M, 256)
+        x = x.reshape(P, M, -1)
+        glob = x.amax(dim=1, keepdim=True).expand(-1, M, -1)  # (P, M, 256) patch-global feature
+        x = torch.cat([glob, x], dim=-1).reshape(P * M, -1)  # global first, then local
+        x = self.fc4(F.relu(self.bn2(self.fc3(x))))  # (P*M, C)
+        return x.reshape(P, M, -1).amax(dim=1)  # (P, C)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, output projection with bias (§1.5)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # scale = head_dim ** -0.5, as the reference
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-sample DropPath on both branches (§1.5)."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Linearly spaced 0 .. rate over the depth, as torch.linspace(0, r, depth) (§1.5)."""
+    return [float(r) for r in torch.linspace(0, rate, depth)]
+
+
+class PointEncoder(nn.Module):
+    """The shared encoder (§1.6): patch tokens + centre embedding + class token, then `depth`
+    blocks with the positional embedding re-added before every block, then a final LayerNorm.
+
+    forward(neighborhood (B, G, M, 3), center (B, G, 3)) -> (cls (B, C), patches (B, G, C)).
+    `return_layers` (1-based block indices) also returns those blocks' raw outputs (for the
+    segmentation heads, §5). With use_cls_token=False (the segmentation backbone, §5.3) there
+    is no class token or class pos at all: cls is None and the raw outputs are (B, G, C).
+    """
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6,
+                 drop_path_rate: float = 0.1, embed_hidden: int = 128,
+                 use_cls_token: bool = True):
+        super().__init__()
+        self.dim, self.use_cls_token = dim, use_cls_token
+        self.patch_embed = PatchEmbed(dim, embed_hidden)
+        self.pos_embed = nn.Sequential()  # Linear 3->128, GELU, Linear 128->C (§1.4)
+        self.pos_embed.fc1 = nn.Linear(3, 128)
+        self.pos_embed.act = nn.GELU()
+        self.pos_embed.fc2 = nn.Linear(128, dim)
+        if use_cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, r) for r in drop_path_rates(drop_path_rate, depth))
+        self.norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference encoder init (§2.8 step 1): trunc-normal(0.02) for Linear/conv weights and the
+        class token/pos, zero biases, norms at 1/0. (The timm truncation at +-2 never bites.)"""
+        if self.use_cls_token:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.cls_pos, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, neighborhood: torch.Tensor, center: torch.Tensor,
+                return_layers: tuple[int, ...] = ()):
+        B, G, M, _ = neighborhood.shape
+        tokens = self.patch_embed(neighborhood.reshape(B * G, M, 3)).reshape(B, G, -1)
+        pos = self.pos_embed(center)  # (B, G, C)
+        x, first = tokens, 0
+        if self.use_cls_token:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1+G, C)
+            pos = torch.cat([self.cls_pos.expand(B, -1, -1), pos], dim=1)
+            first = 1
+        layers = []
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x + pos)
+            if i in return_layers:
+                layers.append(x)
+        x = self.norm(x)
+        cls = x[:, 0] if first else None
+        if return_layers:
+            return cls, x[:, first:], layers
+        return cls, x[:, first:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining pieces (§2)
+
+
+def crop_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop and normalisation of one decoupled view (§2.2 steps 1-4), batched on the device.
+
+    points (B, N, 3) -> view (B, k, 3) in [-1, 1] per axis, k = floor(N * ratio), and the
+    bbox centre (B, 3) of the cropped points in the input frame. Each sample: a random seed
+    point and its k nearest points sorted by distance (so the seed is the view's first point
+    and hence its first FPS centre), then per-axis min-max normalisation (anisotropic).
+    """
+    B, N, _ = points.shape
+    if ratio >= 1.0:
+        # Ablation path of the reference (min_crop_rate == 1): no crop, no scaling, the view is
+        # only translated to its bbox centre.
+        centre = (points.amin(1) + points.amax(1)) / 2
+        return points - centre[:, None], centre
+    k = int(math.floor(N * ratio))
+    seed = torch.randint(0, N, (B,), device=points.device)
+    seed_pt = points[torch.arange(B, device=points.device), seed]  # (B, 3)
+    dist = (points - seed_pt[:, None]).square().sum(-1)  # (B, N), ordered as the true distance
+    idx = dist.topk(k, dim=1, largest=False, sorted=True).indices  # (B, k) nearest first
+    crop = points.gather(1, idx[..., None].expand(-1, -1, 3))  # (B, k, 3)
+    lo, hi = crop.amin(1, keepdim=True), crop.amax(1, keepdim=True)  # (B, 1, 3)
+    return 2 * (crop - lo) / (hi - lo + 1e-6) - 1, ((lo + hi) / 2)[:, 0]
+
+
+def decoupled_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoupled view (§2.2): the crop of `crop_view`, then a random rotation about y per
+    sample (whose angle the model never sees). -> view (B, k, 3), bbox centre (B, 3)."""
+    view, centre = crop_view(points, ratio)
+    angles = torch.rand(points.shape[0], device=points.device) * (2 * math.pi)
+    return rotate_y(view, angles), centre
+
+
+def vrpe(center: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tensor:
+    """View-relative positional embedding (§2.4), fixed sine-cosine of 6 coordinates.
+
+    center (B, G, 3) in the view's own frame, offset (B, 3) = other view's bbox centre minus
+    this view's, in the global frame. -> (B, G, dim), laid out
+    [sin x | cos x | sin y | cos y | sin z | cos z | sin dx | cos dx | ...], dim/12 freqs each.
+    """
+    B, G, _ = center.shape
+    nf = dim // 12
+    omega = 1.0 / 10000 ** (torch.arange(nf, device=center.device, dtype=torch.float32) / nf)
+    u = torch.cat([center, offset[:, None].expand(B, G, 3)], dim=-1).float()  # (B, G, 6)
+    ang = u[..., None] * omega  # (B, G, 6, nf)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).reshape(B, G, 12 * nf)
+
+
+class PositionalQuery(nn.Module):
+    """Positional-query cross-attention (§2.5): queries from the target view's VRPE, keys and
+    values from the other view's patch tokens; no residual, no norm."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        B, L, C = query.shape
+        H = self.heads
+        q = self.q(query).reshape(B, L, H, C // H).transpose(1, 2)
+        k, v = self.kv(source).reshape(B, source.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class Decoder(nn.Module):
+    """`depth` blocks without any positional embedding, then LayerNorm (§2.6)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path_rate: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, r) for r in drop_path_rates(drop_path_rate, depth))
+        self.norm = nn.LayerNorm(dim)
+        # The reference's Xavier init of the decoder (§2.8 step 2) is entirely overwritten by
+        # the pretraining model's re-init (step 3), so it is not repeated here.
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def chamfer_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CD-L2 (§2.7): mean squared nearest distance pred->target plus target->pred."""
+    # No NaN guard here: a diverging prediction is caught by the training loop's loss check.
+    d_pred, d_target = kernels.chamfer_l2(pred.float(), target.float(), check=False)
+    return d_pred.mean() + d_target.mean()
+
+
+class PointPQAE(nn.Module):
+    """Point-PQAE pretraining model (§2). `PointPQAE()` is the reference configuration.
+
+    model(points (B, N, 3)) -> {"loss_view1", "loss_view2", "loss"}: two decoupled views of
+    every cloud, each reconstructed from the other through the positional query.
+    model.forward_views(view1, view2, offset) -> the same dict for two given views.
+    """
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, decoder_depth: int = 4,
+                 num_group: int = 64, group_size: int = 32, drop_path_rate: float = 0.1,
+                 min_crop_rate: float = 0.6, embed_hidden: int = 128):
+        super().__init__()
+        if dim % 12:
+            raise ValueError(f"dim must be a multiple of 12 (VRPE uses dim/12 freqs), got {dim}")
+        self.num_group, self.group_size, self.min_crop_rate = num_group, group_size, min_crop_rate
+        self.encoder = PointEncoder(dim, depth, heads, drop_path_rate, embed_hidden)
+        self.decoder = Decoder(dim, decoder_depth, heads, drop_path_rate)
+        self.query_attn = PositionalQuery(dim, heads)
+        self.head = nn.Linear(dim, 3 * group_size)
+        self.check_inputs = True
+        """Raise on NaN/inf input points (a host sync on the GPU; training loops whose data was
+        validated at load time switch it off there)."""
+        self._reference_init()
+
+    def _reference_init(self) -> None:
+        # §2.8 step 3: every Linear outside the patch embedding (whose layers are Conv1d in the
+        # reference and keep their trunc-normal init) gets N(0.02, 0.01^2) weights, zero bias.
+        patch = set(self.encoder.patch_embed.modules())
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m not in patch:
+                nn.init.normal_(m.weight, mean=0.02, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def draw_crop_ratios(self, generator: torch.Generator | None = None) -> tuple[float, float]:
+        """One crop ratio per view for the whole batch, U[min_crop_rate, 1) (§2.2), on the host."""
+        if self.min_crop_rate >= 1.0:
+            return 1.0, 1.0
+        u = torch.rand(2, generator=generator).tolist()
+        return tuple(self.min_crop_rate + (1.0 - self.min_crop_rate) * x for x in u)
+
+    def forward(self, points: torch.Tensor, crop_ratios: tuple[float, float] | None = None,
+                return_outputs: bool = False) -> dict[str, torch.Tensor]:
+        """points (B, N, 3): the (globally rotated, unit-sphere) batch. Randomness comes from the
+        global torch RNG (per-sample crop seeds, view rotations, DropPath) and `crop_ratios`
+        (drawn with `draw_crop_ratios` when None)."""
+        if self.check_inputs and not bool(torch.isfinite(points).all()):
+            raise ValueError(f"points of shape {tuple(points.shape)} contain NaN or inf")
+        r1, r2 = crop_ratios if crop_ratios is not None else self.draw_crop_ratios()
+        with phase("views"):
+            view1, centre1 = decoupled_view(points, r1)
+            view2, centre2 = decoupled_view(points, r2)
+        return self.forward_views(view1, view2, centre2 - centre1, return_outputs)
+
+    def forward_views(self, view1: torch.Tensor, view2: torch.Tensor, offset: torch.Tensor,
+                      return_outputs: bool = False) -> dict[str, torch.Tensor]:
+        """view1 (B, k1, 3), view2 (B, k2, 3), offset (B, 3) = bbox centre 2 - bbox centre 1."""
+        G, M = self.num_group, self.group_size
+        with phase("grouping"):
+            neigh1, center1 = kernels.group(view1, G, M, check=self.check_inputs)  # (B,G,M,3)
+            neigh2, center2 = kernels.group(view2, G, M, check=self.check_inputs)  # (B,G,3)
+        # Separate encoder calls: BatchNorm statistics and DropPath draws per view (§9.1.6).
+        with phase("encoder"):
+            _, tokens1 = self.encoder(neigh1, center1)
+            _, tokens2 = self.encoder(neigh2, center2)
+        with phase("decoder"):
+            dim = tokens1.shape[-1]
+            query1 = vrpe(center1, offset, dim).to(tokens1.dtype)
+            query2 = vrpe(center2, -offset, dim).to(tokens2.dtype)
+            # Cross reconstruction: view 1 from view 2's tokens, and the reverse.
+            pred1 = self.head(self.decoder(self.query_attn(query1, tokens2)))  # (B, G, 3M)
+            pred2 = self.head(self.decoder(self.query_attn(query2, tokens1)))
+        B = view1.shape[0]
+        pred1, pred2 = pred1.reshape(B * G, M, 3), pred2.reshape(B * G, M, 3)
+        with phase("loss"):
+            loss1 = chamfer_l2_loss(pred1, neigh1.reshape(B * G, M, 3))
+            loss2 = chamfer_l2_loss(pred2, neigh2.reshape(B * G, M, 3))
+        out = {"loss_view1": loss1, "loss_view2": loss2, "loss": loss1 + loss2}
+        if return_outputs:
+            out.update(view1=view1, view2=view2, neighborhood1=neigh1, center1=center1,
+                       pred1=pred1.reshape(B, G, M, 3), neighborhood2=neigh2, center2=center2,
+                       pred2=pred2.reshape(B, G, M, 3))
+        return out

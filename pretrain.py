@@ -1,0 +1,389 @@
+"""Point-PQAE pretraining: cross reconstruction between two decoupled views (§2).
+
+    python pretrain.py --preset tiny                       # built-in data, ~1 min on a CPU
+    python pretrain.py --data-path data/shapenet55.h5      # the reference recipe, one GPU
+    torchrun --nproc_per_node=8 pretrain.py --lr 1e-3      # the reference recipe, 8 GPUs
+    python pretrain.py --benchmark-steps 50                # ms/step and shapes/s, then exit
+
+The whole data set is held in one tensor on the device and each step's batch is sampled
+there (random 1024 of 8192 points, unit sphere, random rotation about y), so there is no
+DataLoader. All randomness of a step is a pure function of (seed, step, rank): a resumed run
+sees exactly the data, crops and DropPath draws of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pqae import checkpoint as ckpt
+from pqae import cli, data, dist
+from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.model import PointPQAE
+from pqae.optim import param_groups, set_epoch_lr
+from pqae.profiling import phase
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data: Literal["shapenet55", "airplanes", "procedural"] = "shapenet55"
+    """shapenet55: the HDF5 from `python -m data_prep.shapenet55`; airplanes: the ModelNet40
+    airplane slice (.npz) shipped for tests; procedural: built-in generated shapes, no files."""
+    data_path: str = "data/shapenet55.h5"
+    """the .h5 (shapenet55) or .npz (airplanes) file; unused for procedural."""
+    split: Literal["all", "train", "test"] = "all"
+    """all = test + train, as the reference (its --whole flag defaults to on)."""
+    num_points: int = 1024
+    """points sampled per cloud each step (random subset without replacement)."""
+    procedural_shapes: int = 1024
+    """number of generated shapes when data = procedural."""
+    # model (§1, §2); the defaults are the reference's
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    decoder_depth: int = 4
+    num_group: int = 64
+    group_size: int = 32
+    drop_path_rate: float = 0.1
+    min_crop_rate: float = 0.6
+    """crop ratio per view and batch is U[min_crop_rate, 1)."""
+    embed_hidden: int = 128
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
+    # optimisation (§2.9 - §2.11)
+    batch_size: int = 128
+    """GLOBAL batch, split evenly over the processes."""
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    epochs: int = 300
+    """cosine length; the loop runs epochs 0..epochs inclusive (301), as the reference."""
+    warmup_epochs: int = 10
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: the whole schedule). For debugging."""
+    seed: int = 0
+    # speed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    """bf16 autocast. Deviation when on: the reference trains in float32."""
+    compile: bool = False
+    """torch.compile the model."""
+    sync_bn: bool = True
+    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
+    reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
+    benchmark_steps: int = 0
+    """if > 0: time this many steps (after 5 warm-up steps), print ms/step, and exit."""
+    benchmark_compare: bool = True
+    """with --benchmark-steps: also time the plain-PyTorch float32 path (reference kernels, no
+    amp, no compile) in the same run, and print the ratio."""
+    benchmark_phases: bool = True
+    """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
+    # output
+    out_dir: str = "runs/pretrain"
+    resume: bool = False
+    """continue from out_dir/ckpt-last (same lr, data order and random draws)."""
+    save_every: int = 0
+    """also write ckpt-last every this many steps (0: at the end of each epoch only)."""
+    keep_every: int = 25
+    keep_from: int = 250
+    """also keep ckpt-epoch-E when E % keep_every == 0 and E >= keep_from (250, 275, 300)."""
+    log_every: int = 50
+    vis_every: int = 2000
+    """TensorBoard point clouds (a view, its target patches, its cross reconstruction)."""
+
+
+PRESETS = {
+    "reference": Config(),
+    "tiny": Config(
+        data="procedural", num_points=512, dim=192, depth=4, heads=3, decoder_depth=1,
+        num_group=32, group_size=16, embed_hidden=32, batch_size=32, lr=1e-3, epochs=3,
+        warmup_epochs=0, log_every=8, vis_every=64, out_dir="runs/pretrain-tiny"),
+}
+
+
+def load_clouds(cfg: Config) -> torch.Tensor:
+    if cfg.data == "shapenet55":
+        return data.load_shapenet55(cfg.data_path, cfg.split)
+    if cfg.data == "airplanes":
+        return data.load_airplanes(cfg.data_path, cfg.split)
+    return data.procedural_shapes(cfg.procedural_shapes, 2048, seed=cfg.seed)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct seed per (seed, step, rank) for the global torch RNG."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def build_model(cfg: Config) -> PointPQAE:
+    return PointPQAE(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                     decoder_depth=cfg.decoder_depth, num_group=cfg.num_group,
+                     group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
+                     min_crop_rate=cfg.min_crop_rate, embed_hidden=cfg.embed_hidden)
+
+
+def build_training(cfg: Config, env: dist.Dist):
+    """(model, the module to call for training (DDP / compiled wrapper), optimizer)."""
+    torch.manual_seed(cfg.seed)  # model init: identical on every rank
+    model = build_model(cfg).to(env.device)
+    model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
+    if env.enabled and cfg.sync_bn and env.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    train_model = model
+    if env.enabled:
+        train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return model, train_model, optimizer
+
+
+def epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of an epoch: a function of (seed, epoch) only."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, clouds: torch.Tensor,
+                    env: dist.Dist):
+    """The optimizer step of `step`: its batch and every random draw come from (seed, step,
+    rank) only, so any step can be replayed, e.g. after a resume."""
+    rank, device = env.rank, env.device
+    local_bs = cfg.batch_size // env.world_size
+    steps_per_epoch = clouds.shape[0] // cfg.batch_size
+
+    def train_step(step: int, perm: torch.Tensor, return_outputs: bool = False) -> dict:
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, step))  # same on every rank
+        i = step % steps_per_epoch
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs].to(device)
+        with phase("data"):
+            points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
+            points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
+        crop_ratios = model.draw_crop_ratios(g)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            out = train_model(points, crop_ratios, return_outputs)
+        with phase("backward"):
+            out["loss"].backward()
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return out
+
+    return train_step
+
+
+def main(cfg: Config) -> dict:
+    env = dist.setup(cfg.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    local_bs = cfg.batch_size // world
+    out_dir = Path(cfg.out_dir)
+    header = run_header(device, world)
+    print0(header, rank=rank)
+
+    clouds = load_clouds(cfg).to(device)  # (S, N, 3), resident on the device
+    if cfg.num_points > clouds.shape[1]:
+        raise ValueError(f"num_points {cfg.num_points} > {clouds.shape[1]} points per cloud")
+    steps_per_epoch = clouds.shape[0] // cfg.batch_size  # drop_last, as the reference
+    if steps_per_epoch == 0:
+        raise ValueError(f"{clouds.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
+    total_steps = (cfg.epochs + 1) * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    print0(f"data {cfg.data}: {tuple(clouds.shape)} | {steps_per_epoch} steps/epoch x "
+           f"{cfg.epochs + 1} epochs | global batch {cfg.batch_size} ({local_bs} per process)",
+           rank=rank)
+
+    if cfg.benchmark_steps:
+        return benchmark(cfg, clouds, env)
+
+    model, train_model, optimizer = build_training(cfg, env)
+    print0(f"PointPQAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters",
+           rank=rank)
+    step, metrics = 0, {}
+    if cfg.resume:
+        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
+        state = ckpt.load_resume(last)
+        optimizer.load_state_dict(state["optimizer"])
+        step, metrics = state["step"], ckpt.load_meta(last).get("metrics", {})
+        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+                   if k in {f.name for f in dataclasses.fields(cfg)} and v != getattr(cfg, k)}
+        print0(f"resumed from {last} at step {step}"
+               + (f"; config changed since: {changed}" if changed else ""), rank=rank)
+    train_step = make_train_step(cfg, model, train_model, optimizer, clouds, env)
+
+    writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def save(epoch: int, step: int) -> None:
+        """ckpt-last (resumable) and, at the reference's epochs, ckpt-epoch-E (weights only)."""
+        if rank != 0:
+            return
+        meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
+                "metrics": metrics, "header": header}
+        resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                  "config": dataclasses.asdict(cfg)}
+        ckpt.save_checkpoint(out_dir / "ckpt-last", model, meta, resume)
+        epoch_done = step % steps_per_epoch == 0
+        if epoch_done and epoch % cfg.keep_every == 0 and epoch >= cfg.keep_from:
+            ckpt.save_checkpoint(out_dir / f"ckpt-epoch-{epoch}", model, meta)
+
+    timer, history = Timer(device), []
+    loss_sum = torch.zeros(3, device=device)  # total, view 1, view 2 since the last log line
+    t_start, start_step = time.perf_counter(), step
+    epoch = step // steps_per_epoch
+    perm = epoch_perm(cfg.seed, epoch, clouds.shape[0])
+    train_model.train()
+    while step < total_steps:
+        lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
+        vis = writer is not None and cfg.vis_every and step % cfg.vis_every == 0
+        out = train_step(step, perm, return_outputs=vis)
+        loss_sum += torch.stack([out["loss"], out["loss_view1"], out["loss_view2"]]).detach()
+        step += 1
+        timer.steps += 1
+        if vis:
+            log_clouds(writer, out, step)
+        epoch_end = step % steps_per_epoch == 0
+        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+            # One host sync per log line: losses, NaN check and timing.
+            losses = (loss_sum / timer.steps).tolist()
+            if not all(math.isfinite(x) for x in losses):
+                raise FloatingPointError(
+                    f"loss is {losses[0]} at step {step} (epoch {epoch}); stopping. The last good "
+                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ms = timer.ms_per_step()
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
+            history.append({"step": step, "epoch": epoch, "loss": losses[0]})
+            metrics = {"loss": losses[0], "loss_view1": losses[1], "loss_view2": losses[2]}
+            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {losses[0]:.4f}"
+                   f" (view1 {losses[1]:.4f} view2 {losses[2]:.4f}) | lr {lr:.3g} | "
+                   f"{ms:.0f} ms/step | {cfg.batch_size * 1000 / ms:.0f} shapes/s | "
+                   f"ETA {format_eta(eta)}", rank=rank)
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("perf/ms_per_step", ms, step)
+                writer.add_scalar("perf/shapes_per_s", cfg.batch_size * 1000 / ms, step)
+            loss_sum.zero_()
+            timer.reset()
+        if epoch_end or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            save(epoch, step)
+        if epoch_end:
+            epoch += 1
+            perm = epoch_perm(cfg.seed, epoch, clouds.shape[0])
+
+    if writer is not None:
+        writer.close()
+    dist.cleanup()
+    return {"step": step, "history": history, "metrics": metrics, "out_dir": str(out_dir),
+            "model": model}
+
+
+def log_clouds(writer, out: dict, step: int) -> None:
+    """Sample 0 of view 1: the view, its target patches and their cross reconstruction."""
+    def cloud(x, rgb):
+        x = x.detach().float().reshape(1, -1, 3).cpu()
+        return x, torch.tensor(rgb, dtype=torch.uint8).expand(1, x.shape[1], 3)
+
+    centre = out["center1"][0, :, None]  # (G, 1, 3)
+    for tag, pts, rgb in (("view1", out["view1"][0], (90, 90, 90)),
+                          ("view1_target", out["neighborhood1"][0] + centre, (40, 120, 220)),
+                          ("view1_reconstruction", out["pred1"][0] + centre, (230, 90, 40))):
+        vertices, colors = cloud(pts, rgb)
+        writer.add_mesh(f"clouds/{tag}", vertices=vertices, colors=colors, global_step=step)
+
+
+def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:
+    """Time cfg.benchmark_steps optimizer steps (after 5 warm-up steps) of this config and, in
+    the same run, of the plain-PyTorch float32 path; then a breakdown of a few steps by phase."""
+    import kernels
+    from pqae import profiling
+
+    device = env.device
+    variants = [("this config", cfg, kernels.get_backend())]
+    if cfg.benchmark_compare:
+        plain = dataclasses.replace(cfg, amp=False, compile=False)
+        variants.insert(0, ("plain PyTorch fp32", plain, "reference"))
+    perm = epoch_perm(cfg.seed, 0, clouds.shape[0])
+    steps_per_epoch = clouds.shape[0] // cfg.batch_size
+    results = {}
+    for name, vcfg, backend in variants:
+        kernels.set_backend(backend)
+        step = make_train_step(vcfg, *build_training(vcfg, env), clouds, env)
+        for s in range(5):
+            step(s % steps_per_epoch, perm)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        timer = Timer(device)
+        for s in range(cfg.benchmark_steps):
+            step(s % steps_per_epoch, perm)
+            timer.steps += 1
+        ms = timer.ms_per_step()
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        phases = {}
+        if cfg.benchmark_phases:
+            profiling.enabled(True)
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=acts) as prof:
+                for s in range(3):
+                    step(s % steps_per_epoch, perm)
+            profiling.enabled(False)
+            phases = {k: v / 3 for k, v in profiling.breakdown(prof).items()}
+        results[name] = {"ms_per_step": ms, "shapes_per_s": cfg.batch_size * 1000 / ms,
+                         "peak_gib": peak, "backend": backend, "amp": vcfg.amp,
+                         "compile": vcfg.compile, "phases_ms": phases}
+        kernels.set_backend("auto")
+    if env.rank == 0:
+        print_benchmark(cfg, results, env)
+    dist.cleanup()
+    return results
+
+
+def print_benchmark(cfg: Config, results: dict, env: dist.Dist) -> None:
+    print(f"benchmark: global batch {cfg.batch_size} on {env.world_size} process(es), "
+          f"{cfg.benchmark_steps} timed steps, device {env.device}")
+    print(f"{'path':<20} {'backend':>9} {'amp':>5} {'compile':>7} {'ms/step':>9} "
+          f"{'shapes/s':>9} {'peak GiB':>8}")
+    for name, r in results.items():
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(f"{name:<20} {r['backend']:>9} {str(r['amp']):>5} {str(r['compile']):>7} "
+              f"{r['ms_per_step']:>9.1f} {r['shapes_per_s']:>9.0f} {peak:>8}")
+    if len(results) == 2:
+        (_, a), (_, b) = results.items()
+        print(f"speed-up of this config over plain PyTorch fp32: "
+              f"{a['ms_per_step'] / b['ms_per_step']:.2f}x")
+    order = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss", "backward",
+             "optimizer"]
+    names = list(results)
+    if any(r["phases_ms"] for r in results.values()):
+        print("phase breakdown, ms per step (encoder excludes patch_embed; nested in it):")
+        print(f"{'phase':<14}" + "".join(f"{n:>22}" for n in names))
+        for ph in order:
+            vals = []
+            for n in names:
+                p = results[n]["phases_ms"]
+                v = p.get(ph)
+                if ph == "encoder" and v is not None:
+                    v -= p.get("patch_embed", 0.0)
+                vals.append(f"{v:>22.2f}" if v is not None else f"{'-':>22}")
+            print(f"{ph:<14}" + "".join(vals))
+
+
+if __name__ == "__main__":
+    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))

@@ -1,6 +1,14 @@
 """Convert a reference Point-PQAE checkpoint (.pth) into our safetensors layout.
 
     python -m data_prep.convert_checkpoint ckpt-epoch-300.pth pqae-pretrain.safetensors
+    python -m data_prep.convert_checkpoint scan_hardest.pth scan-hardest.safetensors  # fine-tuned
+
+Two layouts, detected from the keys (or forced with --layout):
+* pretraining (`PQAE_encoder.*`, `PQ_decoder.*`, ...) -> `PointPQAE` keys;
+* fine-tuned classification (`PointTransformer` of Point-MAE / Point-PQAE, §3.3: `cls_token`,
+  `encoder.first_conv.*`, `blocks.blocks.*`, `cls_head_finetune.*`) -> `PointClassifier` keys,
+  so `finetune_cls.py --eval-only --ckpt X.safetensors` evaluates released models. The head
+  type (linear or the 3-layer MLP) and the number of classes are read from the weights.
 
 The reference saves a dict whose `base_model` holds the state dict, with keys prefixed
 `module.` when trained under DataParallel (§2.12). The file is read with
@@ -14,11 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
 
-from pqae import PointPQAE
+from pqae import PointClassifier, PointPQAE
 from pqae.checkpoint import load_strict, save_weights
 
 # (reference prefix, our prefix), first match wins; applied after removing every "module.".
@@ -40,6 +49,29 @@ PRETRAIN_PREFIXES = [
     ("PQ_linear.", "head."),
 ]
 PRETRAIN_DROPPED = ("decoder_pos_embed.",)  # built but never used by the reference
+
+# The fine-tuned classifier (`PointTransformer`, §3.1) has no `PQAE_encoder.` level. Its head
+# `cls_head_finetune` is Sequential(Linear, BN, ReLU, Dropout, Linear, BN, ReLU, Dropout,
+# Linear) (indices 0, 1, 4, 5, 8 hold weights) or a single Linear; our `cls_head` is a
+# Sequential with the same indices, so the head keeps its numbering.
+FINETUNE_CLS_PREFIXES = [
+    ("encoder.first_conv.0.", "encoder.patch_embed.fc1."),
+    ("encoder.first_conv.1.", "encoder.patch_embed.bn1."),
+    ("encoder.first_conv.3.", "encoder.patch_embed.fc2."),
+    ("encoder.second_conv.0.", "encoder.patch_embed.fc3."),
+    ("encoder.second_conv.1.", "encoder.patch_embed.bn2."),
+    ("encoder.second_conv.3.", "encoder.patch_embed.fc4."),
+    ("pos_embed.0.", "encoder.pos_embed.fc1."),
+    ("pos_embed.2.", "encoder.pos_embed.fc2."),
+    ("blocks.blocks.", "encoder.blocks."),
+    ("norm.", "encoder.norm."),
+    ("cls_token", "encoder.cls_token"),
+    ("cls_pos", "encoder.cls_pos"),
+    ("cls_head_finetune.weight", "cls_head.0.weight"),  # a bare Linear head
+    ("cls_head_finetune.bias", "cls_head.0.bias"),
+    ("cls_head_finetune.", "cls_head."),
+]
+LAYOUTS = ("pretrain", "finetune-cls")
 
 
 def convert_state(state: dict[str, torch.Tensor], prefixes=PRETRAIN_PREFIXES,
@@ -67,6 +99,40 @@ def convert_state(state: dict[str, torch.Tensor], prefixes=PRETRAIN_PREFIXES,
     return out, dropped_keys
 
 
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """"pretrain" or "finetune-cls" from the key names; ValueError if neither fits."""
+    names = [k.replace("module.", "") for k in state]
+    if any(n.startswith("PQAE_encoder.") for n in names):
+        return "pretrain"
+    if any(n.startswith("cls_head_finetune") for n in names):
+        return "finetune-cls"
+    raise ValueError(f"cannot tell the checkpoint layout: no `PQAE_encoder.*` (pretraining) and "
+                     f"no `cls_head_finetune.*` (fine-tuned classifier) key; first keys {names[:8]}")
+
+
+def convert_any(state: dict[str, torch.Tensor], layout: str = "auto"
+                ) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """Convert a reference state dict of either layout: (our state, dropped keys, layout)."""
+    layout = detect_layout(state) if layout == "auto" else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    if layout == "pretrain":
+        return (*convert_state(state), layout)
+    return (*convert_state(state, FINETUNE_CLS_PREFIXES, dropped=()), layout)
+
+
+def classifier_for(state: dict[str, torch.Tensor]) -> PointClassifier:
+    """A PointClassifier shaped like a converted fine-tuned state (head type, classes, width,
+    depth read from the weights), for the strict check."""
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.blocks.")})
+    dim = state["encoder.cls_token"].shape[-1]
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("cls_head."))
+    return PointClassifier(num_classes=state[f"cls_head.{last}.weight"].shape[0],
+                           head="linear" if last == 0 else "full", dim=dim, depth=depth,
+                           heads=max(1, dim // 64),
+                           embed_hidden=state["encoder.patch_embed.fc1.weight"].shape[0])
+
+
 def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict of a reference checkpoint (`base_model`, or `model`, or the dict)."""
     path = Path(path)
@@ -89,13 +155,17 @@ class Args:
     """reference pretraining checkpoint (.pth), e.g. ckpt-epoch-300.pth"""
     dst: tyro.conf.Positional[str]
     """output .safetensors"""
+    layout: Literal["auto", "pretrain", "finetune-cls"] = "auto"
+    """reference layout; auto: detected from the key names."""
 
 
 def main(args: Args) -> dict[str, torch.Tensor]:
-    state, dropped = convert_state(read_reference(args.src))
-    load_strict(PointPQAE(), state, source=f"converted {args.src}")  # strict check
-    save_weights(args.dst, state, {"format": "pqae", "source": Path(args.src).name})
-    print(f"wrote {args.dst}: {len(state)} tensors")
+    state, dropped, layout = convert_any(read_reference(args.src), args.layout)
+    model = PointPQAE() if layout == "pretrain" else classifier_for(state)
+    load_strict(model, state, source=f"converted {args.src}")  # strict check
+    save_weights(args.dst, state, {"format": "pqae", "layout": layout,
+                                   "source": Path(args.src).name})
+    print(f"wrote {args.dst} ({layout}): {len(state)} tensors")
     if dropped:
         print(f"dropped {len(dropped)} unused reference keys: {dropped}")
     return state

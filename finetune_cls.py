@@ -1,0 +1,456 @@
+"""Point-PQAE classification fine-tuning (§3): ScanObjectNN and ModelNet40, three protocols.
+
+    python finetune_cls.py --preset tiny                                     # built-in data, CPU
+    python finetune_cls.py --preset scan-hardest --ckpt runs/pretrain/ckpt-epoch-300
+    python finetune_cls.py --preset modelnet-1k --head linear --ckpt pqae-pretrain.safetensors
+    torchrun --nproc_per_node=4 finetune_cls.py --preset scan-objbg --ckpt ... --seed 3
+    python finetune_cls.py --preset modelnet-1k --eval-only --ckpt runs/finetune-cls/ckpt-best
+    python finetune_cls.py aggregate runs/*/results.json                     # mean +- std, max
+
+--head full|linear|mlp3 picks the protocol (§3.2); the learning rate defaults to the preset's
+value for that head (§3.5). As in pretrain.py, each split is held whole in one tensor on the
+device and batches are sampled there (random point order, FPS to point_all, ONE random
+n-subset shared by the batch, then the dataset's augmentation, §3.6); all randomness of a step
+is a pure function of (seed, step, rank), so a resumed run is identical to an uninterrupted one.
+
+Reported numbers (§3.7), each named for what it is, written to out_dir/results.json:
+* last_acc:  test accuracy after the last epoch;
+* best_acc:  the best test accuracy over epochs. This SELECTS THE EPOCH ON THE TEST SET; it is
+             the number the reference reports, so it is kept, under that name;
+* vote_acc:  vote@10 of the last-epoch model with a fixed seed (`--vote-seed`): 10 random
+             subsets (+ the vote transform), logits averaged. (The reference's `--test` reports
+             the max over 299 such runs; we report one.)
+Under torchrun every test sample is evaluated exactly once (contiguous shards, summed counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pqae import checkpoint as ckpt
+from pqae import cli, data, dist
+from pqae.classifier import PointClassifier
+from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.optim import param_groups, set_epoch_lr
+
+
+@dataclass(frozen=True)
+class Config:
+    # data (§3.5, §7.2, §7.3)
+    data: Literal["scanobjectnn", "modelnet40", "procedural"] = "scanobjectnn"
+    """scanobjectnn / modelnet40: the HDF5 from `python -m data_prep.scanobjectnn` /
+    `python -m data_prep.modelnet40`; procedural: a built-in 5-class problem, no files."""
+    data_path: str = "data/scanobjectnn_objbg.h5"
+    """the .h5 file of the data set (one ScanObjectNN variant per file)."""
+    num_classes: int = 15
+    num_points: int = 2048
+    """points fed to the model (`npoints`)."""
+    augment: Literal["rotate", "scale_translate", "none"] = "rotate"
+    """train augmentation: rotation about y (ScanObjectNN) or scale & translate (ModelNet)."""
+    vote_augment: Literal["rotate", "scale_translate", "none"] = "none"
+    """transform of each vote (§3.7): none for OBJ_BG/OBJ_ONLY, rotate for PB_T50_RS,
+    scale_translate for ModelNet."""
+    procedural_train: int = 200
+    procedural_test: int = 45
+    """sizes of the procedural splits."""
+    procedural_points: int = 1024
+    """points per procedural cloud."""
+    # model (§3.1)
+    head: Literal["full", "linear", "mlp3"] = "full"
+    """protocol (§3.2): full trains everything; linear / mlp3 train only `cls`-named parameters
+    (head, class token, class pos) with the encoder left in train mode, as the reference."""
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    embed_hidden: int = 128
+    num_group: int = 128
+    group_size: int = 32
+    drop_path_rate: float = 0.2
+    ckpt: str = ""
+    """training: a pretraining checkpoint (ours, or converted by data_prep.convert_checkpoint)
+    whose encoder is loaded strictly; empty: from scratch. With --eval-only: the FINE-TUNED
+    checkpoint to evaluate (our ckpt dir / .safetensors, or a reference fine-tuned .pth)."""
+    # optimisation (§3.4, §3.5)
+    batch_size: int = 32
+    """GLOBAL batch, split evenly over the processes (drop_last, as the reference)."""
+    lr: float | None = None
+    """base lr; None: the preset's value for --head (lr_full / lr_linear / lr_mlp3).
+    `cls`-named parameters use 10x it."""
+    lr_full: float = 2e-5
+    lr_linear: float = 1e-4
+    lr_mlp3: float = 1e-4
+    weight_decay: float = 0.05
+    epochs: int = 300
+    """cosine length; the loop runs epochs 0..epochs inclusive (301), as the reference."""
+    warmup_epochs: int = 10
+    grad_clip: float = 10.0
+    """global L2 norm clip before every step."""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: the whole schedule). For debugging."""
+    seed: int = 0
+    # evaluation (§3.7)
+    eval_only: bool = False
+    """evaluate --ckpt (a fine-tuned checkpoint) on the test set and exit."""
+    eval_batch_size: int = 32
+    """test batch per process (BatchNorm is in eval mode: results do not depend on it)."""
+    votes: int = 10
+    """votes of the vote test after training (0: skip it)."""
+    vote_seed: int = 0
+    # speed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_bn: bool = True
+    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch of the reference's
+    single-GPU run. (Per-process BatchNorm on CPU/gloo.)"""
+    # output
+    out_dir: str = "runs/finetune-cls"
+    resume: bool = False
+    """continue from out_dir/ckpt-last (same lr, data order, random draws and best so far)."""
+    log_every: int = 20
+
+
+_SCAN = Config()
+_MODELNET = dataclasses.replace(
+    _SCAN, data="modelnet40", data_path="data/modelnet40.h5", num_classes=40, num_points=1024,
+    num_group=64, augment="scale_translate", vote_augment="scale_translate", lr_full=1e-5)
+PRESETS = {
+    "scan-objbg": _SCAN,
+    "scan-objonly": dataclasses.replace(_SCAN, data_path="data/scanobjectnn_objonly.h5"),
+    "scan-hardest": dataclasses.replace(_SCAN, data_path="data/scanobjectnn_hardest.h5",
+                                        vote_augment="rotate"),
+    "modelnet-1k": _MODELNET,
+    "modelnet-8k": dataclasses.replace(_MODELNET, num_points=8192, num_group=512,
+                                       lr_linear=5e-5, lr_mlp3=5e-5),
+    "tiny": dataclasses.replace(
+        _SCAN, data="procedural", num_classes=5, num_points=256, dim=48, depth=2, heads=2,
+        embed_hidden=16, num_group=16, group_size=16, drop_path_rate=0.1, batch_size=16,
+        lr_full=1e-3, lr_linear=3e-3, lr_mlp3=3e-3, epochs=6, warmup_epochs=0, log_every=5,
+        out_dir="runs/finetune-cls-tiny"),
+}
+
+
+def base_lr(cfg: Config) -> float:
+    return cfg.lr if cfg.lr is not None else {
+        "full": cfg.lr_full, "linear": cfg.lr_linear, "mlp3": cfg.lr_mlp3}[cfg.head]
+
+
+def load_split(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(points (S, N, 3), labels (S,)) of a split, normalised as the reference (§7.7)."""
+    if cfg.data == "scanobjectnn":
+        return data.load_scanobjectnn(cfg.data_path, split)
+    if cfg.data == "modelnet40":
+        return data.load_modelnet40(cfg.data_path, split)
+    n = cfg.procedural_train if split == "train" else cfg.procedural_test
+    return data.procedural_classes(n, cfg.procedural_points, cfg.num_classes,
+                                   seed=cfg.seed * 2 + (split == "test"))
+
+
+def build_model(cfg: Config) -> PointClassifier:
+    return PointClassifier(num_classes=cfg.num_classes, head=cfg.head, num_group=cfg.num_group,
+                           group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
+                           dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                           embed_hidden=cfg.embed_hidden)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct seed per (seed, step, rank) for the global torch RNG."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def load_finetuned(model: PointClassifier, path: str) -> None:
+    """Strict load of a fine-tuned classifier: ours, or a reference .pth converted on the fly."""
+    if path.endswith(".pth"):
+        from data_prep.convert_checkpoint import convert_any, read_reference
+        state, _, _ = convert_any(read_reference(path), layout="finetune-cls")
+    else:
+        state = ckpt.load_weights(path)
+    ckpt.load_strict(model, state, source=path)
+
+
+class TestSet:
+    """This rank's shard of the test split, prepared once: FPS to num_points from index 0 of
+    the stored order (the plain test), and FPS to point_all (the pool the votes draw from)."""
+
+    def __init__(self, cfg: Config, points: torch.Tensor, labels: torch.Tensor, rank: int,
+                 world: int, device: torch.device):
+        self.size = points.shape[0]
+        self.shard = dist.shard(self.size, rank, world)
+        self.labels = labels[self.shard.start:self.shard.stop].to(device)
+        mine = points[self.shard.start:self.shard.stop].to(device)  # (s, N, 3)
+        self.point_all = data.point_all_for(cfg.num_points, points.shape[1])
+        bs = cfg.eval_batch_size
+
+        def fps(m: int) -> torch.Tensor:
+            return torch.cat([data.fps_gather(mine[i:i + bs], m) for i in range(0, len(mine), bs)]) \
+                if len(mine) else mine[:, :m]
+
+        self.points = fps(cfg.num_points)  # (s, n, 3)
+        self.pool = fps(self.point_all) if cfg.votes else None  # (s, point_all, 3)
+
+
+@torch.no_grad()
+def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, int]:
+    """Test accuracy in % over the WHOLE test set and the number of samples counted (summed
+    over ranks: each sample exactly once). votes = 0: one plain pass; votes > 0: the vote test
+    (§3.7), each vote a random num_points-subset of the FPS pool shared by all samples plus the
+    vote transform, with draws from `vote_seed` for the whole set (shard-independent)."""
+    was_training = model.training
+    model.eval()
+    device = test.labels.device
+    logits = torch.zeros(len(test.labels), cfg.num_classes, device=device)
+    bs = cfg.eval_batch_size
+    if votes == 0:
+        for i in range(0, len(test.labels), bs):
+            logits[i:i + bs] = model(test.points[i:i + bs]).float()
+    for v in range(votes):
+        g = torch.Generator().manual_seed(cfg.vote_seed * 1000 + v)
+        subset = torch.randperm(test.point_all, generator=g)[:cfg.num_points].to(device)
+        params = data.draw_augmentation(cfg.vote_augment, test.size, g)[test.shard.start:test.shard.stop]
+        for i in range(0, len(test.labels), bs):
+            pts = data.apply_augmentation(cfg.vote_augment, test.pool[i:i + bs][:, subset],
+                                          params[i:i + bs])
+            logits[i:i + bs] += model(pts).float() / votes  # average of the votes' logits
+    counts = torch.stack([(logits.argmax(1) == test.labels).sum(), torch.tensor(len(test.labels),
+                                                                                device=device)])
+    correct, total = dist.all_reduce_sum(counts.double()).tolist()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1), int(total)
+
+
+def main(cfg: Config) -> dict:
+    env = dist.setup(cfg.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    local_bs, lr0 = cfg.batch_size // world, base_lr(cfg)
+    out_dir = Path(cfg.out_dir)
+    header = run_header(device, world)
+    print0(header, rank=rank)
+
+    torch.manual_seed(cfg.seed)  # model init: identical on every rank
+    test_points, test_labels = load_split(cfg, "test")
+    if cfg.num_points > test_points.shape[1]:
+        raise ValueError(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
+    test = TestSet(cfg, test_points, test_labels, rank, world, device)
+    model = build_model(cfg).to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+           f"parameters, {trainable / 1e6:.3f} M trainable", rank=rank)
+
+    if cfg.eval_only:
+        if not cfg.ckpt:
+            raise ValueError("--eval-only needs --ckpt (a fine-tuned checkpoint)")
+        load_finetuned(model, cfg.ckpt)
+        acc, n = evaluate(model, test, cfg)
+        vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None
+        print0(f"eval {cfg.ckpt} | test acc {acc:.2f} | vote@{cfg.votes} "
+               f"{'-' if vote_acc is None else f'{vote_acc:.2f}'} (seed {cfg.vote_seed}) | "
+               f"{n} samples", rank=rank)
+        result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "mode": "eval-only",
+                  "acc": acc, "vote_acc": vote_acc, "test_samples": n}
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+        dist.cleanup()
+        return {**result, "model": model}
+
+    if cfg.ckpt:
+        dropped = model.load_pretrained(cfg.ckpt)
+        print0(f"loaded the encoder of {cfg.ckpt}; dropped {len(dropped)} pretraining-only keys: "
+               f"{dropped}", rank=rank)
+    train_points, train_labels = load_split(cfg, "train")
+    train_points, train_labels = train_points.to(device), train_labels.to(device)
+    if cfg.num_points > train_points.shape[1]:
+        raise ValueError(f"num_points {cfg.num_points} > {train_points.shape[1]} points per cloud")
+    point_all = data.point_all_for(cfg.num_points, train_points.shape[1])
+    steps_per_epoch = train_points.shape[0] // cfg.batch_size  # drop_last, as the reference
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_points.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
+    total_steps = (cfg.epochs + 1) * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    print0(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size} | "
+           f"{steps_per_epoch} steps/epoch x {cfg.epochs + 1} epochs | global batch "
+           f"{cfg.batch_size} ({local_bs} per process) | lr {lr0:g} (x10 for cls*)", rank=rank)
+
+    if env.enabled and cfg.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
+                                  lr=lr0, weight_decay=cfg.weight_decay)
+
+    step, history, best = 0, [], {"acc": -1.0, "epoch": -1}
+    if cfg.resume:
+        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
+        state = ckpt.load_resume(last)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, best = state["step"], state["history"], state["best"]
+        print0(f"resumed from {last} at step {step}", rank=rank)
+
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if env.enabled else model
+
+    def epoch_perm(epoch: int) -> torch.Tensor:
+        """The data order of an epoch: a function of (seed, epoch) only."""
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        return torch.randperm(train_points.shape[0], generator=g).to(device)
+
+    def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # shuffles, augmentation, DropPath
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, step))  # same on every rank
+        i = step % steps_per_epoch
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
+        points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
+        points = data.fps_gather(points, point_all)  # (b, point_all, 3)
+        subset = torch.randperm(point_all, generator=g)[:cfg.num_points].to(device)
+        points = points[:, subset]  # ONE random subset for the whole batch (§3.6, §9.1 item 14)
+        points = data.apply_augmentation(cfg.augment, points,
+                                         data.draw_augmentation(cfg.augment, len(idx)))
+        logits = train_model(points)
+        labels = train_labels[idx]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def save(name: str, epoch: int, step: int, resumable: bool) -> None:
+        if rank != 0:
+            return
+        meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
+                "metrics": {"acc": history[-1]["acc"] if history else None}, "best": best,
+                "header": header}
+        resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                  "history": history, "best": best} if resumable else None
+        ckpt.save_checkpoint(out_dir / name, model, meta, resume)
+
+    timer = Timer(device)
+    sums = torch.zeros(3, device=device)  # loss sum, correct, samples since the last log line
+    epoch_sums = torch.zeros(3, device=device)
+    t_start, start_step = time.perf_counter(), step
+    epoch = step // steps_per_epoch
+    perm = epoch_perm(epoch)
+    train_model.train()  # all protocols train in train() mode (§3.2)
+    while step < total_steps:
+        lr = set_epoch_lr(optimizer, epoch, lr0, cfg.epochs, cfg.warmup_epochs)
+        loss, correct = train_step(step, perm)
+        batch = torch.stack([loss * local_bs, correct.float(),
+                             torch.full((), float(local_bs), device=device)])
+        sums += batch
+        epoch_sums += batch
+        step += 1
+        timer.steps += 1
+        epoch_end = step % steps_per_epoch == 0
+        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+            loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+            if not math.isfinite(loss_avg):
+                raise FloatingPointError(
+                    f"loss is {loss_avg} at step {step} (epoch {epoch}); stopping. The last good "
+                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ms = timer.ms_per_step()
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
+            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "
+                   f"train acc {acc_avg:.1f} (rank 0) | lr {lr:.3g} | {ms:.0f} ms/step | "
+                   f"ETA {format_eta(eta)}", rank=rank)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_avg, step)
+                writer.add_scalar("train/acc", acc_avg, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("perf/ms_per_step", ms, step)
+            sums.zero_()
+            timer.reset()
+        if epoch_end:
+            row = {"epoch": epoch, "train_loss": (epoch_sums[0] / epoch_sums[2]).item(),
+                   "train_acc": (100 * epoch_sums[1] / epoch_sums[2]).item(), "acc": None}
+            epoch_sums.zero_()
+            if epoch != 0:  # the reference evaluates after every epoch but the first
+                row["acc"], n = evaluate(model, test, cfg)
+                improved = row["acc"] > best["acc"]
+                if improved:
+                    best = {"acc": row["acc"], "epoch": epoch}
+                print0(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
+                       f"(epoch {best['epoch']}, test-set selection) | {n} samples", rank=rank)
+                if writer is not None:
+                    writer.add_scalar("test/acc", row["acc"], epoch)
+            history.append(row)
+            if epoch != 0 and improved:
+                save("ckpt-best", epoch, step, resumable=False)
+            save("ckpt-last", epoch, step, resumable=True)
+            epoch += 1
+            perm = epoch_perm(epoch)
+        elif step == total_steps:
+            save("ckpt-last", epoch, step, resumable=True)  # --max-steps stop, mid-epoch
+
+    accs = [h for h in history if h["acc"] is not None]
+    vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None
+    result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "head": cfg.head, "lr": lr0,
+              "history": history, "test_samples": test.size,
+              "last_acc": accs[-1]["acc"] if accs else None,
+              "best_acc": best["acc"] if accs else None, "best_epoch": best["epoch"] if accs else None,
+              "best_acc_note": "epoch selected on the TEST set (the reference's reported number)",
+              "vote_acc": vote_acc, "vote_seed": cfg.vote_seed, "votes": cfg.votes}
+    if accs:
+        print0(f"done | last-epoch acc {result['last_acc']:.2f} | best-epoch acc "
+               f"{result['best_acc']:.2f} (epoch {result['best_epoch']}, test-set selection) | "
+               f"vote@{cfg.votes} {'-' if vote_acc is None else f'{vote_acc:.2f}'} "
+               f"(seed {cfg.vote_seed})", rank=rank)
+    if rank == 0:
+        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    if writer is not None:
+        writer.close()
+    dist.cleanup()
+    return {**result, "step": step, "out_dir": str(out_dir), "model": model}
+
+
+def aggregate(paths: list[str]) -> dict:
+    """Mean +- std (sample std) and max of last_acc, best_acc and vote_acc over many runs'
+    results.json, grouped by (data_path, head). "max" over seeds is the reference's "best of
+    N seeds" (§9.1 item 16): it is printed, and labelled, as such."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        if "best_acc" not in r:
+            raise ValueError(f"{p}: not a training results.json (no 'best_acc')")
+        groups.setdefault((r["config"]["data_path"], r["head"]), []).append(r)
+    out = {}
+    for (data_path, head), runs in sorted(groups.items()):
+        stats = {}
+        for key in ("last_acc", "best_acc", "vote_acc"):
+            v = torch.tensor([r[key] for r in runs if r.get(key) is not None], dtype=torch.float64)
+            if len(v):
+                std = v.std().item() if len(v) > 1 else 0.0
+                stats[key] = {"mean": v.mean().item(), "std": std, "max": v.max().item(), "n": len(v)}
+        out[f"{data_path} [{head}]"] = stats
+        print(f"{data_path} [{head}] | {len(runs)} runs (seeds {sorted(r['seed'] for r in runs)})")
+        for key, label in (("last_acc", "last epoch"), ("best_acc", "best epoch (test-set selection)"),
+                           ("vote_acc", "vote@10")):
+            if key in stats:
+                s = stats[key]
+                print(f"  {label:34s} {s['mean']:6.2f} +- {s['std']:.2f} | max over seeds {s['max']:.2f}")
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["aggregate"]:
+        aggregate(sys.argv[2:])
+    else:
+        main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))

@@ -1,0 +1,244 @@
+"""finetune_cls.py end to end on CPU: learning, protocols, 10x group, DDP evaluation, votes,
+reference fine-tuned checkpoints, results and aggregation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune_cls
+from conftest import ROOT
+from data_prep.convert_checkpoint import FINETUNE_CLS_PREFIXES, Args, convert_any
+from data_prep.convert_checkpoint import main as convert
+from pqae import PointClassifier
+from pqae import checkpoint as ckpt
+from pqae.cli import parse
+from pqae.optim import param_groups
+
+
+def small_config(tmp_path: Path, **overrides) -> finetune_cls.Config:
+    """3 separable procedural classes, a model small enough for ~0.1 s per step on a CPU."""
+    base = dict(data="procedural", num_classes=3, procedural_train=96, procedural_test=45,
+                procedural_points=256, num_points=128, num_group=8, group_size=16, dim=32,
+                depth=1, heads=2, embed_hidden=16, batch_size=16, lr_full=1e-3, epochs=12,
+                warmup_epochs=0, votes=2, log_every=100, device="cpu",
+                out_dir=str(tmp_path / "run"))
+    base.update(overrides)
+    return dataclasses.replace(finetune_cls.PRESETS["tiny"], **base)
+
+
+def test_full_finetune_learns_and_writes_results(tmp_path):
+    result = finetune_cls.main(small_config(tmp_path))
+    accs = [h["acc"] for h in result["history"]]
+    assert accs[0] is None and len(accs) == 13  # epochs 0..12, no test after epoch 0
+    assert result["best_acc"] >= 55, accs  # chance is 33.3
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    assert result["last_acc"] == accs[-1] and result["best_acc"] == max(accs[1:])
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["best_acc"] == result["best_acc"] and saved["vote_acc"] == result["vote_acc"]
+    assert "TEST set" in saved["best_acc_note"] and saved["config"]["head"] == "full"
+    assert ckpt.load_meta(tmp_path / "run" / "ckpt-best")["epoch"] == result["best_epoch"]
+    # ckpt-best evaluates to the best accuracy (same test, eval mode).
+    again = finetune_cls.main(small_config(tmp_path, eval_only=True, votes=0,
+                                           ckpt=str(tmp_path / "run" / "ckpt-best"),
+                                           out_dir=str(tmp_path / "eval")))
+    assert again["acc"] == pytest.approx(result["best_acc"]) and again["test_samples"] == 45
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp3"])
+def test_frozen_protocols_train_only_cls_parameters_in_train_mode(tmp_path, head):
+    cfg = small_config(tmp_path, head=head, max_steps=2, votes=0)
+    torch.manual_seed(cfg.seed)  # main() seeds the same way before building the model
+    init = finetune_cls.build_model(cfg).state_dict()
+    model = finetune_cls.main(cfg)["model"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder.cls_token", "encoder.cls_pos"} | {
+        n for n, _ in model.named_parameters() if n.startswith("cls_head.")}
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        assert torch.equal(after[name], init[name]) != (name in trainable), name
+    # The encoder ran in train mode (§3.2): its BatchNorm running statistics moved.
+    assert not torch.equal(after["encoder.patch_embed.bn1.running_mean"],
+                           init["encoder.patch_embed.bn1.running_mean"])
+
+
+def test_full_protocol_and_ten_x_group():
+    model = PointClassifier(num_classes=5, head="full", num_group=8, group_size=8, dim=32,
+                            depth=1, heads=2, embed_hidden=8)
+    assert all(p.requires_grad for p in model.parameters())
+    groups = param_groups(model, 0.05, head_lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = {names[id(p)] for p in groups[0]["params"]}
+    assert groups[0]["lr_scale"] == 10.0 and groups[0]["weight_decay"] == 0.05
+    assert head == {n for n in names.values() if "cls" in n}
+    assert {"encoder.cls_token", "encoder.cls_pos", "cls_head.1.bias", "cls_head.8.weight"} <= head
+    assert all(g["lr_scale"] == 1.0 for g in groups[1:])
+    # The head keeps PyTorch's default init: BN at 1/0, Linear not trunc-normal(0.02).
+    assert torch.equal(model.cls_head[1].weight, torch.ones(256))
+    assert model.cls_head[0].weight.abs().max() > 0.06  # kaiming-uniform bound 1/sqrt(64)
+    linear = PointClassifier(num_classes=5, head="linear", dim=32, depth=1, heads=2)
+    assert [n for n, p in linear.named_parameters() if p.requires_grad] == [
+        "encoder.cls_token", "encoder.cls_pos", "cls_head.0.weight", "cls_head.0.bias"]
+    assert len(param_groups(linear, 0.05, head_lr_scale=10.0)) == 1  # only the 10x group
+
+
+def test_lr_default_follows_head_and_preset():
+    cfg = parse(finetune_cls.Config, finetune_cls.PRESETS, ["--preset", "modelnet-8k", "--head", "linear"])
+    assert finetune_cls.base_lr(cfg) == 5e-5 and cfg.num_group == 512 and cfg.num_points == 8192
+    assert finetune_cls.base_lr(parse(finetune_cls.Config, finetune_cls.PRESETS, [])) == 2e-5
+    cfg = parse(finetune_cls.Config, finetune_cls.PRESETS, ["--preset", "scan-hardest", "--lr", "3e-4"])
+    assert finetune_cls.base_lr(cfg) == 3e-4 and cfg.vote_augment == "rotate"
+    assert finetune_cls.base_lr(dataclasses.replace(cfg, lr=None, head="mlp3")) == 1e-4
+
+
+def save_random_classifier(tmp_path: Path, cfg) -> Path:
+    torch.manual_seed(1)
+    model = finetune_cls.build_model(cfg)
+    return ckpt.save_checkpoint(tmp_path / "ckpt", model, {"step": 0})
+
+
+def test_vote_is_deterministic_with_a_fixed_seed(tmp_path):
+    cfg = small_config(tmp_path, eval_only=True, votes=10, vote_augment="scale_translate")
+    cfg = dataclasses.replace(cfg, ckpt=str(save_random_classifier(tmp_path, cfg)))
+    a, b = finetune_cls.main(cfg), finetune_cls.main(cfg)
+    assert a["vote_acc"] == b["vote_acc"] and a["acc"] == b["acc"]
+    torch.manual_seed(5)  # the global RNG does not enter the vote
+    c = finetune_cls.main(cfg)
+    assert c["vote_acc"] == a["vote_acc"]
+
+
+def test_two_process_evaluation_counts_each_sample_once(tmp_path):
+    cfg = small_config(tmp_path, eval_only=True, votes=3, vote_augment="rotate")
+    cfg = dataclasses.replace(cfg, ckpt=str(save_random_classifier(tmp_path, cfg)))
+    single = finetune_cls.main(cfg)
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(
+        "import sys, dataclasses\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import finetune_cls\n"
+        "from pathlib import Path\n"
+        "from test_finetune_cls import small_config\n"
+        f"cfg = small_config(Path({str(tmp_path)!r}), eval_only=True, votes=3, vote_augment='rotate',\n"
+        f"                   ckpt={cfg.ckpt!r}, out_dir={str(tmp_path / 'ddp')!r})\n"
+        "finetune_cls.main(cfg)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert ddp["test_samples"] == 45  # odd: shards of 23 + 22, nothing padded or dropped
+    assert ddp["acc"] == pytest.approx(single["acc"])
+    assert ddp["vote_acc"] == pytest.approx(single["vote_acc"])  # votes do not depend on shards
+
+
+def reference_layout(model: PointClassifier) -> dict[str, torch.Tensor]:
+    """Our classifier's weights under the reference PointTransformer names (the inverse of the
+    converter's table, written out), as saved under DataParallel."""
+    ours_to_ref = [(o, r) for r, o in FINETUNE_CLS_PREFIXES if not r.endswith(("weight", "bias"))]
+    out = {}
+    for key, value in model.state_dict().items():
+        ref, ours = next((r, o) for o, r in ours_to_ref if key.startswith(o))
+        if key.startswith("encoder.patch_embed.fc") and key.endswith("weight"):
+            value = value[..., None]  # the reference's 1x1 Conv1d (out, in, 1)
+        out["module." + ref + key[len(ours):]] = value.clone()
+    return out
+
+
+@pytest.mark.parametrize("head", ["full", "linear"])
+def test_reference_finetuned_checkpoint_converts_and_evaluates(tmp_path, head):
+    cfg = small_config(tmp_path, head=head, eval_only=True, votes=0)
+    torch.manual_seed(2)
+    model = finetune_cls.build_model(cfg)
+    ref = reference_layout(model)
+    assert "module.cls_head_finetune.0.weight" in ref and "module.blocks.blocks.0.attn.qkv.weight" in ref
+    assert ref["module.encoder.first_conv.0.weight"].shape == (16, 3, 1)
+    if head == "linear":  # a bare Linear head in the reference
+        ref = {k.replace("cls_head_finetune.0.", "cls_head_finetune."): v for k, v in ref.items()}
+    state, dropped, layout = convert_any(ref)
+    assert layout == "finetune-cls" and dropped == []
+    ckpt.load_strict(model, state)  # strict: every key accounted for
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    # Through the command-line converter (.pth with `base_model`) and the eval-only entry.
+    pth = tmp_path / "ref.pth"
+    torch.save({"base_model": ref, "epoch": 7}, pth)
+    convert(Args(src=str(pth), dst=str(tmp_path / "ref.safetensors")))
+    ours = ckpt.save_checkpoint(tmp_path / "ours", model, {"step": 0})
+    for src in (tmp_path / "ref.safetensors", pth):  # what --eval-only --ckpt loads
+        fresh = finetune_cls.build_model(cfg)
+        finetune_cls.load_finetuned(fresh, str(src))
+        for k, v in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[k], v), (src, k)
+    acc = {src: finetune_cls.main(dataclasses.replace(cfg, ckpt=str(src)))["acc"]
+           for src in (ours, pth)}
+    assert len(set(acc.values())) == 1, acc
+    with pytest.raises(KeyError, match="module.mystery.weight"):
+        convert_any({**ref, "module.mystery.weight": torch.zeros(1)}, "finetune-cls")
+    with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
+        convert_any({"module.mystery.weight": torch.zeros(1)})
+
+
+def test_pretrained_encoder_is_loaded_strictly(tmp_path):
+    from conftest import small_pretrain_config
+    import pretrain
+    pre = small_pretrain_config(tmp_path / "pre", dim=48, depth=1, heads=2, num_group=8,
+                                embed_hidden=16, max_steps=1)
+    encoder = pretrain.main(pre)["model"].encoder
+    cfg = small_config(tmp_path, ckpt=str(tmp_path / "pre" / "run" / "ckpt-last"), max_steps=1,
+                       votes=0, head="linear", dim=48)
+    torch.manual_seed(cfg.seed)
+    model = finetune_cls.build_model(cfg)
+    dropped = model.load_pretrained(cfg.ckpt)
+    assert dropped and all(k.startswith(("decoder.", "query_attn.", "head.")) for k in dropped)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    wrong = small_config(tmp_path, ckpt=cfg.ckpt, dim=36)
+    with pytest.raises(KeyError, match="shape mismatches"):
+        finetune_cls.main(wrong)
+
+
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="--eval-only needs --ckpt"):
+        finetune_cls.main(small_config(tmp_path, eval_only=True))
+    with pytest.raises(FileNotFoundError, match="no.h5"):
+        finetune_cls.main(small_config(tmp_path, data="scanobjectnn", data_path=str(tmp_path / "no.h5")))
+    with pytest.raises(FileNotFoundError, match="ckpt-last"):
+        finetune_cls.main(small_config(tmp_path, resume=True))
+    with pytest.raises(ValueError, match="head must be one of"):
+        PointClassifier(head="deep")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        finetune_cls.main(small_config(tmp_path, procedural_train=8))
+
+
+def test_aggregate_reports_mean_std_max(tmp_path, capsys):
+    paths = []
+    for seed, (last, best) in enumerate([(90.0, 91.0), (92.0, 93.0), (88.0, 95.0)]):
+        p = tmp_path / f"r{seed}.json"
+        p.write_text(json.dumps({"config": {"data_path": "d.h5"}, "head": "full", "seed": seed,
+                                 "last_acc": last, "best_acc": best, "vote_acc": None}))
+        paths.append(str(p))
+    out = finetune_cls.aggregate(paths)["d.h5 [full]"]
+    assert out["last_acc"]["mean"] == pytest.approx(90.0) and out["last_acc"]["std"] == pytest.approx(2.0)
+    assert out["best_acc"]["max"] == 95.0 and "vote_acc" not in out
+    assert "test-set selection" in capsys.readouterr().out
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    # 96 shapes / 16 = 6 steps per epoch, 4 epochs (0..3); interrupted mid-epoch 1 at step 9.
+    full = finetune_cls.main(small_config(tmp_path / "a", epochs=3, votes=0))
+    finetune_cls.main(small_config(tmp_path / "b", epochs=3, votes=0, max_steps=9))
+    resumed = finetune_cls.main(small_config(tmp_path / "b", epochs=3, votes=0, resume=True))
+    assert resumed["step"] == full["step"] == 24
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["acc"] for h in resumed["history"]] == [h["acc"] for h in full["history"]]

@@ -1,0 +1,340 @@
+"""Part segmentation on ShapeNetPart (§5): a pretrained encoder + per-point head.
+
+    python -m data_prep.shapenetpart --root data/shapenetcore_partanno_segmentation_benchmark_v0_normal \
+        --out data/shapenetpart.h5                                        # once
+    python partseg.py --pretrained runs/pretrain/ckpt-epoch-300           # reference, one GPU
+    torchrun --nproc_per_node=4 partseg.py --pretrained runs/pretrain/ckpt-epoch-300
+    python partseg.py --preset tiny --data-path /tmp/cap.h5 --train-split test   # CPU smoke run
+
+Both splits are held whole on the device (points concatenated, with offsets) and each step
+draws its batch there: 2048 points per shape WITH replacement, then scale and translate
+(§5.2). All randomness of a step is a pure function of (seed, step, rank), and the test
+sampling of an epoch (the reference resamples the test set every epoch) of (seed, epoch), so
+a resumed run is exact and evaluation does not depend on the number of processes. After every
+epoch the test split is evaluated (each shape exactly once across processes): accuracy,
+class mIoU and instance mIoU, restricted to each shape's category (§5.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pqae import checkpoint as ckpt
+from pqae import cli, dist
+from pqae import shapenetpart as spart
+from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.optim import param_groups, set_epoch_lr
+from pqae.segmentation import PointSegmenter, load_pretrained
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data_path: str = "data/shapenetpart.h5"
+    """the HDF5 from `python -m data_prep.shapenetpart`."""
+    train_split: Literal["train", "test"] = "train"
+    """train = the reference's trainval. (test only for smoke runs on slices without train.)"""
+    num_points: int = 2048
+    """points per shape, drawn with replacement for training and evaluation (§5.2)."""
+    # model (§5.3); the defaults are the reference's
+    pretrained: str = ""
+    """pretraining checkpoint (directory or .safetensors) whose encoder is loaded strictly;
+    empty: train from scratch."""
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    drop_path_rate: float = 0.1
+    num_group: int = 128
+    group_size: int = 32
+    embed_hidden: int = 128
+    feature_blocks: tuple[int, ...] = (4, 8, 12)
+    """1-based encoder blocks whose (normed) outputs form the per-center feature."""
+    fp_dims: tuple[int, ...] = (1536, 1024)
+    head_dims: tuple[int, int] = (512, 256)
+    # optimisation (§5.4)
+    batch_size: int = 16
+    """GLOBAL batch, split evenly over the processes (drop_last, as the reference)."""
+    eval_batch_size: int = 32
+    """GLOBAL evaluation batch (does not change results: the model is in eval mode)."""
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    epochs: int = 300
+    """the loop runs exactly this many epochs (0..epochs-1), unlike pretraining (§9.1.11)."""
+    warmup_epochs: int = 10
+    grad_clip: float = 10.0
+    double_step: bool = True
+    """the reference (from Point-MAE) steps AdamW with the unclipped gradients, clips, and steps
+    again: two updates per batch (§5.4, §9.1.15). False: clip, then one step."""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: the whole schedule). For debugging."""
+    seed: int = 0
+    # speed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_bn: bool = True
+    """SyncBatchNorm under multi-GPU DDP (BatchNorm over the global batch, like the reference's
+    single GPU). Per-process BatchNorm on CPU/gloo."""
+    # output
+    out_dir: str = "runs/partseg"
+    resume: bool = False
+    """continue from out_dir/ckpt-last (same lr, data order and random draws)."""
+    log_every: int = 50
+
+
+PRESETS = {
+    "reference": Config(),
+    "tiny": Config(
+        num_points=512, dim=48, depth=3, heads=2, num_group=32, group_size=16, embed_hidden=16,
+        feature_blocks=(1, 2, 3), fp_dims=(64, 32), head_dims=(32, 16), batch_size=4,
+        eval_batch_size=8, lr=1e-3, epochs=3, warmup_epochs=0, log_every=1,
+        out_dir="runs/partseg-tiny"),
+}
+
+# The lrs at which the reference builds its extra 10x group (§5.4).
+TEN_X_LRS = (1e-4, 5e-5)
+
+
+def build_model(cfg: Config) -> PointSegmenter:
+    return PointSegmenter(spart.NUM_CLASSES, len(spart.CATEGORIES), dim=cfg.dim, depth=cfg.depth,
+                          heads=cfg.heads, drop_path_rate=cfg.drop_path_rate,
+                          num_group=cfg.num_group, group_size=cfg.group_size,
+                          embed_hidden=cfg.embed_hidden, feature_blocks=cfg.feature_blocks,
+                          fp_dims=cfg.fp_dims, head_dims=cfg.head_dims, init="default")
+
+
+def build_param_groups(model: PointSegmenter, lr: float, weight_decay: float) -> list[dict]:
+    """The reference's groups (§5.4): no-decay (1-D / `.bias` / `token`) and decay; at lr 1e-4
+    or 5e-5 also a 10x group, with decay, of the parameters named `conv` but not `encoder`
+    (label_conv incl. its BatchNorm, propagation.mlp_convs, convs1-3; not mlp_bns, bns1-2).
+
+    The reference's builder returns nothing for any other lr than {2e-4, 3e-4, 5e-4, 1e-3,
+    1e-4, 5e-5} and the script crashes: a bug, not a recipe, so every other lr gets the two
+    ordinary groups here."""
+    if lr not in TEN_X_LRS:
+        return param_groups(model, weight_decay)
+    # Our encoder's modules carry no `conv` in their names, so `conv` alone selects the group.
+    groups = param_groups(model, weight_decay, head_lr_scale=10.0, head_key="conv")
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any(names[id(p)].startswith("encoder.") for p in groups[0]["params"])
+    return groups
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct seed per (seed, step, rank) for the global torch RNG."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics before evaluating: DDP broadcasts
+    buffers only at the start of a forward, and each rank then updates them on its own batch."""
+    if torch_dist.is_initialized():
+        for b in model.buffers():
+            torch_dist.broadcast(b, 0)
+
+
+@torch.no_grad()
+def evaluate(model: PointSegmenter, test: spart.PartSplit, cfg: Config, epoch: int,
+             rank: int = 0, world: int = 1) -> dict:
+    """Test metrics of §5.5 at `epoch`. Every process evaluates its contiguous shard of the
+    shapes; per-shape IoUs are summed into one (S,) tensor, so each shape counts exactly once.
+    Returns the metrics plus "shape_ious" (S,) and "times_seen" (S,)."""
+    was_training = model.training
+    model.eval()
+    device = test.points.device
+    S = len(test)
+    # The test points of an epoch: a function of (seed, epoch), the same whatever the world size.
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + 104_729 + epoch)
+    u = torch.rand(S, cfg.num_points, generator=g)  # (S, n)
+    ious = torch.zeros(S, dtype=torch.float64, device=device)
+    seen = torch.zeros(S, dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total points
+    chunk = max(1, cfg.eval_batch_size // world)
+    mine = dist.shard(S, rank, world)
+    for start in range(mine.start, mine.stop, chunk):
+        idx = torch.arange(start, min(start + chunk, mine.stop))
+        points, labels = test.sample(idx, u[idx])  # (b, n, 3), (b, n)
+        logp = model(points, test.category[idx.to(device)])  # (b, n, 50)
+        pred = spart.restricted_argmax(logp, labels)
+        ious[idx] = spart.shape_ious(pred, labels)
+        seen[idx] += 1
+        counts += torch.stack([(pred == labels).sum().double(),
+                                torch.tensor(float(labels.numel()), device=device)])
+    for t in (ious, seen, counts):
+        dist.all_reduce_sum(t)
+    if not bool((seen == 1).all()):
+        raise RuntimeError(f"evaluation saw shapes {seen.tolist()} times instead of once each")
+    model.train(was_training)
+    metrics = spart.summarize(ious, test.category, int(counts[0]), int(counts[1]))
+    return {**metrics, "shape_ious": ious.cpu(), "times_seen": seen.cpu()}
+
+
+def main(cfg: Config) -> dict:
+    env = dist.setup(cfg.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    local_bs = cfg.batch_size // world
+    if local_bs < 2:
+        raise ValueError(f"{local_bs} shape(s) per process: BatchNorm needs at least 2")
+    out_dir = Path(cfg.out_dir)
+    header = run_header(device, world)
+    print0(header, rank=rank)
+
+    torch.manual_seed(cfg.seed)  # model init: identical on every rank
+    train = spart.load_split(cfg.data_path, cfg.train_split).to(device)
+    test = spart.load_split(cfg.data_path, "test").to(device)
+    steps_per_epoch = len(train) // cfg.batch_size  # drop_last, as the reference
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} shapes are fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    print0(f"data {cfg.data_path}: {cfg.train_split} {len(train)} shapes, test {len(test)} | "
+           f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch "
+           f"{cfg.batch_size} ({local_bs} per process)", rank=rank)
+
+    model = build_model(cfg).to(device)
+    if cfg.pretrained:
+        dropped = load_pretrained(model, cfg.pretrained)
+        print0(f"loaded encoder from {cfg.pretrained}; dropped {len(dropped)} pretraining-only "
+               f"keys: {dropped}", rank=rank)
+    print0(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters",
+           rank=rank)
+    if env.enabled and cfg.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr)
+
+    step, history, best = 0, [], {}
+    if cfg.resume:
+        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
+        state = ckpt.load_resume(last)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, best = state["step"], state["history"], state["best"]
+        print0(f"resumed from {last} at step {step}", rank=rank)
+
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if env.enabled else model
+
+    writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def epoch_perm(epoch: int) -> torch.Tensor:
+        """The data order of an epoch: a function of (seed, epoch) only."""
+        return torch.randperm(len(train),
+                              generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+
+    def save(name: str, epoch: int, metrics: dict, resumable: bool) -> None:
+        if rank != 0:
+            return
+        meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
+                "metrics": metrics, "header": header}
+        resume = {"optimizer": optimizer.state_dict(), "step": step, "history": history,
+                  "best": best} if resumable else None
+        ckpt.save_checkpoint(out_dir / name, model, meta, resume)
+
+    timer = Timer(device)
+    sums = torch.zeros(3, device=device)  # loss, correct points, points since the last log line
+    t_start, start_step = time.perf_counter(), step
+    epoch = step // steps_per_epoch
+    perm = epoch_perm(epoch)
+    last_metrics = history[-1] if history else {}
+    train_model.train()
+    while step < total_steps:
+        lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # sampling, augmentation, DropPath
+        i = step % steps_per_epoch
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
+        u = torch.rand(local_bs, cfg.num_points, device=device)
+        points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
+        points = spart.augment(points)
+        logp = train_model(points, train.category[idx.to(device)])  # (b, n, 50)
+        # NLL over all points and all 50 parts (no category restriction in the loss, §5.4).
+        loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
+        loss.backward()
+        if cfg.double_step:
+            optimizer.step()  # the reference's first update, with the UNclipped gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        correct = (logp.detach().argmax(-1) == labels).sum()
+        sums += torch.stack([loss.detach(), correct.float(),
+                             torch.tensor(float(labels.numel()), device=device)])
+        step += 1
+        timer.steps += 1
+        epoch_end = step % steps_per_epoch == 0
+        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+            loss_avg, acc = (sums[0] / timer.steps).item(), (sums[1] / sums[2]).item()
+            if not math.isfinite(loss_avg):
+                raise FloatingPointError(
+                    f"loss is {loss_avg} at step {step} (epoch {epoch}); stopping. The last good "
+                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ms = timer.ms_per_step()
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
+            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f}"
+                   f" | train acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | ETA "
+                   f"{format_eta(eta)}", rank=rank)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_avg, step)
+                writer.add_scalar("train/acc", acc, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("perf/ms_per_step", ms, step)
+            sums.zero_()
+            timer.reset()
+        if epoch_end:
+            broadcast_buffers(model)
+            result = evaluate(model, test, cfg, epoch, rank, world)
+            last_metrics = {k: result[k] for k in ("acc", "class_miou", "instance_miou")}
+            last_metrics["epoch"] = epoch
+            history.append(last_metrics)
+            improved = result["instance_miou"] >= best.get("instance_miou", -1.0)
+            for k in ("acc", "class_miou", "instance_miou"):  # each best tracked separately
+                if result[k] >= best.get(k, -1.0):
+                    best[k], best[f"{k}_epoch"] = result[k], epoch
+            print0(f"epoch {epoch} test | acc {result['acc']:.4f} | class mIoU "
+                   f"{result['class_miou']:.4f} | instance mIoU {result['instance_miou']:.4f} | "
+                   f"best on test: instance mIoU {best['instance_miou']:.4f} (epoch "
+                   f"{best['instance_miou_epoch']}), class mIoU {best['class_miou']:.4f}",
+                   rank=rank)
+            if writer is not None:
+                for k in ("acc", "class_miou", "instance_miou"):
+                    writer.add_scalar(f"test/{k}", result[k], step)
+            if improved:  # as the reference's best_model.pth: instance mIoU >= best
+                save("ckpt-best-on-test", epoch, last_metrics, resumable=False)
+        if epoch_end or step == total_steps:
+            save("ckpt-last", epoch, last_metrics, resumable=True)
+        if epoch_end:
+            epoch += 1
+            perm = epoch_perm(epoch)
+            timer.reset()  # the next progress line times training steps, not the evaluation
+
+    if history:
+        print0(f"last epoch {history[-1]['epoch']}: instance mIoU "
+               f"{history[-1]['instance_miou']:.4f}, class mIoU {history[-1]['class_miou']:.4f}, "
+               f"acc {history[-1]['acc']:.4f} | best epoch (selected on the TEST set): instance "
+               f"mIoU {best['instance_miou']:.4f} (epoch {best['instance_miou_epoch']}), class "
+               f"mIoU {best['class_miou']:.4f} (epoch {best['class_miou_epoch']})", rank=rank)
+    if writer is not None:
+        writer.close()
+    dist.cleanup()
+    return {"step": step, "history": history, "last": history[-1] if history else {},
+            "best_on_test": best, "out_dir": str(out_dir), "model": model,
+            "optimizer": optimizer}
+
+
+if __name__ == "__main__":
+    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))

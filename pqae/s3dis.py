@@ -1,0 +1,276 @@
+"""S3DIS semantic segmentation data and metrics (§6): rooms, 1 m blocks, whole-room windows.
+
+Design, as for the other data sets: all rooms of a split are held WHOLE on the device, as one
+concatenated (P, 3) float32 xyz tensor and one (P,) label tensor with room offsets, and every
+block is cut out there (a mask over its room's points). No DataLoader, no worker processes.
+
+* `load_rooms`          rooms from the HDF5 of `python -m data_prep.s3dis` (or a directory of
+                         reference-style `Area_k_<room>.npy` files), filtered by area;
+                         `make_rooms` builds the same `Rooms` from in-memory arrays.
+* `synthetic_rooms`     small generated rooms with the 13 classes; needs no files (tiny runs,
+                         tests).
+* `class_weights`       w_c = (max f / f_c)^(1/3) from the label histogram (§6.2).
+* `epoch_rooms`         which room each training sample of an epoch comes from (§6.2).
+* `sample_block`        one random 1 m x 1 m block of `num_points` points (§6.2).
+* `window_chunks`       the whole-room sliding-window cover used for voting (§6.6).
+* `confusion` / `scores`  confusion counts and mIoU, mAcc, OA, per-class IoU (§6.5, §6.6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
+           "sofa", "bookcase", "board", "clutter")
+NUM_CLASSES = len(CLASSES)
+CLUTTER = CLASSES.index("clutter")
+S3DIS_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rooms:
+    """Rooms of one split, concatenated: room r is rows offsets[r]:offsets[r + 1]."""
+    names: tuple[str, ...]
+    xyz: torch.Tensor  # (P, 3) float32, shifted so that each room's minimum is at the origin
+    labels: torch.Tensor  # (P,) int64 in 0..12
+    offsets: tuple[int, ...]  # (R + 1,)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def room(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.offsets[r], self.offsets[r + 1]
+        return self.xyz[a:b], self.labels[a:b]
+
+    def sizes(self) -> list[int]:
+        return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def to(self, device: torch.device) -> "Rooms":
+        return Rooms(self.names, self.xyz.to(device), self.labels.to(device), self.offsets)
+
+
+def area_of(name: str) -> int:
+    """`Area_5_office_1` -> 5."""
+    return int(name.split("_")[1])
+
+
+def make_rooms(arrays: dict[str, np.ndarray], source: str) -> Rooms:
+    """(N, >=7) arrays x y z r g b label per room -> Rooms (rgb dropped: the model sees only
+    xyz, §6.2). Validates shape, finiteness and label range, naming the room."""
+    names = tuple(sorted(arrays))
+    xyz, labels, offsets = [], [], [0]
+    for name in names:
+        a = arrays[name]
+        if a.ndim != 2 or a.shape[1] < 7 or a.shape[0] == 0:
+            raise ValueError(f"{source}: room {name} has shape {a.shape}, expected (N > 0, 7)")
+        if not np.isfinite(a[:, :3]).all():
+            raise ValueError(f"{source}: room {name} contains NaN or inf coordinates")
+        lab = a[:, 6]
+        if lab.min() < 0 or lab.max() >= NUM_CLASSES or (lab != np.round(lab)).any():
+            raise ValueError(f"{source}: room {name} has labels outside 0..{NUM_CLASSES - 1}")
+        xyz.append(torch.from_numpy(np.ascontiguousarray(a[:, :3], dtype=np.float32)))
+        labels.append(torch.from_numpy(lab.astype(np.int64)))
+        offsets.append(offsets[-1] + a.shape[0])
+    return Rooms(names, torch.cat(xyz), torch.cat(labels), tuple(offsets))
+
+
+def load_rooms(path: str | Path, areas: tuple[int, ...]) -> Rooms:
+    """The rooms of the given areas, sorted by name. `path` is the converter's HDF5 file (group
+    `rooms`, one (N, 7) float32 array per room) or a directory of `Area_k_<room>.npy` files
+    written by the reference's `collect_indoor3d_data.py` (same columns)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"S3DIS data {path} does not exist (build it with "
+                                f"`python -m data_prep.s3dis --root ... --out {path}`)")
+    arrays = {}
+    if path.is_dir():
+        for f in sorted(path.glob("Area_*.npy")):
+            if area_of(f.stem) in areas:
+                arrays[f.stem] = np.load(f)
+    else:
+        import h5py  # only this loader needs it
+        with h5py.File(path, "r") as f:
+            if "rooms" not in f:
+                raise ValueError(f"{path}: no `rooms` group; not written by data_prep.s3dis")
+            for name, ds in f["rooms"].items():
+                if area_of(name) in areas:
+                    arrays[name] = ds[()]
+    if not arrays:
+        raise ValueError(f"{path}: no rooms of area(s) {list(areas)}")
+    return make_rooms(arrays, str(path))
+
+
+def synthetic_rooms(areas: tuple[int, ...], points_per_room: int = 12000,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """One generated box-shaped room per entry of `areas`, as (N, 7) float32 arrays
+    x y z r g b label keyed by `Area_k_room_r`: floor, ceiling, three walls, a window and a
+    door, a table, a chair and some clutter. Rooms measure 2.0-2.8 m x 1.6-2.2 m x 2.4 m, so
+    that a 1 m block inside a room of 12,000 points holds about 1,500 of them."""
+    rng = np.random.default_rng(seed)
+    rooms = {}
+    for r, area in enumerate(areas):
+        sx, sy, sz = rng.uniform(2.0, 2.8), rng.uniform(1.6, 2.2), 2.4
+        parts = []  # (points (n, 3), label)
+
+        def box(lo, hi, label, n):
+            parts.append((rng.uniform(lo, hi, size=(n, 3)), label))
+
+        n = points_per_room // 10
+        box((0, 0, 0), (sx, sy, 0), CLASSES.index("floor"), 3 * n)
+        box((0, 0, sz), (sx, sy, sz), CLASSES.index("ceiling"), 3 * n)
+        box((0, 0, 0), (0, sy, sz), CLASSES.index("wall"), n // 2)
+        box((sx, 0, 0), (sx, sy, sz), CLASSES.index("wall"), n // 2)
+        box((0, 0, 0), (sx, 0, sz), CLASSES.index("wall"), n // 2)
+        box((0, sy, 0), (sx, sy, sz), CLASSES.index("window"), n // 4)
+        box((0.1, sy, 0), (0.9, sy, 2.0), CLASSES.index("door"), n // 4)
+        box((sx / 2 - 0.4, sy / 2 - 0.3, 0.7), (sx / 2 + 0.4, sy / 2 + 0.3, 0.75),
+            CLASSES.index("table"), n // 2)
+        box((0.3, 0.3, 0.0), (0.7, 0.7, 0.9), CLASSES.index("chair"), n // 4)
+        box((sx - 0.5, 0.2, 0.0), (sx - 0.2, 0.5, 0.4), CLASSES.index("clutter"), n // 4)
+        xyz = np.concatenate([p for p, _ in parts])
+        xyz = xyz + rng.normal(0, 0.005, xyz.shape)  # scanner noise
+        xyz -= xyz.min(axis=0)
+        label = np.concatenate([np.full(len(p), c) for p, c in parts])
+        rgb = rng.integers(0, 256, size=(len(xyz), 3))
+        name = f"Area_{area}_room_{r}"
+        rooms[name] = np.concatenate([xyz, rgb, label[:, None]], axis=1).astype(np.float32)
+    return rooms
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(max_c f_c / f_c)^(1/3) with f the normalised label histogram (§6.2); a class absent
+    from `labels` gets weight inf (never used: no target carries it)."""
+    f = torch.bincount(labels.flatten(), minlength=NUM_CLASSES).double()
+    f = f / f.sum()
+    return (f.max() / f).pow(1 / 3).float()
+
+
+def epoch_rooms(sizes: list[int], num_points: int, sample_rate: float = 1.0) -> torch.Tensor:
+    """Room index of every sample slot of an epoch (§6.2), in room order: total points x
+    sample_rate / num_points slots shared out in proportion to the rooms' point counts, each
+    room getting round(share x slots). The caller shuffles them."""
+    total = sum(sizes)
+    slots = int(total * sample_rate / num_points)
+    counts = [int(round(n / total * slots)) for n in sizes]
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(counts))
+
+
+def sample_block(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,
+                 min_points: int = 1024, candidates: int = 16, max_tries: int = 64
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training block of a room (§6.2), drawn on xyz's device with the global RNG.
+
+    A random point of the room is the centre; the block is every point with x and y within
+    block_size / 2 of it (z unrestricted); a centre whose block has <= min_points points is
+    redrawn (the reference retries one centre at a time; we test `candidates` at once and take
+    the first that qualifies: the same distribution). Then num_points of the block's points:
+    without replacement when it has enough, else with replacement.
+
+    Returns point indices into xyz (num_points,) and the block's points (num_points, 3) with x
+    and y relative to the centre and z raw (the room-min-shifted height).
+    """
+    half = block_size / 2
+    for _ in range(max_tries):
+        centres = xyz[torch.randint(len(xyz), (candidates,), device=xyz.device)]  # (K, 3)
+        d = xyz[:, None, :2] - centres[None, :, :2]  # (n, K, 2)
+        inside = ((d >= -half) & (d <= half)).all(dim=-1)  # (n, K)
+        counts = inside.sum(dim=0)
+        good = (counts > min_points).nonzero()
+        if len(good):
+            k = int(good[0])
+            members = inside[:, k].nonzero()[:, 0]  # (count,)
+            break
+    else:
+        raise ValueError(f"no block of {block_size} m holds more than {min_points} points in a "
+                         f"room of {len(xyz)} points after {candidates * max_tries} centres")
+    if len(members) >= num_points:
+        idx = members[torch.randperm(len(members), device=xyz.device)[:num_points]]
+    else:
+        idx = members[torch.randint(len(members), (num_points,), device=xyz.device)]
+    points = xyz[idx].clone()
+    points[:, :2] -= centres[k, :2]
+    return idx, points
+
+
+def sample_blocks(rooms: Rooms, room_ids: list[int], num_points: int, block_size: float = 1.0,
+                  min_points: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of blocks, one from each listed room: points (b, num_points, 3), labels (b, n)."""
+    points, labels = [], []
+    for r in room_ids:
+        xyz, lab = rooms.room(r)
+        idx, pts = sample_block(xyz, num_points, block_size, min_points)
+        points.append(pts)
+        labels.append(lab[idx])
+    return torch.stack(points), torch.stack(labels)
+
+
+def window_chunks(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,
+                  stride: float = 0.5, padding: float = 0.001
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-room sliding-window cover of one voting pass (§6.6), with the global RNG.
+
+    Windows of block_size x block_size over x, y with `stride`, ceil((extent - block) / stride)
+    + 1 per axis (at least 1: the reference gets 0 windows on an axis shorter than a block);
+    a window past the far edge is shifted back to end at the room's maximum. Each non-empty
+    window (bounds widened by `padding`) is padded with random duplicates of its own points to
+    a multiple of num_points (without replacement when the padding is no larger than the
+    window), shuffled and cut into chunks of num_points.
+
+    Returns point indices (C, num_points) into xyz and the chunks' points (C, num_points, 3),
+    x and y relative to the window centre, z raw. Every point lies in at least one window.
+    """
+    lo, hi = xyz[:, :2].amin(dim=0).tolist(), xyz[:, :2].amax(dim=0).tolist()
+    grid = [max(1, math.ceil((h - l - block_size) / stride) + 1) for l, h in zip(lo, hi)]
+    chunks, centres = [], []
+    for iy in range(grid[1]):
+        for ix in range(grid[0]):
+            start = []
+            for axis, i in ((0, ix), (1, iy)):
+                end = min(lo[axis] + i * stride + block_size, hi[axis])
+                start.append(end - block_size)
+            sx, sy = start
+            inside = ((xyz[:, 0] >= sx - padding) & (xyz[:, 0] <= sx + block_size + padding)
+                      & (xyz[:, 1] >= sy - padding) & (xyz[:, 1] <= sy + block_size + padding))
+            idx = inside.nonzero()[:, 0]
+            n = len(idx)
+            if n == 0:
+                continue
+            extra = math.ceil(n / num_points) * num_points - n
+            if extra <= n:
+                pad = idx[torch.randperm(n, device=xyz.device)[:extra]]
+            else:
+                pad = idx[torch.randint(n, (extra,), device=xyz.device)]
+            idx = torch.cat([idx, pad])
+            idx = idx[torch.randperm(len(idx), device=xyz.device)]
+            chunks.append(idx.reshape(-1, num_points))
+            centre = torch.tensor([sx + block_size / 2, sy + block_size / 2, 0.0],
+                                  device=xyz.device)
+            centres.append(centre.expand(len(chunks[-1]), 3))
+    idx = torch.cat(chunks)  # (C, num_points)
+    return idx, xyz[idx] - torch.cat(centres)[:, None]
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor,
+              num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = true class, columns = predicted."""
+    flat = target.flatten().long() * num_classes + pred.flatten().long()
+    return torch.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def scores(conf: torch.Tensor) -> dict:
+    """The reference's metrics from summed confusion counts (§6.5, §6.6), over ALL classes:
+    IoU_c = TP / (TP + FP + FN + 1e-6), acc_c = TP / (points of c + 1e-6), so a class absent
+    from both ground truth and prediction counts as 0. OA = TP sum / points evaluated."""
+    conf = conf.double().cpu()
+    tp = conf.diag()
+    gt, pred = conf.sum(dim=1), conf.sum(dim=0)
+    iou = tp / (gt + pred - tp + 1e-6)
+    acc = tp / (gt + 1e-6)
+    return {"miou": iou.mean().item(), "macc": acc.mean().item(),
+            "oa": (tp.sum() / conf.sum().clamp(min=1)).item(),
+            "iou": {c: v for c, v in zip(CLASSES, iou.tolist())}}

@@ -1,0 +1,413 @@
+"""Semantic segmentation on S3DIS (§6): fine-tune the pretrained encoder on 1 m blocks, test on
+one area (Area 5) with per-epoch random blocks and, optionally, whole-room sliding-window voting.
+
+    python semseg.py --preset tiny                                   # synthetic rooms, CPU, minutes
+    python semseg.py --pretrained runs/pretrain/ckpt-epoch-300       # the reference recipe, 1 GPU
+    torchrun --nproc_per_node=4 semseg.py --pretrained ... --test-rooms   # + whole-room test
+    python semseg.py --test-checkpoint runs/semseg/ckpt-best         # whole-room test only
+
+Data: `python -m data_prep.s3dis` writes one HDF5 file; all rooms are held on the device and
+each batch's blocks are cut out there (`pqae.s3dis`), so there is no DataLoader. The blocks of a
+training step are a function of (seed, step, rank), so a resumed run sees the data of an
+uninterrupted one; the per-epoch test blocks are a function of (seed, epoch), different every
+epoch as in the reference but the same on any number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pqae import checkpoint as ckpt
+from pqae import cli, dist
+from pqae import s3dis
+from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.optim import param_groups, set_epoch_lr
+from pqae.segmentation import PointSegmenter, load_pretrained
+
+
+@dataclass(frozen=True)
+class Config:
+    # data (§6.1, §6.2)
+    data: Literal["s3dis", "synthetic"] = "s3dis"
+    """s3dis: the HDF5 from `python -m data_prep.s3dis` (or a directory of the reference's
+    Area_k_<room>.npy files); synthetic: generated rooms, no files."""
+    data_path: str = "data/s3dis.h5"
+    test_area: int = 5
+    """the held-out area; every other area trains."""
+    synthetic_rooms: int = 12
+    """number of generated rooms (two per area) when data = synthetic."""
+    num_points: int = 2048
+    """points per block."""
+    block_size: float = 1.0
+    """block edge in x and y (metres); z is unrestricted."""
+    min_block_points: int = 1024
+    """a training block needs MORE than this many points, else its centre is redrawn."""
+    sample_rate: float = 1.0
+    """training blocks per epoch = training points x sample_rate / num_points."""
+    eval_blocks: int = 0
+    """random test blocks per epoch evaluation (0: the reference's test points / num_points)."""
+    # model (§6.3); the defaults are the reference's
+    pretrained: str = ""
+    """pretraining checkpoint whose encoder initialises the backbone ("" trains from scratch)."""
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    drop_path_rate: float = 0.1
+    num_group: int = 128
+    group_size: int = 32
+    embed_hidden: int = 128
+    feature_blocks: tuple[int, ...] = (4, 8, 12)
+    """1-based blocks whose (normed) outputs form the per-centre feature."""
+    fp_dims: tuple[int, ...] = (1536, 1024)
+    head_dims: tuple[int, int] = (512, 256)
+    dropout: float = 0.5
+    # optimisation (§6.4)
+    batch_size: int = 32
+    """GLOBAL batch, split evenly over the processes."""
+    eval_batch_size: int = 32
+    """blocks per forward pass in evaluation and in the whole-room test."""
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    epochs: int = 60
+    """cosine length; the loop runs exactly this many epochs (§9.1.11)."""
+    warmup_epochs: int = 10
+    clip_grad: float = 10.0
+    """global gradient-norm clip."""
+    double_step: bool = True
+    """the reference's loop (§5.4, §9.1.15): backward, AdamW step with the UNclipped
+    gradients, clip to clip_grad, AdamW step AGAIN with the clipped ones (two updates per
+    batch). False: clip, then one step."""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: the whole schedule). For debugging."""
+    seed: int = 0
+    """the reference sets no seed; we always do."""
+    # whole-room test (§6.6)
+    test_rooms: bool = False
+    """after training, test the best-mIoU weights by whole-room sliding-window voting."""
+    test_checkpoint: str = ""
+    """skip training: load this fine-tuned checkpoint and run only the whole-room test."""
+    num_votes: int = 3
+    stride: float = 0.5
+    """window stride of the whole-room test (metres)."""
+    # speed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_bn: bool = True
+    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
+    reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
+    # output
+    out_dir: str = "runs/semseg"
+    resume: bool = False
+    """continue from out_dir/ckpt-last."""
+    log_every: int = 50
+
+
+PRESETS = {
+    "reference": Config(),
+    "tiny": Config(
+        data="synthetic", num_points=512, min_block_points=256, sample_rate=0.5, eval_blocks=32,
+        dim=96, depth=4, heads=3, num_group=32, group_size=16, embed_hidden=32,
+        feature_blocks=(2, 3, 4), fp_dims=(128, 96), head_dims=(64, 32), batch_size=16,
+        lr=1e-3, epochs=3, warmup_epochs=0, log_every=5, num_votes=1,
+        out_dir="runs/semseg-tiny"),
+}
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct seed per (seed, step, rank) for the global torch RNG."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def eval_seed(seed: int, epoch: int, batch: int) -> int:
+    """The seed of test batch `batch` in the evaluation after `epoch` (independent of rank)."""
+    return (seed * 1_000_003 + 500_000 + epoch) * 100_003 + batch
+
+
+def load_data(cfg: Config) -> tuple[s3dis.Rooms, s3dis.Rooms]:
+    """(train rooms, test rooms), on the CPU."""
+    areas = (1, 2, 3, 4, 5, 6)
+    train_areas = tuple(a for a in areas if a != cfg.test_area)
+    if cfg.data == "synthetic":
+        arrays = s3dis.synthetic_rooms(tuple(r % 6 + 1 for r in range(cfg.synthetic_rooms)),
+                                       seed=cfg.seed)
+        pick = lambda keep: s3dis.make_rooms(  # noqa: E731
+            {k: v for k, v in arrays.items() if s3dis.area_of(k) in keep}, "synthetic")
+        return pick(train_areas), pick((cfg.test_area,))
+    return s3dis.load_rooms(cfg.data_path, train_areas), s3dis.load_rooms(cfg.data_path,
+                                                                           (cfg.test_area,))
+
+
+def build_model(cfg: Config) -> PointSegmenter:
+    return PointSegmenter(
+        s3dis.NUM_CLASSES, num_categories=0, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+        drop_path_rate=cfg.drop_path_rate, num_group=cfg.num_group, group_size=cfg.group_size,
+        embed_hidden=cfg.embed_hidden, feature_blocks=cfg.feature_blocks, fp_dims=cfg.fp_dims,
+        head_dims=cfg.head_dims, dropout=cfg.dropout, init="trunc_normal")
+
+
+@torch.no_grad()
+def evaluate_blocks(model, rooms: s3dis.Rooms, slots: torch.Tensor, cfg: Config, epoch: int,
+                    rank: int, world: int, device: torch.device) -> dict:
+    """§6.5: predict random test blocks (one per slot) and score the summed confusion counts.
+    Batches are sharded over ranks and each is drawn from its own seed, so every block is
+    evaluated exactly once whatever the world size. OA divides by the points actually
+    evaluated (the reference divides by batches x 32 x 2048, which assumed full batches)."""
+    model.eval()
+    conf = torch.zeros(s3dis.NUM_CLASSES, s3dis.NUM_CLASSES, dtype=torch.long, device=device)
+    batches = math.ceil(len(slots) / cfg.eval_batch_size)
+    for b in dist.shard(batches, rank, world):
+        torch.manual_seed(eval_seed(cfg.seed, epoch, b))
+        ids = slots[b * cfg.eval_batch_size:(b + 1) * cfg.eval_batch_size].tolist()
+        points, labels = s3dis.sample_blocks(rooms, ids, cfg.num_points, cfg.block_size,
+                                             cfg.min_block_points)
+        conf += s3dis.confusion(model(points).argmax(dim=-1), labels)
+    model.train()
+    return s3dis.scores(dist.all_reduce_sum(conf))
+
+
+@torch.no_grad()
+def test_whole_rooms(model, rooms: s3dis.Rooms, cfg: Config, rank: int, world: int,
+                     device: torch.device, pred_dir: Path) -> dict:
+    """§6.6: num_votes sliding-window passes over every test room; each predicted label is one
+    vote for its point; the final label is the most voted (class 0 for a point never covered,
+    which the cover rules out). Rooms are sharded over ranks, confusion counts summed once.
+    Writes `pred_dir/<room>.txt`, one predicted label per line in the room's point order.
+
+    The reference only counts a vote where the test label weight of the point's TRUE class is
+    finite and non-zero; that holds for every class present in the test rooms, i.e. always."""
+    model.eval()
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    conf = torch.zeros(s3dis.NUM_CLASSES, s3dis.NUM_CLASSES, dtype=torch.long, device=device)
+    for r in dist.shard(len(rooms), rank, world):
+        xyz, labels = rooms.room(r)
+        votes = torch.zeros(len(xyz), s3dis.NUM_CLASSES, dtype=torch.int32, device=device)
+        for v in range(cfg.num_votes):
+            torch.manual_seed(step_seed(cfg.seed, r * 1000 + v, 7))
+            idx, points = s3dis.window_chunks(xyz, cfg.num_points, cfg.block_size, cfg.stride)
+            for b in range(0, len(idx), cfg.eval_batch_size):
+                pred = model(points[b:b + cfg.eval_batch_size]).argmax(dim=-1)  # (b, n)
+                one = torch.ones(pred.numel(), dtype=torch.int32, device=device)
+                votes.index_put_((idx[b:b + cfg.eval_batch_size].flatten(), pred.flatten()), one,
+                                 accumulate=True)
+        final = votes.argmax(dim=1)  # first maximum, as np.argmax
+        conf += s3dis.confusion(final, labels)
+        np.savetxt(pred_dir / f"{rooms.names[r]}.txt", final.cpu().numpy(), fmt="%d")
+    model.train()
+    return s3dis.scores(dist.all_reduce_sum(conf))
+
+
+def format_scores(tag: str, s: dict) -> str:
+    return f"{tag} | mIoU {s['miou']:.4f} | mAcc {s['macc']:.4f} | OA {s['oa']:.4f}"
+
+
+def format_iou(s: dict) -> str:
+    return "per-class IoU: " + ", ".join(f"{c} {v:.3f}" for c, v in s["iou"].items())
+
+
+def run_test(model, test: s3dis.Rooms, cfg: Config, rank: int, world: int, device, out_dir: Path,
+             writer, step: int) -> dict:
+    t0 = time.perf_counter()
+    result = test_whole_rooms(model, test, cfg, rank, world, device, out_dir / "test_predictions")
+    print0(format_scores(f"whole-room test ({len(test)} rooms, {cfg.num_votes} votes)", result)
+           + f" | {time.perf_counter() - t0:.0f} s", rank=rank)
+    print0(format_iou(result), rank=rank)
+    if writer is not None:
+        for k in ("miou", "macc", "oa"):
+            writer.add_scalar(f"test/{k}", result[k], step)
+    return result
+
+
+def main(cfg: Config) -> dict:
+    env = dist.setup(cfg.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    local_bs = cfg.batch_size // world
+    out_dir = Path(cfg.out_dir)
+    header = run_header(device, world)
+    print0(header, rank=rank)
+
+    torch.manual_seed(cfg.seed)  # model init: identical on every rank
+    train, test = (rooms.to(device) for rooms in load_data(cfg))
+    model = build_model(cfg).to(device)
+    print0(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+           f" | train {len(train)} rooms ({len(train.xyz)} points) | test area {cfg.test_area}: "
+           f"{len(test)} rooms ({len(test.xyz)} points)", rank=rank)
+    writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    if cfg.test_checkpoint:  # whole-room test of a fine-tuned model, no training
+        ckpt.load_strict(model, ckpt.load_weights(cfg.test_checkpoint), source=cfg.test_checkpoint)
+        result = run_test(model, test, cfg, rank, world, device, out_dir, writer, 0)
+        if writer is not None:
+            writer.close()
+        dist.cleanup()
+        return {"test": result, "model": model, "out_dir": str(out_dir)}
+
+    if cfg.pretrained:
+        dropped = load_pretrained(model, cfg.pretrained)
+        print0(f"loaded the encoder of {cfg.pretrained} (ignored {len(dropped)} pretraining-only "
+               f"keys)", rank=rank)
+    weights = s3dis.class_weights(train.labels).to(device)  # (13,) §6.2
+    print0("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(s3dis.CLASSES, weights)),
+           rank=rank)
+    train_slots = s3dis.epoch_rooms(train.sizes(), cfg.num_points, cfg.sample_rate)
+    test_slots = s3dis.epoch_rooms(test.sizes(), cfg.num_points)  # the reference's test length
+    if cfg.eval_blocks:  # spread a smaller evaluation evenly over the rooms
+        test_slots = test_slots[torch.linspace(0, len(test_slots) - 1, cfg.eval_blocks).long()]
+    steps_per_epoch = len(train_slots) // cfg.batch_size  # drop_last, as the reference
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_slots)} training blocks per epoch are fewer than one "
+                         f"batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    print0(f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch {cfg.batch_size} "
+           f"({local_bs} per process) | {len(test_slots)} test blocks per evaluation", rank=rank)
+
+    if env.enabled and cfg.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+
+    step, best_miou, history, best_state = 0, -1.0, [], None
+    if cfg.resume:
+        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
+        state = ckpt.load_resume(last)
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_miou = state["step"], state["best_miou"]
+        history = ckpt.load_meta(last).get("history", [])
+        best = ckpt.find_checkpoint(out_dir / "ckpt-best")  # written before that run ended
+        best_state = ckpt.load_weights(best) if best is not None else None
+        print0(f"resumed from {last} at step {step} (best mIoU {best_miou:.4f})", rank=rank)
+
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if env.enabled else model
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        """The room of every training slot of an epoch, shuffled by (seed, epoch) only."""
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        return train_slots[torch.randperm(len(train_slots), generator=g)]
+
+    def train_step(step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch; returns (this process's share of the global weighted loss, its
+        correct-point fraction): summed over ranks, the first is the loss of the global batch."""
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        i = step % steps_per_epoch
+        ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()
+        points, labels = s3dis.sample_blocks(train, ids, cfg.num_points, cfg.block_size,
+                                             cfg.min_block_points)  # (b, n, 3), (b, n)
+        # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.
+        scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
+        shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
+        logp = train_model(points * scale + shift)  # (b, n, 13)
+        nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
+        w = weights[labels]
+        # PyTorch's weighted NLL mean (sum of w * nll / sum of w) over the GLOBAL batch: the
+        # denominator is summed over ranks and DDP averages gradients, hence the x world.
+        denom = dist.all_reduce_sum(w.sum().detach())
+        loss = (w * nll).sum() * world / denom
+        loss.backward()
+        if cfg.double_step:
+            optimizer.step()  # the reference's first step: unclipped gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        acc = (logp.argmax(dim=-1) == labels).float().mean()
+        return loss.detach() / world, acc
+
+    def save(epoch: int, step: int, metrics: dict) -> None:
+        if rank == 0:
+            meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
+                    "metrics": metrics, "history": history, "header": header}
+            resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                      "best_miou": best_miou}
+            ckpt.save_checkpoint(out_dir / "ckpt-last", model, meta, resume)
+
+    timer, metrics = Timer(device), {}
+    sums = torch.zeros(2, device=device)  # loss, accuracy since the last log line
+    t_start, start_step = time.perf_counter(), step
+    epoch = step // steps_per_epoch
+    order = epoch_order(epoch)
+    train_model.train()
+    while step < total_steps:
+        lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
+        sums += torch.stack(train_step(step, order))
+        step += 1
+        timer.steps += 1
+        epoch_end = step % steps_per_epoch == 0
+        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+            dist.all_reduce_sum(sums)  # every rank logs at the same steps
+            loss, acc = (sums / timer.steps / torch.tensor([1, world], device=device)).tolist()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step} (epoch {epoch}); stopping. The last good "
+                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ms = timer.ms_per_step()
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
+            metrics = {"loss": loss, "train_acc": acc}
+            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
+                   f"acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | "
+                   f"{cfg.batch_size * 1000 / ms:.0f} blocks/s | ETA {format_eta(eta)}", rank=rank)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/acc", acc, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("perf/ms_per_step", ms, step)
+            sums.zero_()
+            timer.reset()
+        if epoch_end:
+            t0 = time.perf_counter()
+            ev = evaluate_blocks(model, test, test_slots, cfg, epoch, rank, world, device)
+            metrics.update(miou=ev["miou"], macc=ev["macc"], oa=ev["oa"])
+            history.append({"epoch": epoch, "step": step, **metrics})
+            improved = ev["miou"] >= best_miou  # ">=" as the reference
+            best_miou = max(best_miou, ev["miou"])
+            print0(format_scores(f"eval epoch {epoch} ({len(test_slots)} blocks)", ev)
+                   + f" | best mIoU {best_miou:.4f} | {time.perf_counter() - t0:.0f} s", rank=rank)
+            print0(format_iou(ev), rank=rank)
+            if writer is not None:
+                for k in ("miou", "macc", "oa"):
+                    writer.add_scalar(f"eval/{k}", ev[k], step)
+                for c, v in ev["iou"].items():
+                    writer.add_scalar(f"eval_iou/{c}", v, step)
+            if improved:  # every rank keeps a copy (ranks are identical): no file race later
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if improved and rank == 0:
+                ckpt.save_checkpoint(out_dir / "ckpt-best", model,
+                                     {"config": dataclasses.asdict(cfg), "epoch": epoch,
+                                      "step": step, "metrics": metrics, "header": header})
+        if epoch_end or step == total_steps:
+            save(epoch, step, metrics)
+        if epoch_end:
+            epoch += 1
+            order = epoch_order(epoch)
+
+    result = {"step": step, "history": history, "metrics": metrics, "best_miou": best_miou,
+              "out_dir": str(out_dir), "model": model}
+    if cfg.test_rooms:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            print0(f"whole-room test of the best-mIoU weights (mIoU {best_miou:.4f})", rank=rank)
+        result["test"] = run_test(model, test, cfg, rank, world, device, out_dir, writer, step)
+    if writer is not None:
+        writer.close()
+    dist.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))

@@ -46,7 +46,10 @@ def setup(device: str = "auto") -> Dist:
 
 
 def cleanup() -> None:
+    """Tear the process group down together: without the barrier a rank that finishes first
+    (rank 0 still writing checkpoints) can abort its peer's gloo threads at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -28,9 +28,7 @@ ids; root attributes `format_version`, `source`, `classes`.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,8 +36,8 @@ from typing import Literal
 import h5py
 import numpy as np
 import torch
-import tyro
 
+from data_prep.common import ConversionError, atomic_output, run
 from pqae.data import CLS_FORMAT_VERSION, MODELNET40_POINTS, fps_gather
 
 SPLITS = ("train", "test")
@@ -64,9 +62,6 @@ class Config:
     fps_batch: int = 32
     """clouds per FPS call (source txt)."""
 
-
-class ConversionError(ValueError):
-    """Raised with every problem found, each naming the shape or file."""
 
 
 def _listing(kind: str, items: list[str]) -> str:
@@ -211,8 +206,7 @@ def main(cfg: Config) -> Path:
                               + "\n  ".join(problems))
     fps_pending(pending, cfg.fps_batch)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    try:
+    with atomic_output(cfg.out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = CLS_FORMAT_VERSION
             f.attrs["source"] = cfg.source
@@ -222,16 +216,9 @@ def main(cfg: Config) -> Path:
                 f.create_dataset(f"{split}/labels", data=labels)
                 f.create_dataset(f"{split}/names", data=np.array(ids, dtype=object),
                                  dtype=h5py.string_dtype("utf-8"))
-        os.replace(tmp, cfg.out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {cfg.out} (train {len(out['train'][0])}, test {len(out['test'][0])})")
     return cfg.out
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except ConversionError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    run(Config, main)

@@ -24,17 +24,16 @@ when every room converted.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import tyro
 
+from data_prep.common import ConversionError, atomic_output, run
 from pqae.s3dis import CLASSES, CLUTTER, S3DIS_FORMAT_VERSION
 
 
@@ -49,9 +48,6 @@ class Config:
     workers: int = 8
     """Rooms parsed in parallel (processes); 1 parses in this process."""
 
-
-class ConversionError(ValueError):
-    """Raised with the full list of problems when a room cannot be converted."""
 
 
 def class_index(file_name: str) -> tuple[int, str]:
@@ -127,12 +123,11 @@ def main(cfg: Config) -> dict:
     rooms = list_rooms(cfg)
     print(f"converting {len(rooms)} rooms of area(s) {list(cfg.areas)} from {cfg.root}", flush=True)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
     problems, skipped, unknown, points = [], [], set(), 0
     t0 = time.time()
     pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
     results = (pool.map if pool else map)(convert_room, [d for _, d in rooms])
-    try:
+    with atomic_output(cfg.out) as tmp, (pool or nullcontext()):
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = S3DIS_FORMAT_VERSION
             f.attrs["classes"] = list(CLASSES)
@@ -152,11 +147,6 @@ def main(cfg: Config) -> dict:
         if problems:
             raise ConversionError(f"{len(problems)} problem(s) in {cfg.root}; no output written:"
                                   "\n  " + "\n  ".join(problems))
-        os.replace(tmp, cfg.out)  # atomic: the output exists only when complete
-    finally:
-        if pool:
-            pool.shutdown()
-        tmp.unlink(missing_ok=True)
     if unknown:
         print(f"class names mapped to clutter: {sorted(unknown)}", flush=True)
     print(f"wrote {cfg.out}: {len(rooms)} rooms, {points} points, {len(skipped)} malformed "
@@ -166,8 +156,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except ConversionError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    run(Config, main)

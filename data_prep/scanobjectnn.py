@@ -19,15 +19,14 @@ The output is written under a temporary name and renamed only when complete.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import h5py
 import numpy as np
-import tyro
 
+from data_prep.common import atomic_output, run
 from pqae.data import CLS_FORMAT_VERSION, SCANOBJECTNN_CLASSES, SCANOBJECTNN_POINTS
 
 FILES = {  # variant -> (sub-directory, file-name suffix)
@@ -92,8 +91,7 @@ def read_release_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def main(cfg: Config) -> Path:
     splits = {split: read_release_file(p) for split, p in source_files(cfg.root, cfg.variant).items()}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    try:
+    with atomic_output(cfg.out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = CLS_FORMAT_VERSION
             f.attrs["variant"] = cfg.variant
@@ -101,13 +99,10 @@ def main(cfg: Config) -> Path:
             for split, (points, labels) in splits.items():
                 f.create_dataset(f"{split}/points", data=points)
                 f.create_dataset(f"{split}/labels", data=labels)
-        os.replace(tmp, cfg.out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {cfg.out} ({cfg.variant}: train {len(splits['train'][1])}, "
           f"test {len(splits['test'][1])})")
     return cfg.out
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run(Config, main)

@@ -17,16 +17,14 @@ under a temporary name and renamed only on success) and the command exits non-ze
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import tyro
 
+from data_prep.common import ConversionError, atomic_output, run
 from pqae.data import SHAPENET55_FORMAT_VERSION, SHAPENET55_POINTS
 
 SPLITS = ("train", "test")
@@ -44,9 +42,6 @@ class Config:
     progress_every: int = 5000
     """Print a progress line every this many files."""
 
-
-class ConversionError(ValueError):
-    """Raised with the full list of problems when any source cloud is missing or invalid."""
 
 
 def read_split_list(root: Path, split: str, limit: int | None) -> list[str]:
@@ -113,10 +108,9 @@ def main(cfg: Config) -> Path:
     print(f"converting {total} clouds ({', '.join(f'{k} {len(v)}' for k, v in lists.items())}) "
           f"from {cfg.root}", flush=True)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
     problems: list[str] = []
     t0 = time.time()
-    try:
+    with atomic_output(cfg.out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = SHAPENET55_FORMAT_VERSION
             f.attrs["source_root"] = str(cfg.root.resolve())
@@ -130,16 +124,9 @@ def main(cfg: Config) -> Path:
                 f"{len(problems)} problem(s) in {cfg.root}; no output written:\n  "
                 + "\n  ".join(problems)
             )
-        os.replace(tmp, cfg.out)  # atomic: the output exists only when complete and valid
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {cfg.out} ({total} clouds, {time.time() - t0:.0f} s)", flush=True)
     return cfg.out
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except ConversionError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    run(Config, main)

@@ -24,15 +24,13 @@ line); if there is any, nothing is written and the command exits non-zero.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import tyro
 
+from data_prep.common import ConversionError, atomic_output, run
 from pqae.shapenetpart import CATEGORIES, FORMAT_VERSION, NUM_PARTS, PART_START
 
 LISTS = {"train": ("train", "val"), "test": ("test",)}
@@ -45,9 +43,6 @@ class Config:
     out: Path
     """Output HDF5 file."""
 
-
-class ConversionError(ValueError):
-    """Raised with the full list of problems when any source file is missing or invalid."""
 
 
 def read_categories(root: Path) -> dict[str, int]:
@@ -164,8 +159,7 @@ def main(cfg: Config) -> Path:
     print(f"converting {', '.join(f'{k} {len(v)}' for k, v in splits.items())} shapes from "
           f"{cfg.root}", flush=True)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    try:
+    with atomic_output(cfg.out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["source_root"] = str(cfg.root.resolve())
@@ -178,16 +172,9 @@ def main(cfg: Config) -> Path:
         if problems:
             raise ConversionError(f"{len(problems)} problem(s) in {cfg.root}; no output "
                                   f"written:\n  " + "\n  ".join(problems))
-        os.replace(tmp, cfg.out)  # atomic: the output exists only when complete and valid
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {cfg.out}", flush=True)
     return cfg.out
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except ConversionError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    run(Config, main)

@@ -206,7 +206,8 @@ def test_whole_rooms(model, rooms: s3dis.Rooms, cfg: Config, rank: int, world: i
 
 
 def format_scores(tag: str, s: dict) -> str:
-    return f"{tag} | mIoU {s['miou']:.4f} | mAcc {s['macc']:.4f} | OA {s['oa']:.4f}"
+    return (f"{tag} | mIoU {s['miou']:.4f} | mAcc {s['macc']:.4f} | OA {s['oa']:.4f} | "
+            f"{s['points']} points")
 
 
 def format_iou(s: dict) -> str:
@@ -372,7 +373,7 @@ def main(cfg: Config) -> dict:
         if epoch_end:
             t0 = time.perf_counter()
             ev = evaluate_blocks(model, test, test_slots, cfg, epoch, rank, world, device)
-            metrics.update(miou=ev["miou"], macc=ev["macc"], oa=ev["oa"])
+            metrics.update(miou=ev["miou"], macc=ev["macc"], oa=ev["oa"], points=ev["points"])
             history.append({"epoch": epoch, "step": step, **metrics})
             improved = ev["miou"] >= best_miou  # ">=" as the reference
             best_miou = max(best_miou, ev["miou"])

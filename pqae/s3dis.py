@@ -265,12 +265,13 @@ def confusion(pred: torch.Tensor, target: torch.Tensor,
 def scores(conf: torch.Tensor) -> dict:
     """The reference's metrics from summed confusion counts (§6.5, §6.6), over ALL classes:
     IoU_c = TP / (TP + FP + FN + 1e-6), acc_c = TP / (points of c + 1e-6), so a class absent
-    from both ground truth and prediction counts as 0. OA = TP sum / points evaluated."""
+    from both ground truth and prediction counts as 0. OA = TP sum / points evaluated.
+    `points` is that number: under DDP it shows that every point was counted exactly once."""
     conf = conf.double().cpu()
     tp = conf.diag()
     gt, pred = conf.sum(dim=1), conf.sum(dim=0)
     iou = tp / (gt + pred - tp + 1e-6)
     acc = tp / (gt + 1e-6)
     return {"miou": iou.mean().item(), "macc": acc.mean().item(),
-            "oa": (tp.sum() / conf.sum().clamp(min=1)).item(),
+            "oa": (tp.sum() / conf.sum().clamp(min=1)).item(), "points": int(conf.sum()),
             "iou": {c: v for c, v in zip(CLASSES, iou.tolist())}}

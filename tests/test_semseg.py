@@ -4,6 +4,10 @@ semseg.py end to end on synthetic rooms (train, per-epoch evaluation, whole-room
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 import semseg
+from conftest import ROOT
 from data_prep import s3dis as prep
 from pqae import checkpoint as ckpt
 from pqae import s3dis
@@ -210,3 +215,38 @@ def test_resume_matches_uninterrupted_run(converted, tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_prep.s3dis"):
         semseg.main(tiny_config(tmp_path / "none.h5", tmp_path / "run"))
+
+
+def test_two_process_run_counts_every_point_once(converted, tmp_path):
+    # Whole-room test and block evaluation under 2 processes: the summed confusion counts must
+    # hold each test point (or evaluated block point) exactly once, and the whole-room scores
+    # must equal a single-process test of the same weights.
+    data_path, expected, _ = converted
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import sys, json, os\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from pathlib import Path\n"
+        "import semseg\n"
+        "from test_semseg import tiny_config\n"
+        f"tmp = Path({str(tmp_path)!r})\n"
+        f"cfg = tiny_config(Path({str(data_path)!r}), tmp / 'run', test_rooms=True, epochs=1,"
+        " eval_blocks=7, eval_batch_size=2)\n"
+        "r = semseg.main(cfg)\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    (tmp / 'ddp.json').write_text(json.dumps({'test': r['test'],"
+        " 'eval': r['history'][-1]}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    test_points = sum(len(v) for k, v in expected.items() if k.startswith("Area_5"))
+    assert ddp["test"]["points"] == test_points
+    assert ddp["eval"]["points"] == 7 * 256  # 7 blocks in 4 batches of 2 over 2 ranks
+    single = semseg.main(tiny_config(data_path, tmp_path / "single",
+                                     test_checkpoint=str(tmp_path / "run" / "ckpt-last")))
+    for k in ("miou", "macc", "oa", "points"):
+        assert single["test"][k] == pytest.approx(ddp["test"][k]), k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -42,15 +43,18 @@ def setup(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
+        # One group for the life of the process: a group re-created after a destroy would read
+        # the old group's stale addresses from torchrun's store and hang, so a script's main()
+        # run twice in one job (fewshot.py's folds) reuses this one instead.
+        atexit.register(dist.destroy_process_group)
     return Dist(rank, local_rank, world, dev)
 
 
 def cleanup() -> None:
-    """Tear the process group down together: without the barrier a rank that finishes first
-    (rank 0 still writing checkpoints) can abort its peer's gloo threads at exit."""
+    """End of a script's main(): the ranks meet here, so none exits (and tears down its gloo
+    threads) while a peer is still working. The group itself lives until the process exits."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

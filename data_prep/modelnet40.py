@@ -27,8 +27,6 @@ ids; root attributes `format_version`, `source`, `classes`.
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from data_prep.common import ConversionError, atomic_output, run
+from data_prep.common import ConversionError, atomic_output, read_numpy_pickle, run
 from pqae.data import CLS_FORMAT_VERSION, MODELNET40_POINTS, fps_gather
 
 SPLITS = ("train", "test")
@@ -92,32 +90,9 @@ def read_text_cloud(path: Path) -> tuple[np.ndarray | None, str | None]:
     return arr[:, :3], None
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds NumPy arrays and nothing else: every other global is refused."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}  # NumPy 1.x and 2.x module names
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name}: only NumPy arrays "
-                                         f"may be rebuilt from a ModelNet cache")
-        return super().find_class(module, name)
-
-
 def read_dat(path: Path) -> tuple[list, list]:
     """The [points, labels] lists of a reference `.dat` cache, type-checked."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (expected a reference ModelNet40 cache)")
-    raw = path.read_bytes()
-    if not raw.startswith(b"\x80"):
-        raise ConversionError(f"{path}: not a pickle (first byte {raw[:1]!r}, expected the "
-                              f"protocol byte 0x80)")
-    try:
-        obj = NumpyOnlyUnpickler(io.BytesIO(raw)).load()
-    except Exception as e:
-        raise ConversionError(f"{path}: {type(e).__name__}: {e}") from e
+    obj = read_numpy_pickle(path, "a reference ModelNet40 .dat cache")
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(isinstance(x, list) for x in obj)
             and len(obj[0]) == len(obj[1])):
         raise ConversionError(f"{path}: expected [list of (8192, 6) arrays, list of labels] of "

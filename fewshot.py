@@ -1,0 +1,200 @@
+"""Few-shot classification on ModelNet40 (SPEC 4): all settings and folds in one command.
+
+    python -m data_prep.modelnet_fewshot convert --root data/ModelNetFewshot  # once (or `generate`)
+    python fewshot.py --finetune.ckpt runs/pretrain/ckpt-epoch-300            # 4 settings x 10 folds
+    python fewshot.py --ways 5 --shots 10 --folds 0 1 --finetune.ckpt ...     # a subset
+    torchrun --nproc_per_node=4 fewshot.py --finetune.ckpt ...
+    python fewshot.py --preset tiny --data-dir /tmp/episodes                  # tiny model, CPU
+
+The reference leaves 40 hand-launched runs and the averaging to the user. Here each fold of
+each (way, shot) setting is one ordinary `finetune_cls.main` run with the few-shot recipe of
+SPEC 3.5 / 4.1 (`RECIPE`: full protocol, 150 cosine epochs, lr 5e-4 (x10 for `cls*`), drop path
+0.1, 64 groups, 1024 points, rotation augmentation, batch 32 with drop_last, 40-way head, no
+voting) on the episode file `{data_dir}/{way}way_{shot}shot/{fold}.h5` written by
+`data_prep/modelnet_fewshot.py`. Any fine-tuning field can be changed with `--finetune.FIELD`;
+`data`, `data_path`, `out_dir` and `resume` of it are set per fold.
+
+Per fold (out_dir/{way}way_{shot}shot/fold{fold}/results.json, written by finetune_cls):
+* best_acc: the best test accuracy over epochs, the reference's per-fold number. It SELECTS THE
+            EPOCH ON THE FOLD'S TEST SET (there is no validation split);
+* last_acc: the accuracy after the last epoch, an honest number to set beside it.
+The table (printed, and saved as out_dir/fewshot_table.txt and fewshot_results.json) gives per
+setting the mean +- SAMPLE standard deviation (n - 1 in the denominator) of both over the folds
+of this invocation, beside the paper's numbers (which do not say which std they use).
+
+Resumable: a fold whose results.json exists (with the same fine-tuning config) is read back and
+not re-run; a fold with a ckpt-last but no results resumes through finetune_cls's own --resume.
+Under torchrun every rank walks the same fold sequence and the skip/resume decision is read
+from the same files (which only change while all ranks are inside a fold); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+import finetune_cls
+from data_prep.modelnet_fewshot import FOLDS, SHOTS, WAYS, episode_name, episode_path
+from pqae import checkpoint as ckpt
+from pqae import cli
+from pqae.log import print0
+
+# SPEC 3.5 `fewshot` row / 4.1, on top of the ModelNet40-1k fine-tuning preset. The reference
+# picks the rotation augmentation for few-shot (SPEC 9.1 item 12) and runs no vote test.
+RECIPE = dataclasses.replace(
+    finetune_cls.PRESETS["modelnet-1k"], data="modelnet40", num_classes=40, num_points=1024,
+    num_group=64, drop_path_rate=0.1, epochs=150, warmup_epochs=10, batch_size=32,
+    lr_full=5e-4, lr_linear=1e-3, lr_mlp3=1e-3, augment="rotate", vote_augment="none", votes=0,
+    data_path="(set per fold)", out_dir="(set per fold)")
+
+# README of the reference, few-shot ModelNet40, mean +- std over 10 folds (SPEC 8).
+PAPER = {(5, 10): (96.9, 3.2), (5, 20): (98.9, 1.0), (10, 10): (94.1, 4.2), (10, 20): (96.3, 2.7)}
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "data/modelnet40_fewshot"
+    """the episodes, `{way}way_{shot}shot/{fold}.h5`, from `python -m data_prep.modelnet_fewshot`."""
+    ways: tuple[int, ...] = WAYS
+    """the N of the N-way settings to run."""
+    shots: tuple[int, ...] = SHOTS
+    """the K of the K-shot settings to run."""
+    folds: tuple[int, ...] = FOLDS
+    """the folds (episodes) to run for every setting; the table covers these only."""
+    out_dir: str = "runs/fewshot"
+    """one sub-directory per fold run, plus the table."""
+    keep_checkpoints: bool = False
+    """keep each finished fold's ckpt-last / ckpt-best (about 0.35 GB per fold at full size);
+    False deletes them once the fold's results.json is written (the table needs only that)."""
+    finetune: finetune_cls.Config = RECIPE
+    """the fine-tuning run of every fold (`--finetune.ckpt`, `--finetune.head`, ...)."""
+
+
+PRESETS = {
+    "reference": Config(),
+    "tiny": Config(finetune=dataclasses.replace(  # a CPU smoke run: tiny model, a few epochs
+        RECIPE, num_points=64, dim=48, depth=2, heads=2, embed_hidden=16, num_group=8,
+        group_size=8, batch_size=8, epochs=3, warmup_epochs=0, log_every=5, device="cpu")),
+}
+
+
+def fold_dir(out_dir: str | Path, way: int, shot: int, fold: int) -> Path:
+    return Path(out_dir) / episode_name(way, shot) / f"fold{fold}"
+
+
+def fold_config(cfg: Config, way: int, shot: int, fold: int) -> finetune_cls.Config:
+    """The fine-tuning config of one fold, resuming when the fold left a ckpt-last behind."""
+    run_dir = fold_dir(cfg.out_dir, way, shot, fold)
+    return dataclasses.replace(
+        cfg.finetune, data="modelnet40", data_path=str(episode_path(cfg.data_dir, way, shot, fold)),
+        out_dir=str(run_dir), resume=ckpt.find_checkpoint(run_dir / "ckpt-last") is not None)
+
+
+def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
+    """The fold's results.json if it finished, else None. A result written under a different
+    fine-tuning config is an error, not silently mixed into the table."""
+    path = Path(fold_cfg.out_dir) / "results.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    ours = json.loads(json.dumps(dataclasses.asdict(fold_cfg)))  # tuples -> lists, as stored
+    diff = sorted(k for k in ours.keys() | result.get("config", {}).keys()
+                  if k != "resume" and ours.get(k) != result.get("config", {}).get(k))
+    if diff or "best_acc" not in result:
+        raise ValueError(f"{path} was written by a different run (config fields differ: {diff}); "
+                         f"use another --out-dir or delete it")
+    return result
+
+
+def run_fold(fold_cfg: finetune_cls.Config) -> dict:
+    """One fine-tuning run; its results without the model."""
+    result = finetune_cls.main(fold_cfg)
+    result.pop("model", None)
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and SAMPLE standard deviation (n - 1 in the denominator); std is nan for n < 2."""
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
+def pm(mean: float, std: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} +- " + ("n/a" if math.isnan(std) else f"{std:.{digits}f}")
+
+
+def summarize(folds: dict[tuple[int, int], list[dict]], head: str) -> tuple[dict, str]:
+    """Per setting: mean +- sample std of best_acc and last_acc over the folds, and the table."""
+    summary, lines = {}, [
+        f"Few-shot ModelNet40, {head} fine-tuning | accuracy in %, mean +- SAMPLE std (n-1) over folds",
+        f"{'setting':15s} {'folds':>5s}  {'best epoch (test-set selection)':33s} "
+        f"{'last epoch':17s} paper (best epoch)"]
+    for (way, shot), runs in folds.items():
+        best = mean_std([r["best_acc"] for r in runs])
+        last = mean_std([r["last_acc"] for r in runs])
+        paper = PAPER.get((way, shot))
+        summary[episode_name(way, shot)] = {
+            "folds": [r["fold"] for r in runs], "best_acc_mean": best[0], "best_acc_std": best[1],
+            "last_acc_mean": last[0], "last_acc_std": last[1],
+            "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None}
+        lines.append(f"{f'{way}-way {shot}-shot':15s} {len(runs):5d}  {pm(*best):33s} "
+                     f"{pm(*last):17s} {pm(*paper, digits=1) if paper else '-'}")
+    return summary, "\n".join(lines)
+
+
+def main(cfg: Config) -> dict:
+    rank = int(os.environ.get("RANK", 0))
+    settings = [(w, s) for w in cfg.ways for s in cfg.shots]
+    plan = [(w, s, f) for w, s in settings for f in cfg.folds]
+    missing = [p for w, s, f in plan if not (p := episode_path(cfg.data_dir, w, s, f)).is_file()
+               and finished_result(fold_config(cfg, w, s, f)) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} episode file(s) missing, e.g. {missing[0]}. Create them with "
+            f"`python -m data_prep.modelnet_fewshot convert --root data/ModelNetFewshot --out "
+            f"{cfg.data_dir}` (released episodes) or `... generate --out {cfg.data_dir}`")
+
+    folds: dict[tuple[int, int], list[dict]] = {setting: [] for setting in settings}
+    for i, (way, shot, fold) in enumerate(plan):
+        fold_cfg = fold_config(cfg, way, shot, fold)
+        tag = f"[{episode_name(way, shot)} fold {fold}, run {i + 1}/{len(plan)}]"
+        result = finished_result(fold_cfg)
+        if result is not None:
+            print0(f"{tag} already finished: {fold_cfg.out_dir}/results.json", rank=rank)
+        else:
+            print0(f"{tag} {'resuming' if fold_cfg.resume else 'starting'} {fold_cfg.out_dir}",
+                   rank=rank)
+            result = run_fold(fold_cfg)
+        if rank == 0 and not cfg.keep_checkpoints:
+            for name in ("ckpt-last", "ckpt-best", "ckpt-last.old", "ckpt-best.old"):
+                shutil.rmtree(Path(fold_cfg.out_dir) / name, ignore_errors=True)
+        folds[(way, shot)].append({"fold": fold, "best_acc": result["best_acc"],
+                                   "best_epoch": result["best_epoch"], "last_acc": result["last_acc"]})
+        print0(f"{tag} best-epoch acc {result['best_acc']:.2f} (epoch {result['best_epoch']}, "
+               f"test-set selection) | last-epoch acc {result['last_acc']:.2f}", rank=rank)
+
+    summary, table = summarize(folds, cfg.finetune.head)
+    print0(table, rank=rank)
+    out = {"config": dataclasses.asdict(cfg), "std": "sample (n-1)",
+           "best_acc_note": "per fold: best epoch selected on the fold's TEST set (the reference)",
+           "settings": summary, "folds": {episode_name(*k): v for k, v in folds.items()},
+           "table": table}
+    if rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "fewshot_table.txt").write_text(table + "\n")
+        (Path(cfg.out_dir) / "fewshot_results.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +160,12 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
 
     def train_step(step: int, perm: torch.Tensor, return_outputs: bool = False) -> dict:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, step))  # same on every rank
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs].to(device)
         with phase("data"):
             points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
-        crop_ratios = model.draw_crop_ratios(g)
+        crop_ratios = model.draw_crop_ratios(random.Random(step_seed(cfg.seed, step)))  # all ranks
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
             out = train_model(points, crop_ratios, return_outputs)
         with phase("backward"):

@@ -7,6 +7,7 @@ Shapes: B batch, N points, G patches (groups), M points per patch, C token width
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn as nn
@@ -298,18 +299,21 @@ class PointPQAE(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def draw_crop_ratios(self, generator: torch.Generator | None = None) -> tuple[float, float]:
-        """One crop ratio per view for the whole batch, U[min_crop_rate, 1) (§2.2), on the host."""
+    def draw_crop_ratios(self, rng: random.Random | None = None) -> tuple[float, float]:
+        """One crop ratio per view for the whole batch, U[min_crop_rate, 1) (§2.2). A host-side
+        draw (Python's `random`, or `rng`): the ratios fix the views' shapes, so they must be
+        known on the host without a device sync, and be the same on every rank."""
         if self.min_crop_rate >= 1.0:
             return 1.0, 1.0
-        u = torch.rand(2, generator=generator).tolist()
-        return tuple(self.min_crop_rate + (1.0 - self.min_crop_rate) * x for x in u)
+        rng = rng if rng is not None else random
+        return tuple(self.min_crop_rate + (1.0 - self.min_crop_rate) * rng.random()
+                     for _ in range(2))
 
     def forward(self, points: torch.Tensor, crop_ratios: tuple[float, float] | None = None,
                 return_outputs: bool = False) -> dict[str, torch.Tensor]:
         """points (B, N, 3): the (globally rotated, unit-sphere) batch. Randomness comes from the
         global torch RNG (per-sample crop seeds, view rotations, DropPath) and `crop_ratios`
-        (drawn with `draw_crop_ratios` when None)."""
+        (drawn with `draw_crop_ratios` from Python's `random` when None)."""
         if self.check_inputs and not bool(torch.isfinite(points).all()):
             raise ValueError(f"points of shape {tuple(points.shape)} contain NaN or inf")
         r1, r2 = crop_ratios if crop_ratios is not None else self.draw_crop_ratios()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,16 +16,30 @@ import torch
 import pretrain
 from conftest import AIRPLANES, ROOT, need, small_pretrain_config
 from pqae import checkpoint as ckpt
+from pqae import data
+from pqae.model import crop_view
 from pqae.optim import lr_for_epoch, param_groups
 
 
 def test_loss_falls_on_real_airplanes(tmp_path):
     cfg = small_pretrain_config(tmp_path, data="airplanes", data_path=str(need(AIRPLANES)),
                                 max_steps=20, warmup_epochs=0)
+    torch.manual_seed(cfg.seed)
+    init = pretrain.build_model(cfg).eval()  # main() builds the same initial model
     result = pretrain.main(cfg)
     losses = [h["loss"] for h in result["history"]]
     assert len(losses) == 20 and all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    # The training losses are noisy (new crops every step), so the fall is measured on fixed
+    # views of held-out test airplanes, in eval mode, before and after the 20 steps.
+    test = data.load_airplanes(AIRPLANES, "test")[:32]
+    torch.manual_seed(123)
+    points = data.sample_points(test, torch.arange(32), cfg.num_points)
+    view1, centre1 = crop_view(points, 0.7)
+    view2, centre2 = crop_view(points, 0.85)
+    with torch.no_grad():
+        before = init.forward_views(view1, view2, centre2 - centre1)["loss"].item()
+        after = result["model"].eval().forward_views(view1, view2, centre2 - centre1)["loss"].item()
+    assert after < 0.85 * before, (before, after)  # seen: 0.72-0.76 over seeds 0-3
     # The checkpoint written at the stop holds the trained weights under our own keys.
     saved = ckpt.load_weights(tmp_path / "run" / "ckpt-last")
     assert torch.equal(saved["head.weight"], result["model"].head.weight.detach())
@@ -170,3 +183,36 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "speed-up of this config over plain PyTorch fp32" in out and "phase breakdown" in out
     assert not (tmp_path / "run").exists()  # a benchmark writes no checkpoint
+
+
+def test_training_step_has_no_host_syncs(tmp_path):
+    """Under FakeTensorMode every data-dependent op (.item(), .tolist(), bool(tensor), nonzero,
+    boolean masks: the host syncs of a GPU step) raises. The real step closure of pretrain.py
+    (batch sampling, rotation, crops, forward, backward) must run through it. The optimizer is
+    left out: AdamW keeps its step counter as a CPU scalar, which is not a device sync."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from pqae import dist
+
+    class NoOpOptimizer:
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    cfg = small_pretrain_config(tmp_path)
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model = pretrain.build_model(cfg)
+    clouds = data.procedural_shapes(cfg.procedural_shapes, 512)
+    perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds))
+
+    def run_step(check_inputs: bool) -> None:
+        model.check_inputs = check_inputs
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            step = pretrain.make_train_step(cfg, model, model, NoOpOptimizer(),
+                                            mode.from_tensor(clouds), env)
+            step(3, perm)
+
+    run_step(check_inputs=False)  # the configuration pretrain.py trains with on a GPU
+    with pytest.raises(DataDependentOutputException):  # and the check does see a sync
+        run_step(check_inputs=True)

@@ -243,6 +243,7 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
     test = TestSet(cfg, test_points, test_labels, rank, world, device)
     model = build_model(cfg).to(device)
+    model.check_inputs = device.type == "cpu"  # the data were checked for NaN when loaded
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
            f"parameters, {trainable / 1e6:.3f} M trainable", rank=rank)

@@ -61,6 +61,9 @@ class PointClassifier(nn.Module):
             if m is not self.encoder and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         self.cls_head = make_head(head, 2 * dim, num_classes)
+        self.check_inputs = True
+        """Raise on NaN/inf input points (a host sync on the GPU; finetune_cls.py, whose data
+        were validated at load time, switches it off there)."""
         self.freeze_for_protocol()
 
     def freeze_for_protocol(self) -> None:
@@ -78,7 +81,8 @@ class PointClassifier(nn.Module):
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> (B, 2C): class-token output and max-pooled patch outputs."""
-        neighborhood, center = kernels.group(points, self.num_group, self.group_size)
+        neighborhood, center = kernels.group(points, self.num_group, self.group_size,
+                                             check=self.check_inputs)
         cls, patches = self.encoder(neighborhood, center)  # (B, C), (B, G, C)
         return torch.cat([cls, patches.amax(dim=1)], dim=-1)
 

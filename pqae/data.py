@@ -412,10 +412,12 @@ def point_all_for(num_points: int, available: int) -> int:
 
 
 def fps_gather(points: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, N, 3) -> (B, m, 3): the FPS points (§1.1, start at index 0) in FPS order."""
+    """(B, N, 3) -> (B, m, 3): the FPS points (§1.1, start at index 0) in FPS order. Used on
+    clouds the loaders have checked for NaN, so the kernel's NaN guard (a host sync on the
+    GPU) is skipped."""
     import kernels  # local: only the classification sampling needs the point kernels
 
-    idx = kernels.fps(points, m)  # (B, m)
+    idx = kernels.fps(points, m, check=False)  # (B, m)
     return points.gather(1, idx[..., None].expand(-1, -1, 3))
 
 

@@ -167,7 +167,6 @@ def restricted_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def shape_ious(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean part IoU of each shape over its category's parts; a part absent from both the
     prediction and the ground truth counts as 1.0. pred, labels (B, n) -> (B,) float64."""
-    B = labels.shape[0]
     cat = torch.tensor(PART_TO_CATEGORY, device=labels.device)[labels[:, 0]]
     p = torch.nn.functional.one_hot(pred, NUM_CLASSES).bool()  # (B, n, 50)
     t = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()

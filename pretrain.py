@@ -145,9 +145,11 @@ def build_training(cfg: Config, env: dist.Dist):
     return model, train_model, optimizer
 
 
-def epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The data order of an epoch: a function of (seed, epoch) only."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+def epoch_perm(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The data order of an epoch: a function of (seed, epoch) only. Moved to the device once
+    per epoch, so that a step's indices need no (synchronising) host-to-device copy."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(n, generator=g).to(device)
 
 
 def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, clouds: torch.Tensor,
@@ -161,7 +163,7 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
     def train_step(step: int, perm: torch.Tensor, return_outputs: bool = False) -> dict:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % steps_per_epoch
-        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs].to(device)
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]  # on the device
         with phase("data"):
             points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
@@ -244,7 +246,7 @@ def main(cfg: Config) -> dict:
     loss_sum = torch.zeros(3, device=device)  # total, view 1, view 2 since the last log line
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
-    perm = epoch_perm(cfg.seed, epoch, clouds.shape[0])
+    perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], device)
     train_model.train()
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
@@ -283,7 +285,7 @@ def main(cfg: Config) -> dict:
             save(epoch, step)
         if epoch_end:
             epoch += 1
-            perm = epoch_perm(cfg.seed, epoch, clouds.shape[0])
+            perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], device)
 
     if writer is not None:
         writer.close()
@@ -317,7 +319,7 @@ def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:
     if cfg.benchmark_compare:
         plain = dataclasses.replace(cfg, amp=False, compile=False)
         variants.insert(0, ("plain PyTorch fp32", plain, "reference"))
-    perm = epoch_perm(cfg.seed, 0, clouds.shape[0])
+    perm = epoch_perm(cfg.seed, 0, clouds.shape[0], device)
     steps_per_epoch = clouds.shape[0] // cfg.batch_size
     results = {}
     for name, vcfg, backend in variants:

@@ -1,0 +1,52 @@
+"""CUDA paths of pretraining: skipped without a GPU (CI), run them on one with
+`python -m pytest -q tests/test_gpu.py`. (The Triton kernels themselves are compared with
+their references on the GPU by tests/test_kernels.py when CUDA is available.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pretrain
+from conftest import small_pretrain_config
+from pqae import data, dist
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_bf16_compiled_pretraining_on_triton_kernels(tmp_path):
+    cfg = small_pretrain_config(tmp_path, device="cuda", amp=True, compile=True, max_steps=8,
+                                warmup_epochs=0)
+    result = pretrain.main(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert next(result["model"].parameters()).is_cuda
+
+
+def test_training_step_does_not_synchronise(tmp_path):
+    """The step pretrain.py runs on a GPU (NaN guard off, Triton kernels) with CUDA's sync
+    debug mode set to error: any implicit host-device synchronisation raises."""
+    cfg = small_pretrain_config(tmp_path, device="cuda")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+    model, train_model, optimizer = pretrain.build_training(cfg, env)
+    assert model.check_inputs is False
+    clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()
+    perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds), env.device)
+    step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+    step(0, perm)  # warm-up: Triton compilation, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1, perm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_benchmark_mode_on_gpu(tmp_path):
+    results = pretrain.main(small_pretrain_config(tmp_path, device="cuda", amp=True,
+                                                  benchmark_steps=3))
+    fast, plain = results["this config"], results["plain PyTorch fp32"]
+    assert fast["backend"] == "auto" and plain["backend"] == "reference"
+    assert fast["peak_gib"] > 0 and fast["phases_ms"]["grouping"] > 0

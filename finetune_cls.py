@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -363,10 +362,7 @@ def main(cfg: Config) -> dict:
         epoch_end = step % steps_per_epoch == 0
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-            if not math.isfinite(loss_avg):
-                raise FloatingPointError(
-                    f"loss is {loss_avg} at step {step} (epoch {epoch}); stopping. The last good "
-                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "

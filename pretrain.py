@@ -261,10 +261,7 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             # One host sync per log line: losses, NaN check and timing.
             losses = (loss_sum / timer.steps).tolist()
-            if not all(math.isfinite(x) for x in losses):
-                raise FloatingPointError(
-                    f"loss is {losses[0]} at step {step} (epoch {epoch}); stopping. The last good "
-                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ckpt.stop_if_diverged(losses, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             history.append({"step": step, "epoch": epoch, "loss": losses[0]})

@@ -353,10 +353,7 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             dist.all_reduce_sum(sums)  # every rank logs at the same steps
             loss, acc = (sums / timer.steps / torch.tensor([1, world], device=device)).tolist()
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {step} (epoch {epoch}); stopping. The last good "
-                    f"checkpoint is {ckpt.find_checkpoint(out_dir / 'ckpt-last')}")
+            ckpt.stop_if_diverged(loss, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             metrics = {"loss": loss, "train_acc": acc}

@@ -11,6 +11,7 @@ killed at any moment leaves either the previous or the new checkpoint, never a t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -143,3 +144,14 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
            if k.startswith("encoder.") and k not in drop}
     load_strict(encoder, enc, source=f"encoder of {path}")
     return dropped
+
+
+def stop_if_diverged(losses: float | list[float], step: int, epoch: int,
+                     out_dir: str | Path) -> None:
+    """Training that goes NaN/inf stops here, naming the last good checkpoint: checkpoints are
+    only written after this check has passed, so `ckpt-last` holds finite weights."""
+    values = losses if isinstance(losses, list) else [losses]
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(
+            f"loss is {values[0]} at step {step} (epoch {epoch}); stopping. The last good "
+            f"checkpoint is {find_checkpoint(Path(out_dir) / 'ckpt-last')}")

@@ -242,3 +242,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [h["acc"] for h in resumed["history"]] == [h["acc"] for h in full["history"]]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # Epochs 0 and 1 warm up at 1e-6; epoch 2 jumps to an absurd lr and diverges.
+    cfg = small_config(tmp_path, lr=1e30, warmup_epochs=2, epochs=4)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        finetune_cls.main(cfg)
+    last = tmp_path / "run" / "ckpt-last"
+    assert ckpt.load_meta(last)["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())

@@ -278,3 +278,13 @@ def test_two_process_evaluation_counts_each_shape_once(tmp_path, cap_h5):
     # Training under DDP: both ranks report the same test metrics (shared BN statistics).
     h0, h1 = (json.loads((tmp_path / f"main{r}.json").read_text()) for r in (0, 1))
     assert len(h0) == 1 and h0 == h1
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cap_h5):
+    # Epochs 0 and 1 warm up at 1e-6; epoch 2 jumps to an absurd lr and diverges.
+    cfg = small_config(tmp_path / "run", cap_h5, lr=1e30, warmup_epochs=2, epochs=4)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        partseg.main(cfg)
+    last = tmp_path / "run" / "ckpt-last"
+    assert ckpt.load_meta(last)["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())

@@ -250,3 +250,14 @@ def test_two_process_run_counts_every_point_once(converted, tmp_path):
                                      test_checkpoint=str(tmp_path / "run" / "ckpt-last")))
     for k in ("miou", "macc", "oa", "points"):
         assert single["test"][k] == pytest.approx(ddp["test"][k]), k
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(converted, tmp_path):
+    # Epochs 0 and 1 warm up at 1e-6; epoch 2 jumps to an absurd lr and diverges.
+    data_path, _, _ = converted
+    cfg = tiny_config(data_path, tmp_path / "run", lr=1e30, warmup_epochs=2, epochs=4)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        semseg.main(cfg)
+    last = tmp_path / "run" / "ckpt-last"
+    assert ckpt.load_meta(last)["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())

@@ -35,12 +35,14 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 
 import finetune_cls
-from data_prep.modelnet_fewshot import FOLDS, SHOTS, WAYS, episode_name, episode_path
+from data_prep.modelnet_fewshot import (FOLDS, SHOTS, WAYS, episode_name, episode_path,
+                                        procedural_episode)
 from pqae import checkpoint as ckpt
 from pqae import cli
 from pqae.log import print0
@@ -74,13 +76,18 @@ class Config:
     False deletes them once the fold's results.json is written (the table needs only that)."""
     finetune: finetune_cls.Config = RECIPE
     """the fine-tuning run of every fold (`--finetune.ckpt`, `--finetune.head`, ...)."""
+    procedural: bool = False
+    """first write missing episodes from the built-in procedural classes (at most 5-way) into
+    data_dir: a smoke run without ModelNet40. Never for reported numbers."""
 
 
 PRESETS = {
     "reference": Config(),
-    "tiny": Config(finetune=dataclasses.replace(  # a CPU smoke run: tiny model, a few epochs
-        RECIPE, num_points=64, dim=48, depth=2, heads=2, embed_hidden=16, num_group=8,
-        group_size=8, batch_size=8, epochs=3, warmup_epochs=0, log_every=5, device="cpu")),
+    "tiny": Config(  # a CPU smoke run: procedural 5-way episodes, tiny model, a few epochs
+        data_dir="runs/fewshot-tiny/episodes", ways=(5,), shots=(10,), folds=(0, 1),
+        out_dir="runs/fewshot-tiny", procedural=True, finetune=dataclasses.replace(
+            RECIPE, num_points=64, dim=48, depth=2, heads=2, embed_hidden=16, num_group=8,
+            group_size=8, batch_size=8, epochs=3, warmup_epochs=0, log_every=5, device="cpu")),
 }
 
 
@@ -152,10 +159,26 @@ def summarize(folds: dict[tuple[int, int], list[dict]], head: str) -> tuple[dict
     return summary, "\n".join(lines)
 
 
+def write_procedural_episodes(data_dir: str, plan: list, rank: int, timeout_s: float = 120) -> None:
+    """Rank 0 writes the missing procedural episodes; the other ranks wait for the files."""
+    paths = {(w, s, f): episode_path(data_dir, w, s, f) for w, s, f in plan}
+    if rank == 0:
+        for (w, s, f), path in paths.items():
+            if not path.is_file():
+                procedural_episode(data_dir, w, s, f)
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths.values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"procedural episodes did not appear in {data_dir}")
+        time.sleep(0.2)
+
+
 def main(cfg: Config) -> dict:
     rank = int(os.environ.get("RANK", 0))
     settings = [(w, s) for w in cfg.ways for s in cfg.shots]
     plan = [(w, s, f) for w, s in settings for f in cfg.folds]
+    if cfg.procedural:
+        write_procedural_episodes(cfg.data_dir, plan, rank)
     missing = [p for w, s, f in plan if not (p := episode_path(cfg.data_dir, w, s, f)).is_file()
                and finished_result(fold_config(cfg, w, s, f)) is None]
     if missing:

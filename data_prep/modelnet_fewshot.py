@@ -41,6 +41,7 @@ import numpy as np
 import tyro
 
 from data_prep.common import atomic_output, read_numpy_pickle
+from pqae import data
 from pqae.data import CLS_FORMAT_VERSION, MODELNET40_CLASSES, MODELNET40_POINTS
 
 WAYS, SHOTS, FOLDS = (5, 10), (10, 20), tuple(range(10))
@@ -134,6 +135,21 @@ def write_episode(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, np
                 f.create_dataset(f"{split}/points", data=points)
                 f.create_dataset(f"{split}/labels", data=labels)
                 f.create_dataset(f"{split}/original_labels", data=originals)
+
+
+def procedural_episode(root: str | Path, way: int, shot: int, fold: int,
+                       test_per_class: int = 4) -> Path:
+    """A toy episode from the built-in procedural classes (way <= 5; the class is the primitive
+    kind), `shot` train and `test_per_class` test shapes per class at 8192 points, seeded by
+    the fold: for smoke runs of fewshot.py without ModelNet40."""
+    n, n_train = way * (shot + test_per_class), way * shot
+    points, labels = data.procedural_classes(n, MODELNET40_POINTS, num_classes=way, seed=fold)
+    points, labels = points.numpy(), labels.numpy()  # labels i % way: balanced in both splits
+    split = {"train": slice(0, n_train), "test": slice(n_train, n)}
+    path = episode_path(root, way, shot, fold)
+    write_episode(path, {k: (points[s], labels[s], labels[s]) for k, s in split.items()},
+                  way, shot, fold, "procedural")
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import fewshot
 from conftest import ROOT
@@ -296,3 +297,17 @@ def test_two_process_torchrun_runs_every_fold(tmp_path):
     saved = json.loads((tmp_path / "runs" / "fewshot_results.json").read_text())
     assert [f["fold"] for f in saved["folds"]["2way_8shot"]] == [0, 1]
     assert proc.stdout.count("Few-shot ModelNet40") == 1  # the table from rank 0 only
+
+
+def test_tiny_preset_writes_procedural_episodes_and_runs(tmp_path):
+    cfg = dataclasses.replace(fewshot.PRESETS["tiny"], data_dir=str(tmp_path / "episodes"),
+                              folds=(0,), out_dir=str(tmp_path / "runs"))
+    out = fewshot.main(cfg)
+    path = mf.episode_path(cfg.data_dir, 5, 10, 0)
+    train_points, train_labels = data.load_modelnet40(path, "train")
+    test_points, test_labels = data.load_modelnet40(path, "test")
+    assert train_points.shape == (50, data.MODELNET40_POINTS, 3) and len(test_labels) == 20
+    assert torch.bincount(train_labels).tolist() == [10] * 5  # 10 shots of each of 5 ways
+    assert torch.bincount(test_labels).tolist() == [4] * 5
+    assert len(out["folds"]["5way_10shot"]) == 1
+    assert (tmp_path / "runs" / "fewshot_table.txt").read_text().count("5-way 10-shot") == 1

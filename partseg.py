@@ -40,8 +40,13 @@ from pqae.segmentation import PointSegmenter, load_pretrained
 @dataclass(frozen=True)
 class Config:
     # data
+    data: Literal["shapenetpart", "synthetic"] = "shapenetpart"
+    """shapenetpart: the HDF5 from `python -m data_prep.shapenetpart`; synthetic: built-in
+    two-part shapes (no files), for smoke runs only."""
     data_path: str = "data/shapenetpart.h5"
-    """the HDF5 from `python -m data_prep.shapenetpart`."""
+    """the HDF5 from `python -m data_prep.shapenetpart` (data = shapenetpart)."""
+    synthetic_shapes: int = 160
+    """training shapes when data = synthetic (a quarter as many test shapes)."""
     train_split: Literal["train", "test"] = "train"
     """train = the reference's trainval. (test only for smoke runs on slices without train.)"""
     num_points: int = 2048
@@ -93,7 +98,7 @@ class Config:
 PRESETS = {
     "reference": Config(),
     "tiny": Config(
-        num_points=512, dim=48, depth=3, heads=2, num_group=32, group_size=16, embed_hidden=16,
+        data="synthetic", num_points=512, dim=48, depth=3, heads=2, num_group=32, group_size=16, embed_hidden=16,
         feature_blocks=(1, 2, 3), fp_dims=(64, 32), head_dims=(32, 16), batch_size=4,
         eval_batch_size=8, lr=1e-3, epochs=3, warmup_epochs=0, log_every=1,
         out_dir="runs/partseg-tiny"),
@@ -190,15 +195,19 @@ def main(cfg: Config) -> dict:
     print0(header, rank=rank)
 
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
-    train = spart.load_split(cfg.data_path, cfg.train_split).to(device)
-    test = spart.load_split(cfg.data_path, "test").to(device)
+    if cfg.data == "synthetic":
+        train = spart.synthetic_split(cfg.synthetic_shapes, seed=cfg.seed).to(device)
+        test = spart.synthetic_split(cfg.synthetic_shapes // 4, seed=cfg.seed + 1).to(device)
+    else:
+        train = spart.load_split(cfg.data_path, cfg.train_split).to(device)
+        test = spart.load_split(cfg.data_path, "test").to(device)
     steps_per_epoch = len(train) // cfg.batch_size  # drop_last, as the reference
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train)} shapes are fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    print0(f"data {cfg.data_path}: {cfg.train_split} {len(train)} shapes, test {len(test)} | "
+    print0(f"data {cfg.data if cfg.data == 'synthetic' else cfg.data_path}: {cfg.train_split} {len(train)} shapes, test {len(test)} | "
            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch "
            f"{cfg.batch_size} ({local_bs} per process)", rank=rank)
 

@@ -103,6 +103,33 @@ def _unit_sphere_segments(points: torch.Tensor, offsets: torch.Tensor) -> torch.
     return points / scale.clamp_min(1e-12)[seg, None]
 
 
+# The two-part categories (Bag, Cap, Knife, Laptop, Mug): the synthetic set's categories.
+_TWO_PART = tuple(c for c, n in enumerate(NUM_PARTS) if n == 2)
+
+
+def synthetic_split(num_shapes: int, num_points: int = 2048, seed: int = 0) -> PartSplit:
+    """Built-in part-segmentation data for smoke runs, no files: each shape is two primitive
+    surfaces side by side. Its category is one of the five two-part ShapeNetPart categories,
+    which fixes the pair of primitive kinds; the first primitive is the category's first part,
+    the other its second. Unit-sphere normalised, num_points points per shape."""
+    from pqae.data import _primitives, _uniform  # the procedural shape generator's surfaces
+
+    g = torch.Generator().manual_seed(seed)
+    c = torch.arange(num_shapes) % len(_TWO_PART)  # (S,) index into _TWO_PART
+    half = num_points // 2
+    first = _primitives(c, half, g)  # kinds 0..4: ellipsoid, box, cylinder, cone, torus
+    second = _primitives((c + 2) % len(_TWO_PART), num_points - half, g) * 0.6
+    direction = torch.nn.functional.normalize(torch.randn(num_shapes, 1, 3, generator=g), dim=-1)
+    second = second + direction * _uniform(g, (num_shapes, 1, 1), 1.2, 1.6)  # beside the first
+    points = torch.cat([first, second], dim=1).reshape(-1, 3)  # (S * N, 3)
+    category = torch.tensor(_TWO_PART)[c]
+    start = torch.tensor(PART_START)[category]  # (S,)
+    labels = (start[:, None] + (torch.arange(num_points) >= half)).reshape(-1)  # (S * N,)
+    offsets = torch.arange(num_shapes + 1) * num_points
+    return PartSplit(_unit_sphere_segments(points, offsets), labels, offsets, category,
+                     [f"synthetic_{i}" for i in range(num_shapes)])
+
+
 def load_split(path: str | Path, split: str) -> PartSplit:
     """Read group `split` ("train" = trainval, or "test") of the converter's HDF5 file."""
     import h5py

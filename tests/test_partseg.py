@@ -288,3 +288,26 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cap_h5):
     last = tmp_path / "run" / "ckpt-last"
     assert ckpt.load_meta(last)["epoch"] == 1
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
+
+
+def test_synthetic_parts_and_tiny_preset(tmp_path):
+    split = spart.synthetic_split(20, num_points=64, seed=0)
+    assert len(split) == 20 and split.points.shape == (20 * 64, 3)
+    assert (split.offsets[1:] - split.offsets[:-1]).eq(64).all()
+    for s in range(20):
+        rows = slice(int(split.offsets[s]), int(split.offsets[s + 1]))
+        cat = int(split.category[s])
+        start = spart.PART_START[cat]
+        assert spart.NUM_PARTS[cat] == 2  # two primitives, two parts
+        assert split.labels[rows].tolist() == [start] * 32 + [start + 1] * 32
+        norms = split.points[rows].norm(dim=1)
+        assert norms.max() == pytest.approx(1.0, abs=1e-5)  # unit sphere
+        assert split.points[rows].mean(0).abs().max() < 1e-5
+    assert torch.equal(spart.synthetic_split(20, 64, seed=0).points, split.points)
+    # The tiny preset as shipped (3 epochs of 160 shapes, ~6 s): it learns the parts.
+    cfg = dataclasses.replace(partseg.PRESETS["tiny"], out_dir=str(tmp_path / "run"),
+                              device="cpu")
+    result = partseg.main(cfg)
+    assert len(result["history"]) == 3
+    # One part everywhere scores ~0.25-0.33 instance mIoU; seen: 0.73 after 3 epochs.
+    assert result["history"][-1]["instance_miou"] > 0.55

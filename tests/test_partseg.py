@@ -33,8 +33,8 @@ def cap_h5(tmp_path_factory) -> Path:
 
 def small_config(out_dir: Path, data_path: Path, **overrides) -> partseg.Config:
     """Tiny model on the Cap slice; the slice has no train list, so it trains on test."""
-    base = dict(data_path=str(data_path), train_split="test", device="cpu", out_dir=str(out_dir),
-                num_points=256, num_group=16, group_size=8, log_every=1)
+    base = dict(data="shapenetpart", data_path=str(data_path), train_split="test", device="cpu",
+                out_dir=str(out_dir), num_points=256, num_group=16, group_size=8, log_every=1)
     base.update(overrides)
     return dataclasses.replace(partseg.PRESETS["tiny"], **base)
 

@@ -260,7 +260,9 @@ def main(cfg: Config) -> dict:
         epoch_end = step % steps_per_epoch == 0
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             # One host sync per log line: losses, NaN check and timing.
-            losses = (loss_sum / timer.steps).tolist()
+            # Averaged over ranks: the line shows the global batch, and every rank takes the
+            # same stop decision below.
+            losses = (dist.all_reduce_sum(loss_sum) / (timer.steps * world)).tolist()
             ckpt.stop_if_diverged(losses, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)

@@ -23,10 +23,6 @@ FPS_INIT_DIST = 1e10
 _KNN_CHUNK_ELEMS = 1 << 25
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def sqdist(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Squared distance between broadcastable point tensors p (..., 3) and q (..., 3).
 
@@ -72,7 +68,7 @@ def fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
 def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     """k nearest ref points of each query. query (B, S, 3), ref (B, N, 3) -> (B, S, k) int64,
     nearest first. Distances computed exactly as sum of squared differences."""
-    dt = _compute_dtype(query) if query.dtype == torch.float64 or ref.dtype == torch.float64 else torch.float32
+    dt = torch.float64 if torch.float64 in (query.dtype, ref.dtype) else torch.float32
     q = query.to(dt)
     r = ref.to(dt)
     B, S, _ = q.shape

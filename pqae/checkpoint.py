@@ -80,12 +80,19 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
                     resume: dict | None = None) -> Path:
-    """Write model.safetensors + meta.json (+ resume.pt) into `directory`, atomically."""
+    """Write model.safetensors + meta.json (+ resume.pt) into `directory`, atomically.
+    Non-finite weights raise FloatingPointError instead: the previous checkpoint stays."""
     final = Path(directory)
+    state = unwrap(model).state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged model never replaces a good checkpoint
+        raise FloatingPointError(
+            f"refusing to write {final}: non-finite weights in {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint is {find_checkpoint(final)}")
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(tmp / "model.safetensors", unwrap(model).state_dict(),
+    save_weights(tmp / "model.safetensors", state,
                  {"format": "pqae", "step": str(meta.get("step", ""))})
     if resume is not None:
         torch.save(resume, tmp / "resume.pt")

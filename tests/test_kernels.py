@@ -403,3 +403,12 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     kernels.set_backend("triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         kernels.fps(torch.randn(1, 5, 3), 2)
+
+
+def test_knn_mixed_precision_computes_in_float64():
+    # A float32 query against a float64 ref is ranked in float64: neighbours 1e-9 apart
+    # (indistinguishable in float32) come out in their true order.
+    ref = torch.tensor([[[1.0 + 2e-9, 0.0, 0.0], [1.0 + 1e-9, 0.0, 0.0], [5.0, 0.0, 0.0]]],
+                       dtype=torch.float64)
+    query = torch.zeros(1, 1, 3, dtype=torch.float32)
+    assert R.knn(query, ref, 2)[0, 0].tolist() == [1, 0]

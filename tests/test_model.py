@@ -226,3 +226,14 @@ def test_convert_reference_checkpoint(tmp_path, capsys):
     torch.save({"base_model": ref}, src)
     with pytest.raises(KeyError, match="mystery"):
         convert(Args(str(src), str(tmp_path / "out2.safetensors")))
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    model = small_model()
+    ckpt.save_checkpoint(tmp_path / "ckpt-last", model, {"step": 1})
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"head\.weight.*last good checkpoint"):
+        ckpt.save_checkpoint(tmp_path / "ckpt-last", model, {"step": 2})
+    assert ckpt.load_meta(tmp_path / "ckpt-last")["step"] == 1  # the good one is untouched
+    assert torch.isfinite(ckpt.load_weights(tmp_path / "ckpt-last")["head.weight"]).all()

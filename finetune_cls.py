@@ -361,12 +361,13 @@ def main(cfg: Config) -> dict:
         timer.steps += 1
         epoch_end = step % steps_per_epoch == 0
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+            sums = dist.all_reduce_sum(sums)  # the global batch; every rank decides alike
             loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
             ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "
-                   f"train acc {acc_avg:.1f} (rank 0) | lr {lr:.3g} | {ms:.0f} ms/step | "
+                   f"train acc {acc_avg:.1f} | lr {lr:.3g} | {ms:.0f} ms/step | "
                    f"ETA {format_eta(eta)}", rank=rank)
             if writer is not None:
                 writer.add_scalar("train/loss", loss_avg, step)
@@ -376,10 +377,12 @@ def main(cfg: Config) -> dict:
             sums.zero_()
             timer.reset()
         if epoch_end:
+            epoch_sums = dist.all_reduce_sum(epoch_sums)
             row = {"epoch": epoch, "train_loss": (epoch_sums[0] / epoch_sums[2]).item(),
                    "train_acc": (100 * epoch_sums[1] / epoch_sums[2]).item(), "acc": None}
             epoch_sums.zero_()
             if epoch != 0:  # the reference evaluates after every epoch but the first
+                dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
                 row["acc"], n = evaluate(model, test, cfg)
                 improved = row["acc"] > best["acc"]
                 if improved:
@@ -398,6 +401,7 @@ def main(cfg: Config) -> dict:
             save("ckpt-last", epoch, step, resumable=True)  # --max-steps stop, mid-epoch
 
     accs = [h for h in history if h["acc"] is not None]
+    dist.broadcast_buffers(model)
     vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None
     result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "head": cfg.head, "lr": lr0,
               "history": history, "test_samples": test.size,

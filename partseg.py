@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -136,14 +135,6 @@ def build_param_groups(model: PointSegmenter, lr: float, weight_decay: float) ->
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A distinct seed per (seed, step, rank) for the global torch RNG."""
     return (seed * 1_000_003 + step) * 1_009 + rank
-
-
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's BatchNorm running statistics before evaluating: DDP broadcasts
-    buffers only at the start of a forward, and each rank then updates them on its own batch."""
-    if torch_dist.is_initialized():
-        for b in model.buffers():
-            torch_dist.broadcast(b, 0)
 
 
 @torch.no_grad()
@@ -286,7 +277,11 @@ def main(cfg: Config) -> dict:
         timer.steps += 1
         epoch_end = step % steps_per_epoch == 0
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
-            loss_avg, acc = (sums[0] / timer.steps).item(), (sums[1] / sums[2]).item()
+            # Summed over ranks: the line shows the global batch and every rank takes the same
+            # stop decision.
+            sums = dist.all_reduce_sum(sums)
+            loss_avg = (sums[0] / (timer.steps * world)).item()
+            acc = (sums[1] / sums[2]).item()
             ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
@@ -301,7 +296,7 @@ def main(cfg: Config) -> dict:
             sums.zero_()
             timer.reset()
         if epoch_end:
-            broadcast_buffers(model)
+            dist.broadcast_buffers(model)
             result = evaluate(model, test, cfg, epoch, rank, world)
             last_metrics = {k: result[k] for k in ("acc", "class_miou", "instance_miou")}
             last_metrics["epoch"] = epoch

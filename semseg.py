@@ -371,6 +371,7 @@ def main(cfg: Config) -> dict:
             timer.reset()
         if epoch_end:
             t0 = time.perf_counter()
+            dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
             ev = evaluate_blocks(model, test, test_slots, cfg, epoch, rank, world, device)
             metrics.update(miou=ev["miou"], macc=ev["macc"], oa=ev["oa"], points=ev["points"])
             history.append({"epoch": epoch, "step": step, **metrics})

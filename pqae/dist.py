@@ -64,6 +64,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating: DDP
+    broadcasts buffers only at the start of a forward, and each rank then updates them on its
+    own batch, so without this the ranks would evaluate slightly different models."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def shard(n: int, rank: int, world_size: int) -> range:
     """The contiguous slice of n evaluation samples that `rank` handles: every sample is in
     exactly one rank's slice (no padding, no duplicates), sizes differ by at most one."""

@@ -18,9 +18,14 @@ Reported numbers (§3.7), each named for what it is, written to out_dir/results.
 * best_acc:  the best test accuracy over epochs. This SELECTS THE EPOCH ON THE TEST SET; it is
              the number the reference reports, so it is kept, under that name;
 * vote_acc:  vote@10 of the last-epoch model with a fixed seed (`--vote-seed`): 10 random
-             subsets (+ the vote transform), logits averaged. (The reference's `--test` reports
-             the max over 299 such runs; we report one.)
+             subsets (+ the vote transform), logits averaged. Each vote's subset is shared by
+             the whole test set, so the result does not depend on batching or sharding (the
+             reference draws one per test batch: same per-sample odds, a little more
+             run-to-run spread here). The reference's `--test` reports the max over 299 such
+             runs; we report one.
 Under torchrun every test sample is evaluated exactly once (contiguous shards, summed counts).
+After a mid-epoch resume, that epoch's logged train_loss/train_acc cover only the steps since
+the resume; test accuracies and everything trained are exactly those of an unbroken run.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pqae import cli, data, dist
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
+from pqae.seeding import shared_seed, step_seed
 
 
 @dataclass(frozen=True)
@@ -159,11 +165,6 @@ def build_model(cfg: Config) -> PointClassifier:
                            group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
                            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
                            embed_hidden=cfg.embed_hidden)
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A distinct seed per (seed, step, rank) for the global torch RNG."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def load_finetuned(model: PointClassifier, path: str) -> None:
@@ -310,7 +311,7 @@ def main(cfg: Config) -> dict:
     def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
         torch.manual_seed(step_seed(cfg.seed, step, rank))  # shuffles, augmentation, DropPath
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, step))  # same on every rank
+        g = torch.Generator().manual_seed(shared_seed(cfg.seed, step))  # same on every rank
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
         points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start

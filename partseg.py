@@ -33,6 +33,7 @@ from pqae import cli, dist
 from pqae import shapenetpart as spart
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
+from pqae.seeding import step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
 
 
@@ -130,11 +131,6 @@ def build_param_groups(model: PointSegmenter, lr: float, weight_decay: float) ->
     names = {id(p): n for n, p in model.named_parameters()}
     assert not any(names[id(p)].startswith("encoder.") for p in groups[0]["params"])
     return groups
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A distinct seed per (seed, step, rank) for the global torch RNG."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 @torch.no_grad()

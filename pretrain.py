@@ -31,6 +31,7 @@ from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
+from pqae.seeding import shared_seed, step_seed
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,6 @@ def load_clouds(cfg: Config) -> torch.Tensor:
     return data.procedural_shapes(cfg.procedural_shapes, 2048, seed=cfg.seed)
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A distinct seed per (seed, step, rank) for the global torch RNG."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
-
-
 def build_model(cfg: Config) -> PointPQAE:
     return PointPQAE(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
                      decoder_depth=cfg.decoder_depth, num_group=cfg.num_group,
@@ -167,7 +163,7 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
         with phase("data"):
             points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
-        crop_ratios = model.draw_crop_ratios(random.Random(step_seed(cfg.seed, step)))  # all ranks
+        crop_ratios = model.draw_crop_ratios(random.Random(shared_seed(cfg.seed, step)))  # all ranks
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
             out = train_model(points, crop_ratios, return_outputs)
         with phase("backward"):

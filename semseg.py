@@ -32,6 +32,7 @@ from pqae import cli, dist
 from pqae import s3dis
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
+from pqae.seeding import step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
 
 
@@ -122,11 +123,6 @@ PRESETS = {
         lr=1e-3, epochs=12, warmup_epochs=0, log_every=5, num_votes=1,
         out_dir="runs/semseg-tiny"),
 }
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A distinct seed per (seed, step, rank) for the global torch RNG."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def eval_seed(seed: int, epoch: int, batch: int) -> int:

@@ -1,0 +1,20 @@
+"""Per-step seeds. Every random draw of a training step is a function of (seed, step, rank),
+so a resumed run replays exactly what an uninterrupted one draws, without saving RNG state."""
+
+from __future__ import annotations
+
+# Offset of the batch-shared stream: it never equals a rank's stream (whose seeds stay far
+# below 2**62 for any realistic seed, step and world size).
+_SHARED = 2**62
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of rank `rank`'s own draws at `step` (the global torch RNG: sampling,
+    augmentation, DropPath)."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def shared_seed(seed: int, step: int) -> int:
+    """The seed of the draws every rank makes identically at `step` (a batch-wide crop ratio
+    or point subset), independent of every rank's own stream."""
+    return _SHARED + step_seed(seed, step)

@@ -4,6 +4,7 @@
         --out data/shapenetpart.h5                                        # once
     python partseg.py --pretrained runs/pretrain/ckpt-epoch-300           # reference, one GPU
     torchrun --nproc_per_node=4 partseg.py --pretrained runs/pretrain/ckpt-epoch-300
+    python partseg.py --test-checkpoint runs/partseg/ckpt-best-on-test    # evaluate only
     python partseg.py --preset tiny --data-path /tmp/cap.h5 --train-split test   # CPU smoke run
 
 Both splits are held whole on the device (points concatenated, with offsets) and each step
@@ -82,6 +83,9 @@ class Config:
     again: two updates per batch (§5.4, §9.1.15). False: clip, then one step."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
+    test_checkpoint: str = ""
+    """skip training: load this fine-tuned checkpoint strictly and evaluate it once on the test
+    split (the reference's --test), with the test points drawn as in epoch 0's evaluation."""
     seed: int = 0
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -194,11 +198,21 @@ def main(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    print0(f"data {cfg.data if cfg.data == 'synthetic' else cfg.data_path}: {cfg.train_split} {len(train)} shapes, test {len(test)} | "
+    source = cfg.data if cfg.data == "synthetic" else cfg.data_path
+    print0(f"data {source}: {cfg.train_split} {len(train)} shapes, test {len(test)} | "
            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch "
            f"{cfg.batch_size} ({local_bs} per process)", rank=rank)
 
     model = build_model(cfg).to(device)
+    if cfg.test_checkpoint:  # one evaluation of a fine-tuned model, no training
+        ckpt.load_strict(model, ckpt.load_weights(cfg.test_checkpoint), source=cfg.test_checkpoint)
+        result = evaluate(model, test, cfg, 0, rank, world)
+        metrics = {k: result[k] for k in ("acc", "class_miou", "instance_miou")}
+        print0(f"test of {cfg.test_checkpoint} | acc {metrics['acc']:.4f} | class mIoU "
+               f"{metrics['class_miou']:.4f} | instance mIoU {metrics['instance_miou']:.4f}",
+               rank=rank)
+        dist.cleanup()
+        return {"test": metrics, "model": model}
     if cfg.pretrained:
         dropped = load_pretrained(model, cfg.pretrained)
         print0(f"loaded encoder from {cfg.pretrained}; dropped {len(dropped)} pretraining-only "

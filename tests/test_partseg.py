@@ -311,3 +311,15 @@ def test_synthetic_parts_and_tiny_preset(tmp_path):
     assert len(result["history"]) == 3
     # One part everywhere scores ~0.25-0.33 instance mIoU; seen: 0.73 after 3 epochs.
     assert result["history"][-1]["instance_miou"] > 0.55
+
+
+def test_test_checkpoint_reproduces_the_epoch_evaluation(tmp_path, cap_h5):
+    # One epoch: evaluated at its end (test points drawn for epoch 0), then ckpt-last written.
+    # Testing ckpt-last alone must give exactly those metrics.
+    trained = partseg.main(small_config(tmp_path / "run", cap_h5, epochs=1))
+    tested = partseg.main(small_config(tmp_path / "test", cap_h5,
+                                       test_checkpoint=str(tmp_path / "run" / "ckpt-last")))
+    for k in ("acc", "class_miou", "instance_miou"):
+        assert tested["test"][k] == trained["history"][0][k], k
+    with pytest.raises(FileNotFoundError):
+        partseg.main(small_config(tmp_path / "x", cap_h5, test_checkpoint=str(tmp_path / "no")))

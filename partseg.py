@@ -5,7 +5,7 @@
     python partseg.py --pretrained runs/pretrain/ckpt-epoch-300           # reference, one GPU
     torchrun --nproc_per_node=4 partseg.py --pretrained runs/pretrain/ckpt-epoch-300
     python partseg.py --test-checkpoint runs/partseg/ckpt-best-on-test    # evaluate only
-    python partseg.py --preset tiny --data-path /tmp/cap.h5 --train-split test   # CPU smoke run
+    python partseg.py --preset tiny                                       # built-in shapes, CPU
 
 Both splits are held whole on the device (points concatenated, with offsets) and each step
 draws its batch there: 2048 points per shape WITH replacement, then scale and translate

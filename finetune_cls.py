@@ -227,6 +227,41 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
     return 100.0 * correct / max(total, 1), int(total)
 
 
+def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
+                    train_points: torch.Tensor, train_labels: torch.Tensor, env: dist.Dist):
+    """The optimizer step of `step` (§3.6 sampling, augmentation, clip, AdamW): its batch and
+    every random draw come from (seed, step, rank) only, so any step can be replayed."""
+    rank, device = env.rank, env.device
+    local_bs = cfg.batch_size // env.world_size
+    steps_per_epoch = train_points.shape[0] // cfg.batch_size
+    point_all = data.point_all_for(cfg.num_points, train_points.shape[1])
+
+    def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # shuffles, augmentation, DropPath
+        # The batch-wide subset is drawn on the device (a host draw would need a copy, i.e. a
+        # sync, every step), from a stream every rank shares.
+        g = torch.Generator(device=device).manual_seed(shared_seed(cfg.seed, step))
+        i = step % steps_per_epoch
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
+        points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
+        points = data.fps_gather(points, point_all)  # (b, point_all, 3)
+        subset = torch.randperm(point_all, generator=g, device=device)[:cfg.num_points]
+        points = points[:, subset]  # ONE random subset for the whole batch (§3.6, §9.1 item 14)
+        points = data.apply_augmentation(cfg.augment, points,
+                                         data.draw_augmentation(cfg.augment, len(idx)))
+        logits = train_model(points)
+        labels = train_labels[idx]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    return train_step
+
+
 def main(cfg: Config) -> dict:
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
@@ -273,7 +308,6 @@ def main(cfg: Config) -> dict:
     train_points, train_labels = train_points.to(device), train_labels.to(device)
     if cfg.num_points > train_points.shape[1]:
         raise ValueError(f"num_points {cfg.num_points} > {train_points.shape[1]} points per cloud")
-    point_all = data.point_all_for(cfg.num_points, train_points.shape[1])
     steps_per_epoch = train_points.shape[0] // cfg.batch_size  # drop_last, as the reference
     if steps_per_epoch == 0:
         raise ValueError(f"{train_points.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
@@ -308,26 +342,8 @@ def main(cfg: Config) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         return torch.randperm(train_points.shape[0], generator=g).to(device)
 
-    def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
-        torch.manual_seed(step_seed(cfg.seed, step, rank))  # shuffles, augmentation, DropPath
-        g = torch.Generator().manual_seed(shared_seed(cfg.seed, step))  # same on every rank
-        i = step % steps_per_epoch
-        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
-        points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
-        points = data.fps_gather(points, point_all)  # (b, point_all, 3)
-        subset = torch.randperm(point_all, generator=g)[:cfg.num_points].to(device)
-        points = points[:, subset]  # ONE random subset for the whole batch (§3.6, §9.1 item 14)
-        points = data.apply_augmentation(cfg.augment, points,
-                                         data.draw_augmentation(cfg.augment, len(idx)))
-        logits = train_model(points)
-        labels = train_labels[idx]
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+    train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
+                                 env)
 
     writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
     if rank == 0:

@@ -252,3 +252,36 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     last = tmp_path / "run" / "ckpt-last"
     assert ckpt.load_meta(last)["epoch"] == 1
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
+
+
+def test_training_step_has_no_host_syncs(tmp_path):
+    """The real step of finetune_cls.py (shuffle, FPS, the batch-wide subset, augmentation,
+    forward, backward, clipping) under FakeTensorMode, where every data-dependent op (the host
+    syncs of a GPU step) raises. The optimizer is left out (AdamW's step counter is a CPU
+    scalar, not a device sync); a negative control shows the NaN guard is caught."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from pqae import data, dist
+
+    class NoOpOptimizer:
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    cfg = small_config(tmp_path)
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model = finetune_cls.build_model(cfg)
+    points, labels = data.procedural_classes(32, cfg.procedural_points, num_classes=3)
+
+    def run_step(check_inputs: bool) -> None:
+        model.check_inputs = check_inputs
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            step = finetune_cls.make_train_step(cfg, model, model, NoOpOptimizer(),
+                                                mode.from_tensor(points), mode.from_tensor(labels),
+                                                env)
+            step(1, torch.randperm(32))
+
+    run_step(check_inputs=False)  # the configuration finetune_cls.py trains with on a GPU
+    with pytest.raises(DataDependentOutputException):
+        run_step(check_inputs=True)

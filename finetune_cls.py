@@ -47,7 +47,7 @@ from pqae import cli, data, dist
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
-from pqae.seeding import shared_seed, step_seed
+from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
 @dataclass(frozen=True)
@@ -337,11 +337,6 @@ def main(cfg: Config) -> dict:
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.enabled else model
 
-    def epoch_perm(epoch: int) -> torch.Tensor:
-        """The data order of an epoch: a function of (seed, epoch) only."""
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        return torch.randperm(train_points.shape[0], generator=g).to(device)
-
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
                                  env)
 
@@ -365,7 +360,7 @@ def main(cfg: Config) -> dict:
     epoch_sums = torch.zeros(3, device=device)
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
-    perm = epoch_perm(epoch)
+    perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], device)
     train_model.train()  # all protocols train in train() mode (§3.2)
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, lr0, cfg.epochs, cfg.warmup_epochs)
@@ -413,7 +408,7 @@ def main(cfg: Config) -> dict:
                 save("ckpt-best", epoch, step, resumable=False)
             save("ckpt-last", epoch, step, resumable=True)
             epoch += 1
-            perm = epoch_perm(epoch)
+            perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], device)
         elif step == total_steps:
             save("ckpt-last", epoch, step, resumable=True)  # --max-steps stop, mid-epoch
 

@@ -34,7 +34,7 @@ from pqae import cli, dist
 from pqae import shapenetpart as spart
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
-from pqae.seeding import step_seed
+from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
 
 
@@ -242,11 +242,6 @@ def main(cfg: Config) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    def epoch_perm(epoch: int) -> torch.Tensor:
-        """The data order of an epoch: a function of (seed, epoch) only."""
-        return torch.randperm(len(train),
-                              generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-
     def save(name: str, epoch: int, metrics: dict, resumable: bool) -> None:
         if rank != 0:
             return
@@ -260,7 +255,7 @@ def main(cfg: Config) -> dict:
     sums = torch.zeros(3, device=device)  # loss, correct points, points since the last log line
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
-    perm = epoch_perm(epoch)
+    perm = epoch_perm(cfg.seed, epoch, len(train))
     last_metrics = history[-1] if history else {}
     train_model.train()
     while step < total_steps:
@@ -329,7 +324,7 @@ def main(cfg: Config) -> dict:
             save("ckpt-last", epoch, last_metrics, resumable=True)
         if epoch_end:
             epoch += 1
-            perm = epoch_perm(epoch)
+            perm = epoch_perm(cfg.seed, epoch, len(train))
             timer.reset()  # the next progress line times training steps, not the evaluation
 
     if history:

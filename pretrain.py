@@ -31,7 +31,7 @@ from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
-from pqae.seeding import shared_seed, step_seed
+from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,6 @@ def build_training(cfg: Config, env: dist.Dist):
     if cfg.compile:
         train_model = torch.compile(train_model)
     return model, train_model, optimizer
-
-
-def epoch_perm(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The data order of an epoch: a function of (seed, epoch) only. Moved to the device once
-    per epoch, so that a step's indices need no (synchronising) host-to-device copy."""
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    return torch.randperm(n, generator=g).to(device)
 
 
 def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, clouds: torch.Tensor,

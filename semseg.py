@@ -32,7 +32,7 @@ from pqae import cli, dist
 from pqae import s3dis
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
-from pqae.seeding import step_seed
+from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
 
 
@@ -296,11 +296,6 @@ def main(cfg: Config) -> dict:
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.enabled else model
 
-    def epoch_order(epoch: int) -> torch.Tensor:
-        """The room of every training slot of an epoch, shuffled by (seed, epoch) only."""
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        return train_slots[torch.randperm(len(train_slots), generator=g)]
-
     def train_step(step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch; returns (this process's share of the global weighted loss, its
         correct-point fraction): summed over ranks, the first is the loss of the global batch."""
@@ -340,7 +335,7 @@ def main(cfg: Config) -> dict:
     sums = torch.zeros(2, device=device)  # loss, accuracy since the last log line
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
-    order = epoch_order(epoch)
+    order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
     train_model.train()
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
@@ -391,7 +386,7 @@ def main(cfg: Config) -> dict:
             save(epoch, step, metrics)
         if epoch_end:
             epoch += 1
-            order = epoch_order(epoch)
+            order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
 
     result = {"step": step, "history": history, "metrics": metrics, "best_miou": best_miou,
               "out_dir": str(out_dir), "model": model}

@@ -34,3 +34,14 @@ def small_pretrain_config(tmp_path: Path, **overrides):
                 device="cpu", out_dir=str(tmp_path / "run"))
     base.update(overrides)
     return dataclasses.replace(Config(), **base)
+
+
+class NoOpOptimizer:
+    """Stands in for AdamW where a test runs a training step under FakeTensorMode: AdamW keeps
+    its step counter as a CPU scalar, which is not a device sync but would trip the check."""
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import finetune_cls
-from conftest import ROOT
+from conftest import ROOT, NoOpOptimizer
 from data_prep.convert_checkpoint import FINETUNE_CLS_PREFIXES, Args, convert_any
 from data_prep.convert_checkpoint import main as convert
 from pqae import PointClassifier
@@ -261,13 +261,6 @@ def test_training_step_has_no_host_syncs(tmp_path):
     scalar, not a device sync); a negative control shows the NaN guard is caught."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
     from pqae import data, dist
-
-    class NoOpOptimizer:
-        def step(self):
-            pass
-
-        def zero_grad(self, set_to_none=True):
-            pass
 
     cfg = small_config(tmp_path)
     env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pretrain
-from conftest import AIRPLANES, ROOT, need, small_pretrain_config
+from conftest import AIRPLANES, ROOT, NoOpOptimizer, need, small_pretrain_config
 from pqae import checkpoint as ckpt
 from pqae import data
 from pqae.model import crop_view
@@ -192,13 +192,6 @@ def test_training_step_has_no_host_syncs(tmp_path):
     left out: AdamW keeps its step counter as a CPU scalar, which is not a device sync."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
     from pqae import dist
-
-    class NoOpOptimizer:
-        def step(self):
-            pass
-
-        def zero_grad(self, set_to_none=True):
-            pass
 
     cfg = small_pretrain_config(tmp_path)
     env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

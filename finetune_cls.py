@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import cli, data, dist
+import kernels
+from pqae import bench, cli, data, dist
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
+from pqae.profiling import phase
 from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
@@ -114,6 +116,22 @@ class Config:
     vote_seed: int = 0
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
+    compile: bool = False
+    """torch.compile the encoder and the head (`PointClassifier.compile_fixed_shapes`); the
+    grouping stays eager."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
+    default (for-each) AdamW, up to rounding in the last bits."""
+    benchmark_steps: int = 0
+    """if > 0: time this many training steps (after 5 warm-up steps), print ms/step, and exit.
+    Also times the plain-PyTorch float32 path in the same run (see --benchmark-compare)."""
+    benchmark_compare: bool = True
+    """with --benchmark-steps: also time the plain-PyTorch float32 path (reference kernels, no
+    amp, no compile, for-each AdamW) and print the ratio."""
+    benchmark_phases: bool = True
+    """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
     sync_bn: bool = True
     """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch of the reference's
     single-GPU run. (Per-process BatchNorm on CPU/gloo.)"""
@@ -209,9 +227,14 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
     device = test.labels.device
     logits = torch.zeros(len(test.labels), cfg.num_classes, device=device)
     bs = cfg.eval_batch_size
+
+    def run(points: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            return model(points).float()
+
     if votes == 0:
         for i in range(0, len(test.labels), bs):
-            logits[i:i + bs] = model(test.points[i:i + bs]).float()
+            logits[i:i + bs] = run(test.points[i:i + bs])
     for v in range(votes):
         g = torch.Generator().manual_seed(cfg.vote_seed * 1000 + v)
         subset = torch.randperm(test.point_all, generator=g)[:cfg.num_points].to(device)
@@ -219,12 +242,71 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
         for i in range(0, len(test.labels), bs):
             pts = data.apply_augmentation(cfg.vote_augment, test.pool[i:i + bs][:, subset],
                                           params[i:i + bs])
-            logits[i:i + bs] += model(pts).float() / votes  # average of the votes' logits
+            logits[i:i + bs] += run(pts) / votes  # average of the votes' logits
     counts = torch.stack([(logits.argmax(1) == test.labels).sum(), torch.tensor(len(test.labels),
                                                                                 device=device)])
     correct, total = dist.all_reduce_sum(counts.double()).tolist()
     model.train(was_training)
     return 100.0 * correct / max(total, 1), int(total)
+
+
+def build_training(cfg: Config, env: dist.Dist):
+    """(model, the module to call for training (DDP wrapper or the model), optimizer), with the
+    pretrained encoder of cfg.ckpt loaded when given."""
+    torch.manual_seed(cfg.seed)  # model init: identical on every rank
+    model = build_model(cfg).to(env.device)
+    model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
+    if cfg.ckpt:
+        dropped = model.load_pretrained(cfg.ckpt)
+        print0(f"loaded the encoder of {cfg.ckpt}; dropped {len(dropped)} pretraining-only keys: "
+               f"{dropped}", rank=env.rank)
+    if env.enabled and cfg.sync_bn and env.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
+                                  lr=base_lr(cfg), weight_decay=cfg.weight_decay,
+                                  fused=cfg.fused_adamw)
+    if cfg.compile:
+        model.compile_fixed_shapes()
+    train_model = model
+    if env.enabled:
+        train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model, train_model, optimizer
+
+
+def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tensor,
+              env: dist.Dist) -> dict:
+    """Time cfg.benchmark_steps training steps of this config and, in the same run, of the
+    plain-PyTorch float32 path (reference kernels, no amp, no compile, for-each AdamW); then a
+    breakdown of a few steps by phase. Writes nothing."""
+    variants = [bench.Variant("this config", cfg, kernels.get_backend())]
+    if cfg.benchmark_compare:
+        plain = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
+        variants.insert(0, bench.Variant("plain PyTorch fp32", plain, "reference"))
+    perm = epoch_perm(cfg.seed, 0, train_points.shape[0], env.device)
+    steps_per_epoch = train_points.shape[0] // cfg.batch_size
+
+    def make_step(v: bench.Variant):
+        model, train_model, optimizer = build_training(v.cfg, env)
+        train_model.train()
+        step = make_train_step(v.cfg, model, train_model, optimizer, train_points, train_labels,
+                               env)
+        return lambda i: step(i % steps_per_epoch, perm)
+
+    results = bench.run(variants, make_step, cfg.benchmark_steps, cfg.batch_size, env.device,
+                        phases=cfg.benchmark_phases)
+    if env.rank == 0:
+        epochs = cfg.epochs + 1
+        print(bench.report(
+            results, title=f"benchmark ({cfg.head} fine-tuning, {cfg.num_points} points, "
+                           f"{cfg.num_group} groups): global batch {cfg.batch_size} on "
+                           f"{env.world_size} process(es), {cfg.benchmark_steps} timed steps, "
+                           f"device {env.device}",
+            phase_order=["data", "grouping", "patch_embed", "encoder", "head", "loss",
+                         "backward", "optimizer"],
+            nested={"encoder": "patch_embed"},
+            projections=[(f"{epochs} epochs of this data", epochs * steps_per_epoch)]))
+    dist.cleanup()
+    return results
 
 
 def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
@@ -244,19 +326,24 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
         g = torch.Generator(device=device).manual_seed(shared_seed(cfg.seed, step))
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
-        points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
-        points = data.fps_gather(points, point_all)  # (b, point_all, 3)
-        subset = torch.randperm(point_all, generator=g, device=device)[:cfg.num_points]
-        points = points[:, subset]  # ONE random subset for the whole batch (§3.6, §9.1 item 14)
-        points = data.apply_augmentation(cfg.augment, points,
-                                         data.draw_augmentation(cfg.augment, len(idx)))
-        logits = train_model(points)
-        labels = train_labels[idx]
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("data"):
+            points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
+            points = data.fps_gather(points, point_all)  # (b, point_all, 3)
+            subset = torch.randperm(point_all, generator=g, device=device)[:cfg.num_points]
+            points = points[:, subset]  # ONE random subset for the batch (§3.6, §9.1 item 14)
+            points = data.apply_augmentation(cfg.augment, points,
+                                             data.draw_augmentation(cfg.augment, len(idx)))
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logits = train_model(points)
+        with phase("loss"):
+            labels = train_labels[idx]
+            loss = F.cross_entropy(logits.float(), labels)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach(), (logits.argmax(1) == labels).sum()
 
     return train_step
@@ -272,20 +359,17 @@ def main(cfg: Config) -> dict:
     header = run_header(device, world)
     print0(header, rank=rank)
 
-    torch.manual_seed(cfg.seed)  # model init: identical on every rank
     test_points, test_labels = load_split(cfg, "test")
     if cfg.num_points > test_points.shape[1]:
         raise ValueError(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
     test = TestSet(cfg, test_points, test_labels, rank, world, device)
-    model = build_model(cfg).to(device)
-    model.check_inputs = device.type == "cpu"  # the data were checked for NaN when loaded
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-           f"parameters, {trainable / 1e6:.3f} M trainable", rank=rank)
 
     if cfg.eval_only:
         if not cfg.ckpt:
             raise ValueError("--eval-only needs --ckpt (a fine-tuned checkpoint)")
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(device)
+        model.check_inputs = device.type == "cpu"  # the data were checked for NaN when loaded
         load_finetuned(model, cfg.ckpt)
         acc, n = evaluate(model, test, cfg)
         vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None
@@ -300,10 +384,6 @@ def main(cfg: Config) -> dict:
         dist.cleanup()
         return {**result, "model": model}
 
-    if cfg.ckpt:
-        dropped = model.load_pretrained(cfg.ckpt)
-        print0(f"loaded the encoder of {cfg.ckpt}; dropped {len(dropped)} pretraining-only keys: "
-               f"{dropped}", rank=rank)
     train_points, train_labels = load_split(cfg, "train")
     train_points, train_labels = train_points.to(device), train_labels.to(device)
     if cfg.num_points > train_points.shape[1]:
@@ -317,11 +397,13 @@ def main(cfg: Config) -> dict:
     print0(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size} | "
            f"{steps_per_epoch} steps/epoch x {cfg.epochs + 1} epochs | global batch "
            f"{cfg.batch_size} ({local_bs} per process) | lr {lr0:g} (x10 for cls*)", rank=rank)
+    if cfg.benchmark_steps:
+        return benchmark(cfg, train_points, train_labels, env)
 
-    if env.enabled and cfg.sync_bn and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
-                                  lr=lr0, weight_decay=cfg.weight_decay)
+    model, train_model, optimizer = build_training(cfg, env)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+           f"parameters, {trainable / 1e6:.3f} M trainable", rank=rank)
 
     step, history, best = 0, [], {"acc": -1.0, "epoch": -1}
     if cfg.resume:
@@ -333,9 +415,6 @@ def main(cfg: Config) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         step, history, best = state["step"], state["history"], state["best"]
         print0(f"resumed from {last} at step {step}", rank=rank)
-
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if env.enabled else model
 
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
                                  env)

@@ -25,8 +25,9 @@ from typing import Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import kernels
 from pqae import checkpoint as ckpt
-from pqae import cli, data, dist
+from pqae import bench, cli, data, dist
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
@@ -48,6 +49,8 @@ class Config:
     """points sampled per cloud each step (random subset without replacement)."""
     procedural_shapes: int = 1024
     """number of generated shapes when data = procedural."""
+    procedural_points: int = 2048
+    """points per generated shape (ShapeNet-55 clouds have 8192: use that to benchmark)."""
     # model (§1, §2); the defaults are the reference's
     dim: int = 384
     depth: int = 12
@@ -76,7 +79,11 @@ class Config:
     amp: bool = False
     """bf16 autocast. Deviation when on: the reference trains in float32."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the fixed-shape parts of the model: encoder, positional query, decoder,
+    head (`PointPQAE.compile_fixed_shapes`). Views and grouping stay eager."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
+    default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
     """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
     reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
@@ -115,7 +122,7 @@ def load_clouds(cfg: Config) -> torch.Tensor:
         return data.load_shapenet55(cfg.data_path, cfg.split)
     if cfg.data == "airplanes":
         return data.load_airplanes(cfg.data_path, cfg.split)
-    return data.procedural_shapes(cfg.procedural_shapes, 2048, seed=cfg.seed)
+    return data.procedural_shapes(cfg.procedural_shapes, cfg.procedural_points, seed=cfg.seed)
 
 
 def build_model(cfg: Config) -> PointPQAE:
@@ -126,18 +133,19 @@ def build_model(cfg: Config) -> PointPQAE:
 
 
 def build_training(cfg: Config, env: dist.Dist):
-    """(model, the module to call for training (DDP / compiled wrapper), optimizer)."""
+    """(model, the module to call for training (DDP wrapper or the model), optimizer)."""
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     model = build_model(cfg).to(env.device)
     model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
     if env.enabled and cfg.sync_bn and env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  fused=cfg.fused_adamw)
+    if cfg.compile:
+        model.compile_fixed_shapes()
     train_model = model
     if env.enabled:
         train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
     return model, train_model, optimizer
 
 
@@ -297,82 +305,37 @@ def log_clouds(writer, out: dict, step: int) -> None:
 
 
 def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:
-    """Time cfg.benchmark_steps optimizer steps (after 5 warm-up steps) of this config and, in
-    the same run, of the plain-PyTorch float32 path; then a breakdown of a few steps by phase."""
-    import kernels
-    from pqae import profiling
-
-    device = env.device
-    variants = [("this config", cfg, kernels.get_backend())]
+    """Time cfg.benchmark_steps optimizer steps of this config and, in the same run, of the
+    plain-PyTorch float32 path (reference kernels, no amp, no compile, for-each AdamW); then a
+    breakdown of a few steps by phase. Writes nothing."""
+    variants = [bench.Variant("this config", cfg, kernels.get_backend())]
     if cfg.benchmark_compare:
-        plain = dataclasses.replace(cfg, amp=False, compile=False)
-        variants.insert(0, ("plain PyTorch fp32", plain, "reference"))
-    perm = epoch_perm(cfg.seed, 0, clouds.shape[0], device)
+        plain = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
+        variants.insert(0, bench.Variant("plain PyTorch fp32", plain, "reference"))
+    perm = epoch_perm(cfg.seed, 0, clouds.shape[0], env.device)
     steps_per_epoch = clouds.shape[0] // cfg.batch_size
-    results = {}
-    for name, vcfg, backend in variants:
-        kernels.set_backend(backend)
-        step = make_train_step(vcfg, *build_training(vcfg, env), clouds, env)
-        for s in range(5):
-            step(s % steps_per_epoch, perm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        timer = Timer(device)
-        for s in range(cfg.benchmark_steps):
-            step(s % steps_per_epoch, perm)
-            timer.steps += 1
-        ms = timer.ms_per_step()
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        phases = {}
-        if cfg.benchmark_phases:
-            profiling.enabled(True)
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=acts) as prof:
-                for s in range(3):
-                    step(s % steps_per_epoch, perm)
-            profiling.enabled(False)
-            phases = {k: v / 3 for k, v in profiling.breakdown(prof).items()}
-        results[name] = {"ms_per_step": ms, "shapes_per_s": cfg.batch_size * 1000 / ms,
-                         "peak_gib": peak, "backend": backend, "amp": vcfg.amp,
-                         "compile": vcfg.compile, "phases_ms": phases}
-        kernels.set_backend("auto")
+
+    def make_step(v: bench.Variant):
+        step = make_train_step(v.cfg, *build_training(v.cfg, env), clouds, env)
+        return lambda i: step(i % steps_per_epoch, perm)
+
+    results = bench.run(variants, make_step, cfg.benchmark_steps, cfg.batch_size, env.device,
+                        phases=cfg.benchmark_phases)
     if env.rank == 0:
-        print_benchmark(cfg, results, env)
+        epochs = cfg.epochs + 1
+        print(bench.report(
+            results, title=f"benchmark: global batch {cfg.batch_size} on {env.world_size} "
+                           f"process(es), {cfg.benchmark_steps} timed steps, device {env.device}",
+            phase_order=PHASES, nested={"encoder": "patch_embed"},
+            projections=[(f"{epochs} epochs of this data", epochs * steps_per_epoch),
+                         (f"{epochs} epochs of ShapeNet-55 ({data.SHAPENET55_SHAPES} shapes)",
+                          epochs * (data.SHAPENET55_SHAPES // cfg.batch_size))]))
     dist.cleanup()
     return results
 
 
-def print_benchmark(cfg: Config, results: dict, env: dist.Dist) -> None:
-    print(f"benchmark: global batch {cfg.batch_size} on {env.world_size} process(es), "
-          f"{cfg.benchmark_steps} timed steps, device {env.device}")
-    print(f"{'path':<20} {'backend':>9} {'amp':>5} {'compile':>7} {'ms/step':>9} "
-          f"{'shapes/s':>9} {'peak GiB':>8}")
-    for name, r in results.items():
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{name:<20} {r['backend']:>9} {str(r['amp']):>5} {str(r['compile']):>7} "
-              f"{r['ms_per_step']:>9.1f} {r['shapes_per_s']:>9.0f} {peak:>8}")
-    if len(results) == 2:
-        (_, a), (_, b) = results.items()
-        print(f"speed-up of this config over plain PyTorch fp32: "
-              f"{a['ms_per_step'] / b['ms_per_step']:.2f}x")
-    order = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss", "backward",
-             "optimizer"]
-    names = list(results)
-    if any(r["phases_ms"] for r in results.values()):
-        print("phase breakdown, ms per step (encoder excludes patch_embed; nested in it):")
-        print(f"{'phase':<14}" + "".join(f"{n:>22}" for n in names))
-        for ph in order:
-            vals = []
-            for n in names:
-                p = results[n]["phases_ms"]
-                v = p.get(ph)
-                if ph == "encoder" and v is not None:
-                    v -= p.get("patch_embed", 0.0)
-                vals.append(f"{v:>22.2f}" if v is not None else f"{'-':>22}")
-            print(f"{ph:<14}" + "".join(vals))
+PHASES = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss", "backward",
+          "optimizer"]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn as nn
 import kernels
 from pqae.checkpoint import load_pretrained_encoder
 from pqae.model import PointEncoder
+from pqae.profiling import phase
 
 HEADS = ("full", "linear", "mlp3")
 
@@ -74,6 +75,12 @@ class PointClassifier(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(self.head_kind == "full" or "cls" in name)
 
+    def compile_fixed_shapes(self, **options) -> None:
+        """torch.compile, in place, the encoder and the head; the grouping (Triton kernels on
+        a GPU) stays eager. Parameter names, and so checkpoints, are unchanged."""
+        for m in (self.encoder, self.cls_head):
+            m.compile(**options)
+
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Strictly load a pretraining checkpoint's encoder; returns the dropped
         pretraining-only keys (decoder side), which the caller prints."""
@@ -81,10 +88,14 @@ class PointClassifier(nn.Module):
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> (B, 2C): class-token output and max-pooled patch outputs."""
-        neighborhood, center = kernels.group(points, self.num_group, self.group_size,
-                                             check=self.check_inputs)
-        cls, patches = self.encoder(neighborhood, center)  # (B, C), (B, G, C)
-        return torch.cat([cls, patches.amax(dim=1)], dim=-1)
+        with phase("grouping"):
+            neighborhood, center = kernels.group(points, self.num_group, self.group_size,
+                                                 check=self.check_inputs)
+        with phase("encoder"):
+            cls, patches = self.encoder(neighborhood, center)  # (B, C), (B, G, C)
+            return torch.cat([cls, patches.amax(dim=1)], dim=-1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return self.cls_head(self.features(points))  # (B, num_classes)
+        features = self.features(points)
+        with phase("head"):
+            return self.cls_head(features)  # (B, num_classes)

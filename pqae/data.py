@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 SHAPENET55_POINTS = 8192
+SHAPENET55_SHAPES = 52_470
+"""train + test, the reference's pretraining set (SPEC §2.1)."""
 SHAPENET55_FORMAT_VERSION = 1
 AIRPLANES_POINTS = 2048
 SPLITS = ("train", "test", "all")

@@ -286,6 +286,16 @@ class PointPQAE(nn.Module):
         validated at load time switch it off there)."""
         self._reference_init()
 
+    def compile_fixed_shapes(self, **options) -> None:
+        """torch.compile, in place, the parts whose input shapes never change: the encoder
+        (patches (B, G, M, 3) whatever the crop), the positional query, the decoder and the
+        head. The views and the grouping stay eager: a view's size follows the step's crop
+        ratio, so compiling them would recompile on every step (until Dynamo's recompile limit
+        sends it back to eager), and they are Triton kernels and a top-k already. Parameter
+        names, and so checkpoints, are unchanged."""
+        for m in (self.encoder, self.query_attn, self.decoder, self.head):
+            m.compile(**options)
+
     def _reference_init(self) -> None:
         # §2.8 step 3: every Linear outside the patch embedding (whose layers are Conv1d in the
         # reference and keep their trunc-normal init) gets N(0.02, 0.01^2) weights, zero bias.

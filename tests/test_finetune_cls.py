@@ -278,3 +278,84 @@ def test_training_step_has_no_host_syncs(tmp_path):
     run_step(check_inputs=False)  # the configuration finetune_cls.py trains with on a GPU
     with pytest.raises(DataDependentOutputException):
         run_step(check_inputs=True)
+
+
+def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
+    cfg = small_config(tmp_path, benchmark_steps=2)
+    results = finetune_cls.main(cfg)
+    assert list(results) == ["plain PyTorch fp32", "this config"]
+    plain, fast = results["plain PyTorch fp32"], results["this config"]
+    assert plain["backend"] == "reference" and plain["amp"] is False
+    assert plain["fused_adamw"] is False and fast["fused_adamw"] is True
+    assert plain["ms_per_step"] > 0 and fast["ms_per_step"] > 0
+    for ph in ("data", "grouping", "patch_embed", "encoder", "head", "loss", "backward",
+               "optimizer"):
+        assert plain["phases_ms"][ph] > 0, ph
+    assert plain["phases_ms"]["encoder"] >= plain["phases_ms"]["patch_embed"]  # nested
+    out = capsys.readouterr().out
+    assert "speed-up of this config over plain PyTorch fp32" in out
+    assert "projected 13 epochs of this data (78 steps)" in out  # 96 // 16 = 6 steps/epoch
+    assert not (tmp_path / "run").exists()  # a benchmark writes nothing
+
+
+def test_bf16_autocast_stays_within_tolerance_of_float32(tmp_path):
+    """--amp: the same batch from the same init (dropout off: its masks are drawn differently
+    for bf16) gives a loss within 1 % of float32 and not equal to it, and a gradient pointing
+    the same way (the max-pools route some of it differently under bf16 rounding, so this is
+    looser than pretraining's). A whole --amp fine-tune learns as the float32 one does."""
+    from pqae import data, dist
+
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    points, labels = data.procedural_classes(32, 256, num_classes=3)
+    runs = {}
+    for amp in (False, True):
+        cfg = small_config(tmp_path, amp=amp, drop_path_rate=0.0)
+        model, train_model, _ = finetune_cls.build_training(cfg, env)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(), points,
+                                            labels, env)
+        loss, _ = step(0, torch.arange(32))
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        runs[amp] = loss.item(), grad
+    (loss32, grad32), (loss16, grad16) = runs[False], runs[True]
+    assert loss16 != loss32
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() > 0.9
+
+    result = finetune_cls.main(small_config(tmp_path, amp=True))
+    assert result["best_acc"] >= 55  # the float32 bar of test_full_finetune_learns...
+    assert result["config"]["amp"] is True
+
+
+def test_compile_matches_eager_without_recompiling(tmp_path):
+    """--compile compiles the encoder and the head in place: the same loss and gradient as
+    eager (dropout off), no recompile between training steps, unchanged parameter names."""
+    import torch._dynamo
+    from pqae import data, dist
+
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    points, labels = data.procedural_classes(32, 256, num_classes=3)
+    runs = {}
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for compiled in (False, True):
+                cfg = small_config(tmp_path, compile=compiled, drop_path_rate=0.0)
+                model, train_model, optimizer = finetune_cls.build_training(cfg, env)
+                for m in model.modules():
+                    if isinstance(m, torch.nn.Dropout):
+                        m.p = 0.0
+                step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(),
+                                                    points, labels, env)
+                loss, _ = step(0, torch.arange(32))
+                grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+                step(1, torch.arange(32))  # a second step: no recompile
+                runs[compiled] = loss.item(), grad, list(model.state_dict())
+    finally:
+        torch._dynamo.reset()
+    (loss, grad, names), (eager_loss, eager_grad, eager_names) = runs[True], runs[False]
+    assert loss == pytest.approx(eager_loss, rel=1e-4)
+    assert ((grad - eager_grad).norm() / eager_grad.norm()).item() < 1e-3
+    assert names == eager_names

@@ -1,4 +1,4 @@
-"""CUDA paths of pretraining: skipped without a GPU (CI), run them on one with
+"""CUDA paths of pretraining and fine-tuning: skipped without a GPU (CI), run them on one with
 `python -m pytest -q tests/test_gpu.py`. (The Triton kernels themselves are compared with
 their references on the GPU by tests/test_kernels.py when CUDA is available.)"""
 
@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
+import finetune_cls
 import pretrain
 from conftest import small_pretrain_config
+from test_finetune_cls import small_config as small_finetune_config
 from pqae import data, dist
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,3 +52,34 @@ def test_benchmark_mode_on_gpu(tmp_path):
     fast, plain = results["this config"], results["plain PyTorch fp32"]
     assert fast["backend"] == "auto" and plain["backend"] == "reference"
     assert fast["peak_gib"] > 0 and fast["phases_ms"]["grouping"] > 0
+
+
+def test_bf16_compiled_finetuning_on_triton_kernels(tmp_path):
+    cfg = small_finetune_config(tmp_path, device="cuda", amp=True, compile=True)
+    result = finetune_cls.main(cfg)
+    assert result["best_acc"] >= 55 and next(result["model"].parameters()).is_cuda
+
+
+def test_finetuning_step_does_not_synchronise(tmp_path):
+    cfg = small_finetune_config(tmp_path, device="cuda", amp=True)
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+    model, train_model, optimizer = finetune_cls.build_training(cfg, env)
+    assert model.check_inputs is False and optimizer.defaults["fused"] is True
+    points, labels = data.procedural_classes(64, cfg.procedural_points, num_classes=3)
+    points, labels = points.cuda(), labels.cuda()
+    perm = finetune_cls.epoch_perm(cfg.seed, 0, len(points), env.device)
+    step = finetune_cls.make_train_step(cfg, model, train_model, optimizer, points, labels, env)
+    step(0, perm)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1, perm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_finetune_benchmark_mode_on_gpu(tmp_path):
+    results = finetune_cls.main(small_finetune_config(tmp_path, device="cuda", amp=True,
+                                                      benchmark_steps=3))
+    fast = results["this config"]
+    assert fast["backend"] == "auto" and fast["peak_gib"] > 0 and fast["phases_ms"]["grouping"] > 0

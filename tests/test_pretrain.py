@@ -99,13 +99,18 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
         "rank = int(os.environ['RANK'])\n"
         "model = pretrain.main(cfg)['model']\n"
         "params = {k: p.detach() for k, p in model.named_parameters()}\n"
-        f"save_weights(Path({str(tmp_path)!r}) / f'rank{{rank}}.safetensors', params)\n")
+        f"save_weights(Path({str(tmp_path)!r}) / f'rank{{rank}}.safetensors', params)\n"
+        # the benchmark mode under torchrun too: both paths, DDP on every rank
+        "import dataclasses\n"
+        "pretrain.main(dataclasses.replace(cfg, benchmark_steps=1, benchmark_phases=False))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout and "(8 per process)" in proc.stdout
+    assert "benchmark: global batch 16 on 2 process(es)" in proc.stdout
+    assert proc.stdout.count("speed-up of this config") == 1  # printed by rank 0 only
     r0 = ckpt.load_weights(tmp_path / "rank0.safetensors")
     r1 = ckpt.load_weights(tmp_path / "rank1.safetensors")
     torch.manual_seed(0)  # main() seeds with cfg.seed before building: same init
@@ -180,8 +185,12 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
                "backward", "optimizer"):
         assert phases[ph] > 0, ph
     assert phases["encoder"] >= phases["patch_embed"]  # nested
+    assert plain["fused_adamw"] is False and results["this config"]["fused_adamw"] is True
     out = capsys.readouterr().out
     assert "speed-up of this config over plain PyTorch fp32" in out and "phase breakdown" in out
+    # 4 shapes of 16 per epoch x 3 loop epochs; ShapeNet-55: 52470 // 16 steps per epoch.
+    assert "projected 3 epochs of this data (12 steps)" in out
+    assert f"3 epochs of ShapeNet-55 (52470 shapes) ({3 * (52470 // 16)} steps)" in out
     assert not (tmp_path / "run").exists()  # a benchmark writes no checkpoint
 
 
@@ -209,3 +218,74 @@ def test_training_step_has_no_host_syncs(tmp_path):
     run_step(check_inputs=False)  # the configuration pretrain.py trains with on a GPU
     with pytest.raises(DataDependentOutputException):  # and the check does see a sync
         run_step(check_inputs=True)
+
+
+def _first_step(cfg):
+    """(loss, flat gradient) of step 0 of a fresh model of cfg on CPU."""
+    from pqae import dist
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model, train_model, _ = pretrain.build_training(cfg, env)
+    clouds = data.procedural_shapes(cfg.procedural_shapes, 512)
+    step = pretrain.make_train_step(cfg, model, train_model, NoOpOptimizer(), clouds, env)
+    out = step(0, pretrain.epoch_perm(cfg.seed, 0, len(clouds)))
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return out["loss"].item(), grad
+
+
+def test_bf16_autocast_stays_within_tolerance_of_float32(tmp_path):
+    """--amp: the same batch from the same init gives a loss within 1 % and a gradient within
+    5 % (relative L2) of float32; and it is not float32 (autocast is really on)."""
+    loss32, grad32 = _first_step(small_pretrain_config(tmp_path))
+    loss16, grad16 = _first_step(small_pretrain_config(tmp_path, amp=True))
+    assert loss16 != loss32
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() < 0.05
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() > 0.999
+
+
+def test_fused_adamw_matches_the_reference_for_each_update(tmp_path):
+    """One step from the same gradients: fused and for-each AdamW agree to rounding. (Over
+    more steps Adam's m / sqrt(v) amplifies last-bit differences of near-zero gradients.)"""
+    from pqae import dist
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    weights = {}
+    for fused in (False, True):
+        cfg = small_pretrain_config(tmp_path, fused_adamw=fused, warmup_epochs=0)
+        model, train_model, optimizer = pretrain.build_training(cfg, env)
+        assert optimizer.defaults["fused"] is fused
+        clouds = data.procedural_shapes(cfg.procedural_shapes, 512)
+        perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds))
+        step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+        step(0, perm)
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = (weights[True] - torch.cat([p.flatten() for p in pretrain.build_model(
+        small_pretrain_config(tmp_path)).parameters()]).detach()).abs().max().item()
+    assert moved > 5e-4  # the step did train (lr 1e-3)
+    assert (weights[True] - weights[False]).abs().max().item() < 1e-7
+
+
+def test_compile_compiles_once_and_matches_eager(tmp_path):
+    """--compile compiles only the fixed-shape parts, so steps with new crop ratios (new view
+    sizes) reuse the compiled code: a recompile here raises. Compiled and eager agree on the
+    loss and the gradient, and the parameter names (checkpoints) do not change."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            eager_loss, eager_grad = _first_step(small_pretrain_config(tmp_path, drop_path_rate=0.0))
+            cfg = small_pretrain_config(tmp_path, drop_path_rate=0.0, compile=True)
+            loss, grad = _first_step(cfg)
+            assert loss == pytest.approx(eager_loss, rel=1e-4)
+            assert ((grad - eager_grad).norm() / eager_grad.norm()).item() < 1e-3
+            from pqae import dist
+            env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+            model, train_model, optimizer = pretrain.build_training(cfg, env)
+            assert list(model.state_dict()) == list(pretrain.build_model(cfg).state_dict())
+            clouds = data.procedural_shapes(cfg.procedural_shapes, 512)
+            step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+            perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds))
+            sizes = {step(i, perm, return_outputs=True)["view1"].shape[1] for i in range(4)}
+            assert len(sizes) > 1  # four steps, new crop ratios: the view sizes did change
+    finally:
+        torch._dynamo.reset()

@@ -1,0 +1,132 @@
+"""The `--benchmark-steps` mode shared by pretrain.py and finetune_cls.py.
+
+Each script hands over its variants (the plain-PyTorch float32 path and the configured one)
+as `make_step(variant) -> step(i)`; this module times them one after the other in one run on
+one device and prints a table, the speed-up, the peak memory and a breakdown by phase.
+
+    results = bench.run(variants, make_step, steps=50, batch_size=128, device=device)
+    bench.report(results, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import kernels
+from pqae import profiling
+from pqae.log import Timer
+
+WARMUP_STEPS = 5
+"""untimed steps before timing: Triton compilation, torch.compile, the CUDA allocator."""
+PROFILED_STEPS = 3
+
+
+@dataclass
+class Variant:
+    name: str
+    cfg: Any
+    """the script's Config for this variant (its amp/compile fields are reported)."""
+    backend: str
+    """kernels backend while it runs: "reference" (plain PyTorch) or "auto" (Triton on CUDA)."""
+
+
+def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], Any]], steps: int,
+        batch_size: int, device: torch.device, phases: bool = True) -> dict[str, dict]:
+    """Time `steps` steps of each variant after WARMUP_STEPS untimed ones, then (phases) profile
+    PROFILED_STEPS more for the per-phase times, after one more untimed step. Returns {name: result} in the given order."""
+    results = {}
+    for v in variants:
+        kernels.set_backend(v.backend)
+        try:
+            step = make_step(v)
+            i = 0
+            for _ in range(WARMUP_STEPS):
+                step(i)
+                i += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            timer = Timer(device)
+            for _ in range(steps):
+                step(i)
+                i += 1
+                timer.steps += 1
+            ms = timer.ms_per_step()
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            phases_ms = {}
+            if phases:
+                phases_ms = _profile(step, i, device)
+        finally:
+            kernels.set_backend("auto")
+        results[v.name] = {"ms_per_step": ms, "shapes_per_s": batch_size * 1000 / ms,
+                           "peak_gib": peak, "backend": v.backend,
+                           "amp": getattr(v.cfg, "amp", False),
+                           "compile": getattr(v.cfg, "compile", False),
+                           "fused_adamw": getattr(v.cfg, "fused_adamw", False),
+                           "phases_ms": phases_ms}
+    return results
+
+
+def _profile(step, first: int, device: torch.device) -> dict[str, float]:
+    profiling.enabled(True)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        step(first)  # untimed: switching the labels on makes compiled parts recompile once
+        first += 1
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(first, first + PROFILED_STEPS):
+                step(i)
+    finally:
+        profiling.enabled(False)
+    return {k: v / PROFILED_STEPS for k, v in profiling.breakdown(prof).items()}
+
+
+def report(results: dict[str, dict], *, title: str, phase_order: list[str],
+           nested: dict[str, str] | None = None, projections: list[tuple[str, int]] = ()) -> str:
+    """The printed table. nested {outer: inner}: the outer phase's time is shown without the
+    inner one's. projections [(what, steps)]: wall time of that many steps at each variant's
+    measured ms/step."""
+    nested = nested or {}
+    lines = [title,
+             f"{'path':<20} {'backend':>9} {'amp':>5} {'compile':>7} {'fused':>5} {'ms/step':>9} "
+             f"{'shapes/s':>9} {'peak GiB':>8}"]
+    for name, r in results.items():
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        lines.append(f"{name:<20} {r['backend']:>9} {str(r['amp']):>5} {str(r['compile']):>7} "
+                     f"{str(r['fused_adamw']):>5} {r['ms_per_step']:>9.1f} "
+                     f"{r['shapes_per_s']:>9.0f} {peak:>8}")
+    names = list(results)
+    if len(names) == 2:
+        a, b = results[names[0]], results[names[1]]
+        lines.append(f"speed-up of {names[1]} over {names[0]}: "
+                     f"{a['ms_per_step'] / b['ms_per_step']:.2f}x")
+    for what, n in projections:
+        times = ", ".join(f"{name} {_hours(results[name]['ms_per_step'] * n / 1000)}"
+                          for name in names)
+        lines.append(f"projected {what} ({n} steps): {times}")
+    if any(r["phases_ms"] for r in results.values()):
+        note = "; ".join(f"{o} excludes {i}" for o, i in nested.items())
+        lines.append("phase breakdown, ms per step" + (f" ({note})" if note else "") + ":")
+        lines.append(f"{'phase':<14}" + "".join(f"{n:>22}" for n in names))
+        for ph in phase_order:
+            row = []
+            for n in names:
+                p = results[n]["phases_ms"]
+                v = p.get(ph)
+                if v is not None and ph in nested:
+                    v -= p.get(nested[ph], 0.0)
+                row.append(f"{v:>22.2f}" if v is not None else f"{'-':>22}")
+            lines.append(f"{ph:<14}" + "".join(row))
+    return "\n".join(lines)
+
+
+def _hours(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    m = round(seconds / 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min"

@@ -412,3 +412,13 @@ def test_knn_mixed_precision_computes_in_float64():
                        dtype=torch.float64)
     query = torch.zeros(1, 1, 3, dtype=torch.float32)
     assert R.knn(query, ref, 2)[0, 0].tolist() == [1, 0]
+
+
+def test_bench_smoke_runs_every_case(T, capsys):
+    """`python -m kernels.bench --smoke`: every benchmark case once at toy sizes (interpreted
+    on CPU, compiled on a GPU), so the GPU benchmark cannot break unnoticed."""
+    from kernels import bench
+
+    assert bench.main(["--smoke"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows == ["fps", "knn", "chamfer", "chamfer", "group"]

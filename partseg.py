@@ -89,6 +89,14 @@ class Config:
     seed: int = 0
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
+    compile: bool = False
+    """torch.compile the encoder (`PointSegmenter.compile_fixed_shapes`); grouping, feature
+    propagation and the head stay eager."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
+    default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
     """SyncBatchNorm under multi-GPU DDP (BatchNorm over the global batch, like the reference's
     single GPU). Per-process BatchNorm on CPU/gloo."""
@@ -158,7 +166,8 @@ def evaluate(model: PointSegmenter, test: spart.PartSplit, cfg: Config, epoch: i
     for start in range(mine.start, mine.stop, chunk):
         idx = torch.arange(start, min(start + chunk, mine.stop))
         points, labels = test.sample(idx, u[idx])  # (b, n, 3), (b, n)
-        logp = model(points, test.category[idx.to(device)])  # (b, n, 50)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logp = model(points, test.category[idx.to(device)]).float()  # (b, n, 50)
         pred = spart.restricted_argmax(logp, labels)
         ious[idx] = spart.shape_ious(pred, labels)
         seen[idx] += 1
@@ -221,7 +230,10 @@ def main(cfg: Config) -> dict:
            rank=rank)
     if env.enabled and cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                                  fused=cfg.fused_adamw)
+    if cfg.compile:
+        model.compile_fixed_shapes()
 
     step, history, best = 0, [], {}
     if cfg.resume:
@@ -266,7 +278,8 @@ def main(cfg: Config) -> dict:
         u = torch.rand(local_bs, cfg.num_points, device=device)
         points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
         points = spart.augment(points)
-        logp = train_model(points, train.category[idx.to(device)])  # (b, n, 50)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logp = train_model(points, train.category[idx.to(device)]).float()  # (b, n, 50)
         # NLL over all points and all 50 parts (no category restriction in the loss, §5.4).
         loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
         loss.backward()

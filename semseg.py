@@ -102,6 +102,14 @@ class Config:
     """window stride of the whole-room test (metres)."""
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
+    compile: bool = False
+    """torch.compile the encoder (`PointSegmenter.compile_fixed_shapes`); grouping, feature
+    propagation and the head stay eager."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
+    default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
     """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
     reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
@@ -167,7 +175,9 @@ def evaluate_blocks(model, rooms: s3dis.Rooms, slots: torch.Tensor, cfg: Config,
         ids = slots[b * cfg.eval_batch_size:(b + 1) * cfg.eval_batch_size].tolist()
         points, labels = s3dis.sample_blocks(rooms, ids, cfg.num_points, cfg.block_size,
                                              cfg.min_block_points)
-        conf += s3dis.confusion(model(points).argmax(dim=-1), labels)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logp = model(points)
+        conf += s3dis.confusion(logp.argmax(dim=-1), labels)
     model.train()
     return s3dis.scores(dist.all_reduce_sum(conf))
 
@@ -192,7 +202,8 @@ def test_whole_rooms(model, rooms: s3dis.Rooms, cfg: Config, rank: int, world: i
             torch.manual_seed(step_seed(cfg.seed, r * 1000 + v, 7))
             idx, points = s3dis.window_chunks(xyz, cfg.num_points, cfg.block_size, cfg.stride)
             for b in range(0, len(idx), cfg.eval_batch_size):
-                pred = model(points[b:b + cfg.eval_batch_size]).argmax(dim=-1)  # (b, n)
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                    pred = model(points[b:b + cfg.eval_batch_size]).argmax(dim=-1)  # (b, n)
                 one = torch.ones(pred.numel(), dtype=torch.int32, device=device)
                 votes.index_put_((idx[b:b + cfg.eval_batch_size].flatten(), pred.flatten()), one,
                                  accumulate=True)
@@ -277,7 +288,10 @@ def main(cfg: Config) -> dict:
 
     if env.enabled and cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  fused=cfg.fused_adamw)
+    if cfg.compile:
+        model.compile_fixed_shapes()
 
     step, best_miou, history, best_state = 0, -1.0, [], None
     if cfg.resume:
@@ -307,7 +321,8 @@ def main(cfg: Config) -> dict:
         # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.
         scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
         shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
-        logp = train_model(points * scale + shift)  # (b, n, 13)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logp = train_model(points * scale + shift).float()  # (b, n, 13)
         nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
         w = weights[labels]
         # PyTorch's weighted NLL mean (sum of w * nll / sum of w) over the GLOBAL batch: the

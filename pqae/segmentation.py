@@ -124,6 +124,12 @@ class PointSegmenter(nn.Module):
         self.convs3 = nn.Conv1d(head_dims[1], num_classes, 1)
         self._init(init)
 
+    def compile_fixed_shapes(self, **options) -> None:
+        """torch.compile, in place, the encoder (the bulk of the compute, on fixed-shape
+        patches); grouping and feature propagation (Triton kernels on a GPU) and the head stay
+        eager. Parameter names, and so checkpoints, are unchanged."""
+        self.encoder.compile(**options)
+
     def _init(self, init: str) -> None:
         for m in self.modules():
             if init == "default":

@@ -261,3 +261,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(converted, tmp_path):
     last = tmp_path / "run" / "ckpt-last"
     assert ckpt.load_meta(last)["epoch"] == 1
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
+
+
+def test_amp_trains_and_tests_whole_rooms(converted, tmp_path):
+    """--amp (bf16 autocast in training, block evaluation and the whole-room test): finite
+    losses and valid scores; fused AdamW (the default) reaches the optimizer."""
+    data_path, _, _ = converted
+    result = semseg.main(tiny_config(data_path, tmp_path / "run", amp=True, test_rooms=True))
+    assert result["step"] == 10
+    assert all(np.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in result["history"])
+    assert 0 < result["test"]["oa"] <= 1
+    state = ckpt.load_resume(tmp_path / "run" / "ckpt-last")["optimizer"]
+    assert all(g["fused"] is True for g in state["param_groups"])

@@ -120,6 +120,43 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     assert any(not torch.equal(r0[k], init[k]) for k in r0)  # and they did train
 
 
+def test_two_node_torchrun_rendezvous(tmp_path):
+    """Multi-node torchrun as the README launches it (c10d rendezvous), simulated with two
+    agents of one process each on this machine: LOCAL_RANK is 0 on both nodes, global ranks 0
+    and 1. Both train in step and end with identical parameters; rank 0 alone writes."""
+    import socket
+
+    script = tmp_path / "node_run.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import pretrain\n"
+        "from pathlib import Path\n"
+        "from conftest import small_pretrain_config\n"
+        "from pqae.checkpoint import save_weights\n"
+        "assert os.environ['LOCAL_RANK'] == '0' and os.environ['WORLD_SIZE'] == '2'\n"
+        f"cfg = small_pretrain_config(Path({str(tmp_path)!r}), max_steps=3)\n"
+        "model = pretrain.main(cfg)['model']\n"
+        "params = {k: p.detach() for k, p in model.named_parameters()}\n"
+        f"save_weights(Path({str(tmp_path)!r}) / f\"rank{{os.environ['RANK']}}.safetensors\", params)\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pqae-test",
+           str(script)]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=ROOT) for _ in range(2)]
+    outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outs)
+    assert sum("world 2" in o for o in outs) == 1  # the header, printed by global rank 0 only
+    r0 = ckpt.load_weights(tmp_path / "rank0.safetensors")
+    r1 = ckpt.load_weights(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert ckpt.load_meta(tmp_path / "run" / "ckpt-last")["step"] == 3
+
+
 def test_lr_schedule_matches_reference_values():
     f = lambda e: lr_for_epoch(e, 5e-4, 300, 10)  # noqa: E731
     assert f(0) == 1e-6 and f(1) == pytest.approx(1e-6)

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
 import kernels
-from pqae import bench, cli, data, dist
+from pqae import amp, bench, cli, data, dist
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -229,7 +229,7 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
     bs = cfg.eval_batch_size
 
     def run(points: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with amp.autocast(device, cfg.amp):
             return model(points).float()
 
     if votes == 0:
@@ -320,20 +320,21 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
 
     def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
-        torch.manual_seed(step_seed(cfg.seed, step, rank))  # shuffles, augmentation, DropPath
-        # The batch-wide subset is drawn on the device (a host draw would need a copy, i.e. a
-        # sync, every step), from a stream every rank shares.
-        g = torch.Generator(device=device).manual_seed(shared_seed(cfg.seed, step))
+        # Every draw is made on the device (a host draw would need a host-to-device copy, which
+        # synchronises, every step). First the batch-wide subset, from a stream every rank
+        # shares; then this rank's own stream: shuffles, augmentation, DropPath.
+        torch.manual_seed(shared_seed(cfg.seed, step))
+        subset = torch.rand(point_all, device=device).argsort()[:cfg.num_points]
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
         with phase("data"):
             points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
             points = data.fps_gather(points, point_all)  # (b, point_all, 3)
-            subset = torch.randperm(point_all, generator=g, device=device)[:cfg.num_points]
             points = points[:, subset]  # ONE random subset for the batch (§3.6, §9.1 item 14)
-            points = data.apply_augmentation(cfg.augment, points,
-                                             data.draw_augmentation(cfg.augment, len(idx)))
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            params = data.draw_augmentation(cfg.augment, len(idx), device=device)
+            points = data.apply_augmentation(cfg.augment, points, params)
+        with amp.autocast(device, cfg.amp):
             logits = train_model(points)
         with phase("loss"):
             labels = train_labels[idx]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import cli, dist
+from pqae import amp, cli, dist
 from pqae import shapenetpart as spart
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -166,7 +166,7 @@ def evaluate(model: PointSegmenter, test: spart.PartSplit, cfg: Config, epoch: i
     for start in range(mine.start, mine.stop, chunk):
         idx = torch.arange(start, min(start + chunk, mine.stop))
         points, labels = test.sample(idx, u[idx])  # (b, n, 3), (b, n)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with amp.autocast(device, cfg.amp):
             logp = model(points, test.category[idx.to(device)]).float()  # (b, n, 50)
         pred = spart.restricted_argmax(logp, labels)
         ious[idx] = spart.shape_ious(pred, labels)
@@ -267,7 +267,7 @@ def main(cfg: Config) -> dict:
     sums = torch.zeros(3, device=device)  # loss, correct points, points since the last log line
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
-    perm = epoch_perm(cfg.seed, epoch, len(train))
+    perm = epoch_perm(cfg.seed, epoch, len(train), device)  # on the device: no copy per step
     last_metrics = history[-1] if history else {}
     train_model.train()
     while step < total_steps:
@@ -278,8 +278,8 @@ def main(cfg: Config) -> dict:
         u = torch.rand(local_bs, cfg.num_points, device=device)
         points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
         points = spart.augment(points)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-            logp = train_model(points, train.category[idx.to(device)]).float()  # (b, n, 50)
+        with amp.autocast(device, cfg.amp):
+            logp = train_model(points, train.category[idx]).float()  # (b, n, 50)
         # NLL over all points and all 50 parts (no category restriction in the loss, §5.4).
         loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
         loss.backward()
@@ -290,7 +290,7 @@ def main(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         correct = (logp.detach().argmax(-1) == labels).sum()
         sums += torch.stack([loss.detach(), correct.float(),
-                             torch.tensor(float(labels.numel()), device=device)])
+                             torch.full((), float(labels.numel()), device=device)])
         step += 1
         timer.steps += 1
         epoch_end = step % steps_per_epoch == 0
@@ -337,7 +337,7 @@ def main(cfg: Config) -> dict:
             save("ckpt-last", epoch, last_metrics, resumable=True)
         if epoch_end:
             epoch += 1
-            perm = epoch_perm(cfg.seed, epoch, len(train))
+            perm = epoch_perm(cfg.seed, epoch, len(train), device)
             timer.reset()  # the next progress line times training steps, not the evaluation
 
     if history:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from pqae import checkpoint as ckpt
-from pqae import bench, cli, data, dist
+from pqae import amp, bench, cli, data, dist
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
@@ -165,7 +165,7 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
             points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
         crop_ratios = model.draw_crop_ratios(random.Random(shared_seed(cfg.seed, step)))  # all ranks
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with amp.autocast(device, cfg.amp):
             out = train_model(points, crop_ratios, return_outputs)
         with phase("backward"):
             out["loss"].backward()

@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import cli, dist
+from pqae import amp, cli, dist
 from pqae import s3dis
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -175,7 +175,7 @@ def evaluate_blocks(model, rooms: s3dis.Rooms, slots: torch.Tensor, cfg: Config,
         ids = slots[b * cfg.eval_batch_size:(b + 1) * cfg.eval_batch_size].tolist()
         points, labels = s3dis.sample_blocks(rooms, ids, cfg.num_points, cfg.block_size,
                                              cfg.min_block_points)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with amp.autocast(device, cfg.amp):
             logp = model(points)
         conf += s3dis.confusion(logp.argmax(dim=-1), labels)
     model.train()
@@ -202,7 +202,7 @@ def test_whole_rooms(model, rooms: s3dis.Rooms, cfg: Config, rank: int, world: i
             torch.manual_seed(step_seed(cfg.seed, r * 1000 + v, 7))
             idx, points = s3dis.window_chunks(xyz, cfg.num_points, cfg.block_size, cfg.stride)
             for b in range(0, len(idx), cfg.eval_batch_size):
-                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                with amp.autocast(device, cfg.amp):
                     pred = model(points[b:b + cfg.eval_batch_size]).argmax(dim=-1)  # (b, n)
                 one = torch.ones(pred.numel(), dtype=torch.int32, device=device)
                 votes.index_put_((idx[b:b + cfg.eval_batch_size].flatten(), pred.flatten()), one,
@@ -321,7 +321,7 @@ def main(cfg: Config) -> dict:
         # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.
         scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
         shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with amp.autocast(device, cfg.amp):
             logp = train_model(points * scale + shift).float()  # (b, n, 13)
         nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
         w = weights[labels]

@@ -430,20 +430,21 @@ def shuffle_points(points: torch.Tensor) -> torch.Tensor:
     return points.gather(1, perm[..., None].expand(-1, -1, 3))
 
 
-def draw_augmentation(kind: str, n: int, generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
-    """Per-sample parameters (n, k) of a reference train/vote transform (§3.5), drawn on the CPU
-    from `generator` (or the global CPU RNG): "rotate" -> angle U[0, 2pi) about y (n, 1);
-    "scale_translate" -> scale U(2/3, 3/2)^3 and shift U(-0.2, 0.2)^3 (n, 6); "none" -> (n, 0).
-    Drawing the parameters apart from applying them lets evaluation draw them for the whole
-    test set, so a sample's vote does not depend on how the set is sharded over processes."""
+def draw_augmentation(kind: str, n: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-sample parameters (n, k) of a reference train/vote transform (§3.5), drawn on
+    `device` from `generator` (or that device's global RNG): "rotate" -> angle U[0, 2pi) about
+    y (n, 1); "scale_translate" -> scale U(2/3, 3/2)^3 and shift U(-0.2, 0.2)^3 (n, 6);
+    "none" -> (n, 0). Training draws on its device (no copy); evaluation draws on the CPU
+    for the whole test set, so a sample's vote does not depend on the sharding."""
     if kind == "rotate":
-        return torch.rand(n, 1, generator=generator) * 2 * math.pi
+        return torch.rand(n, 1, generator=generator, device=device) * 2 * math.pi
     if kind == "scale_translate":
-        scale = 2 / 3 + (3 / 2 - 2 / 3) * torch.rand(n, 3, generator=generator)
-        return torch.cat([scale, -0.2 + 0.4 * torch.rand(n, 3, generator=generator)], dim=1)
+        scale = 2 / 3 + (3 / 2 - 2 / 3) * torch.rand(n, 3, generator=generator, device=device)
+        shift = -0.2 + 0.4 * torch.rand(n, 3, generator=generator, device=device)
+        return torch.cat([scale, shift], dim=1)
     if kind == "none":
-        return torch.zeros(n, 0)
+        return torch.zeros(n, 0, device=device)
     raise ValueError(f"augmentation must be 'rotate', 'scale_translate' or 'none', got {kind!r}")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 # Without a GPU the Triton kernels run under the Triton interpreter. Triton reads this variable
 # when it is first imported, so it is set here, before any test module can import triton.
@@ -36,9 +38,29 @@ def small_pretrain_config(tmp_path: Path, **overrides):
     return dataclasses.replace(Config(), **base)
 
 
+class HostToDeviceCopies(TorchDispatchMode):
+    """Run a GPU step on the meta device, the CPU's stand-in for a GPU, inside this mode.
+
+    Meta tensors have shapes but no values, so every host sync of a GPU step raises there:
+    `.item()`, `.tolist()`, `bool(tensor)`, `nonzero`, boolean masks. Mixing meta and CPU
+    tensors raises too, as mixing CUDA and CPU tensors does. The one thing that passes silently
+    is a copy of host data to the device (a synchronising cudaMemcpy on a GPU), and this mode
+    raises on any op that takes a CPU tensor and returns a meta one."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if (any(t.device.type == "cpu" for t in inputs)
+                and any(t.device.type == "meta" for t in outputs)):
+            raise RuntimeError(f"host-to-device copy in {func}")
+        return out
+
+
 class NoOpOptimizer:
-    """Stands in for AdamW where a test runs a training step under FakeTensorMode: AdamW keeps
-    its step counter as a CPU scalar, which is not a device sync but would trip the check."""
+    """Stands in for AdamW where a test runs a training step on the meta device: AdamW's meta
+    update is not what a GPU runs (fused AdamW has no meta kernel); tests/test_gpu.py checks
+    the real optimizer step on a GPU."""
 
     def step(self):
         pass

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import finetune_cls
-from conftest import ROOT, NoOpOptimizer
+from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer
 from data_prep.convert_checkpoint import FINETUNE_CLS_PREFIXES, Args, convert_any
 from data_prep.convert_checkpoint import main as convert
 from pqae import PointClassifier
@@ -254,30 +254,36 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
 
 
-def test_training_step_has_no_host_syncs(tmp_path):
+def test_training_step_has_no_host_syncs_or_copies(tmp_path, monkeypatch):
     """The real step of finetune_cls.py (shuffle, FPS, the batch-wide subset, augmentation,
-    forward, backward, clipping) under FakeTensorMode, where every data-dependent op (the host
-    syncs of a GPU step) raises. The optimizer is left out (AdamW's step counter is a CPU
-    scalar, not a device sync); a negative control shows the NaN guard is caught."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    forward, backward, clipping) on the meta device with HostToDeviceCopies (see conftest): a
+    host sync, a host-to-device copy or a device mix in it raises. Negative controls: the NaN
+    guard (a sync), and the augmentation drawn on the host (a copy, as this step once did)."""
     from pqae import data, dist
 
-    cfg = small_config(tmp_path)
-    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    model = finetune_cls.build_model(cfg)
-    points, labels = data.procedural_classes(32, cfg.procedural_points, num_classes=3)
+    meta = torch.device("meta")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    for augment in ("rotate", "scale_translate"):
+        cfg = small_config(tmp_path, augment=augment)
+        model = finetune_cls.build_model(cfg).to(meta)
+        points = torch.empty(32, cfg.procedural_points, 3, device=meta)
+        labels = torch.empty(32, dtype=torch.long, device=meta)
 
-    def run_step(check_inputs: bool) -> None:
-        model.check_inputs = check_inputs
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            step = finetune_cls.make_train_step(cfg, model, model, NoOpOptimizer(),
-                                                mode.from_tensor(points), mode.from_tensor(labels),
-                                                env)
-            step(1, torch.randperm(32))
+        def run_step(check_inputs: bool) -> torch.Tensor:
+            model.check_inputs = check_inputs
+            step = finetune_cls.make_train_step(cfg, model, model, NoOpOptimizer(), points,
+                                                labels, env)
+            with HostToDeviceCopies():
+                return step(1, torch.empty(32, dtype=torch.long, device=meta))[0]
 
-    run_step(check_inputs=False)  # the configuration finetune_cls.py trains with on a GPU
-    with pytest.raises(DataDependentOutputException):
-        run_step(check_inputs=True)
+        assert run_step(check_inputs=False).device == meta  # as finetune_cls.py runs on a GPU
+        with pytest.raises(RuntimeError, match="meta tensors"):
+            run_step(check_inputs=True)
+    draw = data.draw_augmentation
+    monkeypatch.setattr(data, "draw_augmentation",
+                        lambda kind, n, generator=None, device="cpu": draw(kind, n))
+    with pytest.raises(RuntimeError, match="host-to-device copy"):
+        run_step(check_inputs=False)
 
 
 def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import pretrain
-from conftest import AIRPLANES, ROOT, NoOpOptimizer, need, small_pretrain_config
+from conftest import (AIRPLANES, ROOT, HostToDeviceCopies, NoOpOptimizer, need,
+                      small_pretrain_config)
 from pqae import checkpoint as ckpt
 from pqae import data
 from pqae.model import crop_view
@@ -231,30 +232,37 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # a benchmark writes no checkpoint
 
 
-def test_training_step_has_no_host_syncs(tmp_path):
-    """Under FakeTensorMode every data-dependent op (.item(), .tolist(), bool(tensor), nonzero,
-    boolean masks: the host syncs of a GPU step) raises. The real step closure of pretrain.py
-    (batch sampling, rotation, crops, forward, backward) must run through it. The optimizer is
-    left out: AdamW keeps its step counter as a CPU scalar, which is not a device sync."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+def test_training_step_has_no_host_syncs_or_copies(tmp_path, monkeypatch):
+    """The real step closure of pretrain.py (batch sampling, rotation, crops, grouping,
+    forward, backward) on the meta device with HostToDeviceCopies (see conftest): a host sync,
+    a host-to-device copy or a device mix in it raises. The NaN guard is the negative control:
+    it is a sync, and it is caught."""
     from pqae import dist
 
     cfg = small_pretrain_config(tmp_path)
-    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    model = pretrain.build_model(cfg)
-    clouds = data.procedural_shapes(cfg.procedural_shapes, 512)
-    perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds))
+    meta = torch.device("meta")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    model = pretrain.build_model(cfg).to(meta)
+    clouds = torch.empty(cfg.procedural_shapes, 512, 3, device=meta)
+    perm = torch.empty(cfg.procedural_shapes, dtype=torch.long, device=meta)  # once per epoch
 
-    def run_step(check_inputs: bool) -> None:
+    def run_step(check_inputs: bool) -> dict:
         model.check_inputs = check_inputs
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            step = pretrain.make_train_step(cfg, model, model, NoOpOptimizer(),
-                                            mode.from_tensor(clouds), env)
-            step(3, perm)
+        step = pretrain.make_train_step(cfg, model, model, NoOpOptimizer(), clouds, env)
+        with HostToDeviceCopies():
+            return step(3, perm)
 
-    run_step(check_inputs=False)  # the configuration pretrain.py trains with on a GPU
-    with pytest.raises(DataDependentOutputException):  # and the check does see a sync
+    out = run_step(check_inputs=False)  # the configuration pretrain.py trains with on a GPU
+    assert out["loss"].device == meta
+    assert all(p.grad.device == meta for p in model.parameters() if p.requires_grad)
+    with pytest.raises(RuntimeError, match="meta tensors"):  # the check does see a sync
         run_step(check_inputs=True)
+    # and a host-drawn random angle copied to the device, the classic slip, is seen too
+    rotate_y = data.rotate_y
+    monkeypatch.setattr(data, "rotate_y",
+                        lambda pts, angles: rotate_y(pts, torch.rand(len(angles)).to(pts.device)))
+    with pytest.raises(RuntimeError, match="host-to-device copy"):
+        run_step(check_inputs=False)
 
 
 def _first_step(cfg):

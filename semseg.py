@@ -173,8 +173,8 @@ def evaluate_blocks(model, rooms: s3dis.Rooms, slots: torch.Tensor, cfg: Config,
     for b in dist.shard(batches, rank, world):
         torch.manual_seed(eval_seed(cfg.seed, epoch, b))
         ids = slots[b * cfg.eval_batch_size:(b + 1) * cfg.eval_batch_size].tolist()
-        points, labels = s3dis.sample_blocks(rooms, ids, cfg.num_points, cfg.block_size,
-                                             cfg.min_block_points)
+        points, labels, _ = s3dis.sample_blocks(rooms, ids, cfg.num_points, cfg.block_size,
+                                                cfg.min_block_points)
         with amp.autocast(device, cfg.amp):
             logp = model(points)
         conf += s3dis.confusion(logp.argmax(dim=-1), labels)
@@ -234,6 +234,48 @@ def run_test(model, test: s3dis.Rooms, cfg: Config, rank: int, world: int, devic
         for k in ("miou", "macc", "oa"):
             writer.add_scalar(f"test/{k}", result[k], step)
     return result
+
+
+def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Rooms,
+                    weights: torch.Tensor, env: dist.Dist):
+    """The optimizer step of `step` (§6.2 blocks, §5.2 augmentation, weighted NLL, the double
+    step and clipping of §6.4), with no host sync: its randomness comes from (seed, step, rank)
+    and `order` (the epoch's room slots, on the host)."""
+    rank, world, device = env.rank, env.world_size, env.device
+    local_bs = cfg.batch_size // world
+    steps_per_epoch = len(s3dis.epoch_rooms(train.sizes(), cfg.num_points, cfg.sample_rate)) \
+        // cfg.batch_size
+
+    def train_step(step: int, order: torch.Tensor) -> torch.Tensor:
+        """One batch; returns [this process's share of the global weighted loss, its
+        correct-point fraction, its fallback blocks]: summed over ranks, the first is the loss
+        of the global batch."""
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        i = step % steps_per_epoch
+        ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()  # host tensor
+        points, labels, fallbacks = s3dis.sample_blocks(
+            train, ids, cfg.num_points, cfg.block_size, cfg.min_block_points)  # (b, n, 3), (b, n)
+        # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.
+        scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
+        shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
+        with amp.autocast(device, cfg.amp):
+            logp = train_model(points * scale + shift).float()  # (b, n, 13)
+        nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
+        w = weights[labels]
+        # PyTorch's weighted NLL mean (sum of w * nll / sum of w) over the GLOBAL batch: the
+        # denominator is summed over ranks and DDP averages gradients, hence the x world.
+        denom = dist.all_reduce_sum(w.sum().detach())
+        loss = (w * nll).sum() * world / denom
+        loss.backward()
+        if cfg.double_step:
+            optimizer.step()  # the reference's first step: unclipped gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        acc = (logp.argmax(dim=-1) == labels).float().mean()
+        return torch.stack([loss.detach() / world, acc, fallbacks.float()])
+
+    return train_step
 
 
 def main(cfg: Config) -> dict:
@@ -310,33 +352,7 @@ def main(cfg: Config) -> dict:
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.enabled else model
 
-    def train_step(step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch; returns (this process's share of the global weighted loss, its
-        correct-point fraction): summed over ranks, the first is the loss of the global batch."""
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        i = step % steps_per_epoch
-        ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()
-        points, labels = s3dis.sample_blocks(train, ids, cfg.num_points, cfg.block_size,
-                                             cfg.min_block_points)  # (b, n, 3), (b, n)
-        # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.
-        scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
-        shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
-        with amp.autocast(device, cfg.amp):
-            logp = train_model(points * scale + shift).float()  # (b, n, 13)
-        nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
-        w = weights[labels]
-        # PyTorch's weighted NLL mean (sum of w * nll / sum of w) over the GLOBAL batch: the
-        # denominator is summed over ranks and DDP averages gradients, hence the x world.
-        denom = dist.all_reduce_sum(w.sum().detach())
-        loss = (w * nll).sum() * world / denom
-        loss.backward()
-        if cfg.double_step:
-            optimizer.step()  # the reference's first step: unclipped gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        acc = (logp.argmax(dim=-1) == labels).float().mean()
-        return loss.detach() / world, acc
+    train_step = make_train_step(cfg, model, train_model, optimizer, train, weights, env)
 
     def save(epoch: int, step: int, metrics: dict) -> None:
         if rank == 0:
@@ -347,21 +363,26 @@ def main(cfg: Config) -> dict:
             ckpt.save_checkpoint(out_dir / "ckpt-last", model, meta, resume)
 
     timer, metrics = Timer(device), {}
-    sums = torch.zeros(2, device=device)  # loss, accuracy since the last log line
+    sums = torch.zeros(3, device=device)  # loss, accuracy, fallback blocks since the last log
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
     order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
     train_model.train()
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
-        sums += torch.stack(train_step(step, order))
+        sums += train_step(step, order)
         step += 1
         timer.steps += 1
         epoch_end = step % steps_per_epoch == 0
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             dist.all_reduce_sum(sums)  # every rank logs at the same steps
-            loss, acc = (sums / timer.steps / torch.tensor([1, world], device=device)).tolist()
+            loss, acc, fallbacks = (sums / timer.steps).tolist()
+            acc, fallbacks = acc / world, round(fallbacks * timer.steps)
             ckpt.stop_if_diverged(loss, step, epoch, out_dir)
+            if fallbacks:
+                print0(f"note: {fallbacks} training block(s) since the last line had no candidate "
+                       f"centre with more than {cfg.min_block_points} points; the fullest "
+                       f"candidate block was used (see s3dis.sample_block)", rank=rank)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             metrics = {"loss": loss, "train_acc": acc}

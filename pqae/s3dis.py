@@ -161,52 +161,70 @@ def epoch_rooms(sizes: list[int], num_points: int, sample_rate: float = 1.0) -> 
 
 
 def sample_block(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,
-                 min_points: int = 1024, candidates: int = 16, max_tries: int = 64
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training block of a room (§6.2), drawn on xyz's device with the global RNG.
+                 min_points: int = 1024, candidates: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training block of a room (§6.2), drawn on xyz's device with its global RNG, with no
+    host sync (no `.item()`, no `nonzero`: on a GPU the host never waits for it).
 
     A random point of the room is the centre; the block is every point with x and y within
-    block_size / 2 of it (z unrestricted); a centre whose block has <= min_points points is
-    redrawn (the reference retries one centre at a time; we test `candidates` at once and take
-    the first that qualifies: the same distribution). Then num_points of the block's points:
-    without replacement when it has enough, else with replacement.
+    block_size / 2 of it (z unrestricted). The reference redraws the centre until its block
+    has more than min_points points; here `candidates` centres are drawn at once and the first
+    that qualifies is taken, which is the same distribution. Then num_points of the block's
+    points, in random order: without replacement when it has enough, else uniformly with
+    replacement. (The m smallest of iid random keys over the block's points are a uniform
+    m-subset; with replacement, a uniform index into those sorted members.)
 
-    Returns point indices into xyz (num_points,) and the block's points (num_points, 3) with x
-    and y relative to the centre and z raw (the room-min-shifted height).
+    If no candidate qualifies (vanishingly rare in S3DIS rooms), the fullest candidate block
+    is taken instead of drawing more (which would need a sync), and `fallback` says so;
+    semseg.py counts and reports these. A room of <= min_points points can never qualify and
+    is an error.
+
+    Returns point indices into xyz (num_points,), the block's points (num_points, 3) with x and
+    y relative to the centre and z raw (the room-min-shifted height), and fallback (a 0-dim
+    bool tensor).
     """
+    n, dev = len(xyz), xyz.device
+    if n <= min_points:
+        raise ValueError(f"no block of {block_size} m can hold more than {min_points} points "
+                         f"in a room of {n} points")
     half = block_size / 2
-    for _ in range(max_tries):
-        centres = xyz[torch.randint(len(xyz), (candidates,), device=xyz.device)]  # (K, 3)
-        d = xyz[:, None, :2] - centres[None, :, :2]  # (n, K, 2)
-        inside = ((d >= -half) & (d <= half)).all(dim=-1)  # (n, K)
-        counts = inside.sum(dim=0)
-        good = (counts > min_points).nonzero()
-        if len(good):
-            k = int(good[0])
-            members = inside[:, k].nonzero()[:, 0]  # (count,)
-            break
-    else:
-        raise ValueError(f"no block of {block_size} m holds more than {min_points} points in a "
-                         f"room of {len(xyz)} points after {candidates * max_tries} centres")
-    if len(members) >= num_points:
-        idx = members[torch.randperm(len(members), device=xyz.device)[:num_points]]
-    else:
-        idx = members[torch.randint(len(members), (num_points,), device=xyz.device)]
+    centres = xyz[torch.randint(n, (candidates,), device=dev)]  # (K, 3)
+    inside = ((xyz[:, None, 0] - centres[None, :, 0]).abs() <= half) \
+        & ((xyz[:, None, 1] - centres[None, :, 1]).abs() <= half)  # (n, K)
+    counts = inside.sum(dim=0)  # (K,)
+    ok = counts > min_points
+    fallback = ~ok.any()
+    # First qualifying candidate (argmax returns the first maximum), else the fullest one;
+    # kept as a 1-element tensor: indexing with it must not become a Python int (a sync).
+    k = torch.where(fallback, counts.argmax(), ok.int().argmax()).view(1)
+    member = inside.gather(1, k.expand(n, 1))[:, 0]  # (n,)
+    count = counts[k]  # (1,)
+    m = min(num_points, n)
+    keys = torch.where(member, torch.rand(n, device=dev), 2.0)  # non-members sort last
+    first = keys.topk(m, largest=False, sorted=True).indices  # the block's points first
+    # With replacement: uniform over the `count` members, which come first in `first`.
+    u = torch.rand(num_points, device=dev)
+    pick = torch.minimum((u * count).long(), count - 1).clamp(max=m - 1)
+    idx = first[pick]
+    if m == num_points:
+        idx = torch.where(count >= num_points, first, idx)
     points = xyz[idx].clone()
     points[:, :2] -= centres[k, :2]
-    return idx, points
+    return idx, points, fallback
 
 
 def sample_blocks(rooms: Rooms, room_ids: list[int], num_points: int, block_size: float = 1.0,
-                  min_points: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of blocks, one from each listed room: points (b, num_points, 3), labels (b, n)."""
-    points, labels = [], []
+                  min_points: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of blocks, one from each listed room: points (b, num_points, 3), labels (b, n)
+    and the number of fallback blocks (a 0-dim tensor, see `sample_block`). No host sync."""
+    points, labels, fallbacks = [], [], []
     for r in room_ids:
         xyz, lab = rooms.room(r)
-        idx, pts = sample_block(xyz, num_points, block_size, min_points)
+        idx, pts, fallback = sample_block(xyz, num_points, block_size, min_points)
         points.append(pts)
         labels.append(lab[idx])
-    return torch.stack(points), torch.stack(labels)
+        fallbacks.append(fallback)
+    return torch.stack(points), torch.stack(labels), torch.stack(fallbacks).sum()
 
 
 def window_chunks(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import semseg
-from conftest import ROOT
+from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer
 from data_prep import s3dis as prep
 from pqae import checkpoint as ckpt
 from pqae import s3dis
@@ -101,8 +101,8 @@ def test_block_sampling_invariants():
     room = s3dis.make_rooms(s3dis.synthetic_rooms((1,), points_per_room=30000, seed=1), "syn")
     xyz, labels = room.room(0)
     for _ in range(10):
-        idx, pts = s3dis.sample_block(xyz)
-        assert pts.shape == (2048, 3) and idx.shape == (2048,)
+        idx, pts, fallback = s3dis.sample_block(xyz)
+        assert pts.shape == (2048, 3) and idx.shape == (2048,) and not fallback
         assert (pts[:, :2].abs() <= 0.5 + 1e-6).all()  # xy relative to the block centre
         centre = xyz[idx, :2] - pts[:, :2]
         assert torch.allclose(centre, centre[0].expand_as(centre), atol=1e-5)
@@ -114,12 +114,13 @@ def test_block_sampling_invariants():
     # A sparse room: blocks of 1025..2047 points are sampled with replacement.
     corner = xyz[(xyz[:, :2] < 1.1).all(dim=1)]  # a 1.1 m x 1.1 m piece of the room
     sparse = corner[torch.randperm(len(corner))[:1400]]
-    idx, pts = s3dis.sample_block(sparse)
+    idx, pts, _ = s3dis.sample_block(sparse)
     assert pts.shape == (2048, 3) and len(idx.unique()) < 2048
+    assert set(idx.tolist()) <= set(range(len(sparse)))
     with pytest.raises(ValueError, match="no block"):
         s3dis.sample_block(xyz[:500])
-    points, labs = s3dis.sample_blocks(room, [0, 0, 0], 256, min_points=64)
-    assert points.shape == (3, 256, 3) and labs.shape == (3, 256)
+    points, labs, fallbacks = s3dis.sample_blocks(room, [0, 0, 0], 256, min_points=64)
+    assert points.shape == (3, 256, 3) and labs.shape == (3, 256) and fallbacks == 0
 
 
 def test_epoch_rooms_and_class_weights():
@@ -273,3 +274,67 @@ def test_amp_trains_and_tests_whole_rooms(converted, tmp_path):
     assert 0 < result["test"]["oa"] <= 1
     state = ckpt.load_resume(tmp_path / "run" / "ckpt-last")["optimizer"]
     assert all(g["fused"] is True for g in state["param_groups"])
+
+
+def _room(xy_lo, xy_hi, n, g):
+    lo, hi = torch.tensor(xy_lo + [0.0]), torch.tensor(xy_hi + [3.0])
+    return lo + (hi - lo) * torch.rand(n, 3, generator=g)
+
+
+def test_block_sampler_distribution():
+    """The sync-free sampler draws what the reference's loop draws: a centre whose block
+    qualifies (rejection), a uniform subset of the block without replacement, or uniform
+    points with replacement; and it flags the rare room where no candidate qualified."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    # Rejection: a dense 1 m cell (3000 points) and a sparse 20 m x 20 m floor (2000 points).
+    dense, sparse = _room([0, 0], [1, 1], 3000, g), _room([3, 3], [23, 23], 2000, g)
+    xyz = torch.cat([dense, sparse])
+    for _ in range(30):
+        idx, pts, fallback = s3dis.sample_block(xyz, num_points=512, min_points=1024)
+        centre = (xyz[idx, :2] - pts[:, :2])[0]
+        inside = ((xyz[:, :2] - centre).abs() <= 0.5).all(dim=1)
+        assert not fallback and inside.sum() > 1024 and inside[idx].all()
+    # A room that is one block of 300 points: without replacement each point is in a draw of
+    # 150 with probability 1/2 (400 draws: 200 +- 10 each); with replacement, 600 draws of the
+    # 300 points give each 2 per draw (200 draws: 400 +- 20).
+    block = _room([0, 0], [0.5, 0.5], 300, g)
+    seen = torch.zeros(300)
+    for _ in range(400):
+        idx, _, _ = s3dis.sample_block(block, num_points=150, min_points=100)
+        assert len(idx.unique()) == 150
+        seen[idx] += 1
+    assert (seen - 200).abs().max() < 60
+    seen.zero_()
+    for _ in range(200):
+        idx, _, _ = s3dis.sample_block(block, num_points=600, min_points=100)
+        seen += torch.bincount(idx, minlength=300)
+    assert (seen - 400).abs().max() < 120 and seen.sum() == 200 * 600
+    # No 1 m block of a 20 m strip holds 1024 of its 2000 points: the fullest candidate block
+    # is taken and flagged.
+    strip = _room([0, 0], [20, 1], 2000, g)
+    idx, pts, fallback = s3dis.sample_block(strip, num_points=256, min_points=1024)
+    centre = (strip[idx, :2] - pts[:, :2])[0]
+    assert fallback and ((strip[idx, :2] - centre).abs() <= 0.5).all()
+
+
+def test_training_step_has_no_host_syncs_or_copies(tmp_path):
+    """semseg.py's step (block sampling, augmentation, weighted NLL, double step, clipping) on
+    the meta device with HostToDeviceCopies (see conftest): no host sync, no host-to-device
+    copy. The room slots of the epoch are a host tensor by design."""
+    from pqae import dist
+
+    cfg = tiny_config(tmp_path / "none.h5", tmp_path / "run", min_block_points=64)
+    meta = torch.device("meta")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    sizes = [3000, 5000, 4000]
+    rooms = s3dis.Rooms(("a", "b", "c"), torch.empty(sum(sizes), 3, device=meta),
+                        torch.empty(sum(sizes), dtype=torch.long, device=meta),
+                        (0, 3000, 8000, 12000))
+    model = semseg.build_model(cfg).to(meta)
+    weights = torch.empty(s3dis.NUM_CLASSES, device=meta)
+    step = semseg.make_train_step(cfg, model, model, NoOpOptimizer(), rooms, weights, env)
+    order = s3dis.epoch_rooms(sizes, cfg.num_points, cfg.sample_rate)
+    with HostToDeviceCopies():
+        out = step(0, order)
+    assert out.shape == (3,) and out.device == meta

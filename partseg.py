@@ -182,6 +182,40 @@ def evaluate(model: PointSegmenter, test: spart.PartSplit, cfg: Config, epoch: i
     return {**metrics, "shape_ious": ious.cpu(), "times_seen": seen.cpu()}
 
 
+def make_train_step(cfg: Config, model, train_model, optimizer, train: spart.PartSplit,
+                    env: dist.Dist):
+    """The optimizer step of `step` (§5.2 sampling and augmentation, NLL, the double step and
+    clipping of §5.4), with no host sync: its randomness comes from (seed, step, rank) and the
+    epoch order `perm` (on the device)."""
+    rank, device = env.rank, env.device
+    local_bs = cfg.batch_size // env.world_size
+    steps_per_epoch = len(train) // cfg.batch_size
+
+    def train_step(step: int, perm: torch.Tensor) -> torch.Tensor:
+        """One batch; returns [loss, correct points, points] of this process."""
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # sampling, augmentation, DropPath
+        i = step % steps_per_epoch
+        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
+        u = torch.rand(local_bs, cfg.num_points, device=device)
+        points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
+        points = spart.augment(points)
+        with amp.autocast(device, cfg.amp):
+            logp = train_model(points, train.category[idx]).float()  # (b, n, 50)
+        # NLL over all points and all 50 parts (no category restriction in the loss, §5.4).
+        loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
+        loss.backward()
+        if cfg.double_step:
+            optimizer.step()  # the reference's first update, with the UNclipped gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        correct = (logp.detach().argmax(-1) == labels).sum()
+        return torch.stack([loss.detach(), correct.float(),
+                            torch.full((), float(labels.numel()), device=device)])
+
+    return train_step
+
+
 def main(cfg: Config) -> dict:
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
@@ -263,6 +297,7 @@ def main(cfg: Config) -> dict:
                   "best": best} if resumable else None
         ckpt.save_checkpoint(out_dir / name, model, meta, resume)
 
+    train_step = make_train_step(cfg, model, train_model, optimizer, train, env)
     timer = Timer(device)
     sums = torch.zeros(3, device=device)  # loss, correct points, points since the last log line
     t_start, start_step = time.perf_counter(), step
@@ -272,25 +307,7 @@ def main(cfg: Config) -> dict:
     train_model.train()
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
-        torch.manual_seed(step_seed(cfg.seed, step, rank))  # sampling, augmentation, DropPath
-        i = step % steps_per_epoch
-        idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
-        u = torch.rand(local_bs, cfg.num_points, device=device)
-        points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
-        points = spart.augment(points)
-        with amp.autocast(device, cfg.amp):
-            logp = train_model(points, train.category[idx]).float()  # (b, n, 50)
-        # NLL over all points and all 50 parts (no category restriction in the loss, §5.4).
-        loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
-        loss.backward()
-        if cfg.double_step:
-            optimizer.step()  # the reference's first update, with the UNclipped gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        correct = (logp.detach().argmax(-1) == labels).sum()
-        sums += torch.stack([loss.detach(), correct.float(),
-                             torch.full((), float(labels.numel()), device=device)])
+        sums += train_step(step, perm)
         step += 1
         timer.steps += 1
         epoch_end = step % steps_per_epoch == 0

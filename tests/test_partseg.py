@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import partseg
-from conftest import ROOT, SHARED_DATA, need
+from conftest import ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need
 from data_prep import shapenetpart as convert
 from pqae import checkpoint as ckpt
 from pqae import shapenetpart as spart
@@ -352,3 +352,23 @@ def test_amp_and_compile_options_train_and_evaluate(tmp_path, cap_h5):
     compiled = partseg.main(small_config(tmp_path / "compile", cap_h5, max_steps=1, compile=True))
     assert compiled["model"].encoder._compiled_call_impl is not None
     assert compiled["step"] == 1
+
+
+def test_training_step_has_no_host_syncs_or_copies(tmp_path, cap_h5):
+    """partseg.py's step (sampling, augmentation, NLL, double step, clipping) on the meta
+    device with HostToDeviceCopies (see conftest): no host sync, no host-to-device copy."""
+    from pqae import dist
+
+    cfg = small_config(tmp_path, cap_h5)
+    meta = torch.device("meta")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    S, P = 12, 12 * 500
+    train = spart.PartSplit(torch.empty(P, 3, device=meta),
+                            torch.empty(P, dtype=torch.long, device=meta),
+                            torch.empty(S + 1, dtype=torch.long, device=meta),
+                            torch.empty(S, dtype=torch.long, device=meta), ["x"] * S)
+    model = partseg.build_model(cfg).to(meta)
+    step = partseg.make_train_step(cfg, model, model, NoOpOptimizer(), train, env)
+    with HostToDeviceCopies():
+        out = step(1, torch.empty(S, dtype=torch.long, device=meta))
+    assert out.shape == (3,) and out.device == meta

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-import kernels
 from pqae import amp, bench, cli, data, dist
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, print0, run_header, tensorboard
@@ -278,10 +277,6 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
     """Time cfg.benchmark_steps training steps of this config and, in the same run, of the
     plain-PyTorch float32 path (reference kernels, no amp, no compile, for-each AdamW); then a
     breakdown of a few steps by phase. Writes nothing."""
-    variants = [bench.Variant("this config", cfg, kernels.get_backend())]
-    if cfg.benchmark_compare:
-        plain = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
-        variants.insert(0, bench.Variant("plain PyTorch fp32", plain, "reference"))
     perm = epoch_perm(cfg.seed, 0, train_points.shape[0], env.device)
     steps_per_epoch = train_points.shape[0] // cfg.batch_size
 
@@ -292,7 +287,8 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
                                env)
         return lambda i: step(i % steps_per_epoch, perm)
 
-    results = bench.run(variants, make_step, cfg.benchmark_steps, cfg.batch_size, env.device,
+    results = bench.run(bench.variants(cfg, cfg.benchmark_compare), make_step,
+                        cfg.benchmark_steps, cfg.batch_size, env.device,
                         phases=cfg.benchmark_phases)
     if env.rank == 0:
         epochs = cfg.epochs + 1

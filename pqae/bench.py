@@ -10,6 +10,7 @@ one device and prints a table, the speed-up, the peak memory and a breakdown by 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,17 @@ class Variant:
     """the script's Config for this variant (its amp/compile fields are reported)."""
     backend: str
     """kernels backend while it runs: "reference" (plain PyTorch) or "auto" (Triton on CUDA)."""
+
+
+def variants(cfg, compare: bool) -> list[Variant]:
+    """The variants of a script's config (a dataclass with amp, compile and fused_adamw): the
+    configured path and, when compare, first the plain-PyTorch float32 path: the reference
+    kernels, no amp, no compile, for-each AdamW."""
+    out = [Variant("this config", cfg, kernels.get_backend())]
+    if compare:
+        plain = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
+        out.insert(0, Variant("plain PyTorch fp32", plain, "reference"))
+    return out
 
 
 def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], Any]], steps: int,

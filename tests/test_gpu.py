@@ -18,6 +18,18 @@ from pqae import data, dist
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def assert_second_step_does_not_sync(step, perm) -> None:
+    """Step 0 warms up (Triton compilation, allocator); step 1 runs with CUDA's sync debug mode
+    set to error, where any implicit host-device synchronisation raises."""
+    step(0, perm)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1, perm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bf16_compiled_pretraining_on_triton_kernels(tmp_path):
     cfg = small_pretrain_config(tmp_path, device="cuda", amp=True, compile=True, max_steps=8,
                                 warmup_epochs=0)
@@ -37,13 +49,7 @@ def test_training_step_does_not_synchronise(tmp_path):
     clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()
     perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds), env.device)
     step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
-    step(0, perm)  # warm-up: Triton compilation, allocator
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(1, perm)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_second_step_does_not_sync(step, perm)
 
 
 def test_benchmark_mode_on_gpu(tmp_path):
@@ -69,13 +75,7 @@ def test_finetuning_step_does_not_synchronise(tmp_path):
     points, labels = points.cuda(), labels.cuda()
     perm = finetune_cls.epoch_perm(cfg.seed, 0, len(points), env.device)
     step = finetune_cls.make_train_step(cfg, model, train_model, optimizer, points, labels, env)
-    step(0, perm)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(1, perm)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_second_step_does_not_sync(step, perm)
 
 
 def test_finetune_benchmark_mode_on_gpu(tmp_path):

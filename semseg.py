@@ -243,16 +243,14 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
     and `order` (the epoch's room slots, on the host)."""
     rank, world, device = env.rank, env.world_size, env.device
     local_bs = cfg.batch_size // world
-    steps_per_epoch = len(s3dis.epoch_rooms(train.sizes(), cfg.num_points, cfg.sample_rate)) \
-        // cfg.batch_size
 
     def train_step(step: int, order: torch.Tensor) -> torch.Tensor:
         """One batch; returns [this process's share of the global weighted loss, its
         correct-point fraction, its fallback blocks]: summed over ranks, the first is the loss
         of the global batch."""
         torch.manual_seed(step_seed(cfg.seed, step, rank))
-        i = step % steps_per_epoch
-        ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()  # host tensor
+        i = step % (len(order) // cfg.batch_size)  # order: this epoch's room slots (host)
+        ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()
         points, labels, fallbacks = s3dis.sample_blocks(
             train, ids, cfg.num_points, cfg.block_size, cfg.min_block_points)  # (b, n, 3), (b, n)
         # §5.2 augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis.

@@ -48,7 +48,8 @@ def variants(cfg, compare: bool) -> list[Variant]:
 def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], Any]], steps: int,
         batch_size: int, device: torch.device, phases: bool = True) -> dict[str, dict]:
     """Time `steps` steps of each variant after WARMUP_STEPS untimed ones, then (phases) profile
-    PROFILED_STEPS more for the per-phase times, after one more untimed step. Returns {name: result} in the given order."""
+    PROFILED_STEPS more for the per-phase times, after one more untimed step. Returns
+    {name: result} in the given order."""
     results = {}
     for v in variants:
         kernels.set_backend(v.backend)

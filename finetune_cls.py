@@ -123,6 +123,13 @@ class Config:
     fused_adamw: bool = True
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
+    fast_point_all: bool = False
+    """when the train-time FPS of §3.6 takes every point (point_all == the cloud's points ==
+    num_points: ScanObjectNN, ModelNet 8k), compute its picks directly (exact as a set,
+    `data.full_fps_indices`) instead of in N sequential FPS steps. Each cloud still gets the
+    reference's points in a uniformly random order; what changes is which FPS rank the
+    batch-shared subset makes the first point (the grouping's start) of every cloud: index
+    rank here. Off (the reference): FPS from N to N points."""
     benchmark_steps: int = 0
     """if > 0: time this many training steps (after 5 warm-up steps), print ms/step, and exit.
     Also times the plain-PyTorch float32 path in the same run (see --benchmark-compare)."""
@@ -313,6 +320,7 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
     local_bs = cfg.batch_size // env.world_size
     steps_per_epoch = train_points.shape[0] // cfg.batch_size
     point_all = data.point_all_for(cfg.num_points, train_points.shape[1])
+    full_fps = cfg.fast_point_all and point_all == train_points.shape[1] == cfg.num_points
 
     def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
@@ -326,7 +334,11 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
         with phase("data"):
             points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
-            points = data.fps_gather(points, point_all)  # (b, point_all, 3)
+            if full_fps:  # FPS's picks from all N points, without its N sequential steps
+                pick = data.full_fps_indices(points)  # (b, N)
+                points = points.gather(1, pick[..., None].expand(-1, -1, 3))
+            else:
+                points = data.fps_gather(points, point_all)  # (b, point_all, 3)
             points = points[:, subset]  # ONE random subset for the batch (§3.6, §9.1 item 14)
             params = data.draw_augmentation(cfg.augment, len(idx), device=device)
             points = data.apply_augmentation(cfg.augment, points, params)

@@ -423,6 +423,41 @@ def fps_gather(points: torch.Tensor, m: int) -> torch.Tensor:
     return points.gather(1, idx[..., None].expand(-1, -1, 3))
 
 
+def full_fps_indices(points: torch.Tensor) -> torch.Tensor:
+    """The indices `kernels.fps(points, N)` picks from all N points, as a multiset, found
+    without FPS's N sequential steps (a few sorts instead). Only the order differs: this is
+    index 0, then index order, where FPS gives FPS order.
+
+    FPS from N to N points picks index 0, then every distinct coordinate once, by the lowest
+    index that holds it, skipping points near the origin (|p|^2 < 1e-3, as the FPS op) and the
+    coordinates of point 0. While such a point is left, its running distance is > 0 and it
+    beats every picked point (distance 0). After that every score is 0, so the remaining picks
+    are the lowest index not near the origin (or 0 when all are). (Exact as long as distinct
+    points are not so close that their squared distance underflows to 0 in float32.)
+    points (B, N, 3) -> (B, N) int64. Sync-free.
+    """
+    from kernels.reference import FPS_ORIGIN_EPS  # the FPS op's near-origin threshold
+
+    x = points.to(torch.float32)
+    B, N, _ = x.shape
+    arange = torch.arange(N, device=x.device).expand(B, N)
+    order = arange
+    for c in (2, 1, 0):  # stable sorts, last key first: lexicographic (x, y, z), ties by index
+        order = order.gather(1, x[..., c].gather(1, order).argsort(dim=1, stable=True))
+    xs = x.gather(1, order[..., None].expand(-1, -1, 3))  # (B, N, 3), sorted
+    repeat = torch.zeros(B, N, dtype=torch.bool, device=x.device)
+    repeat[:, 1:] = (xs[:, 1:] == xs[:, :-1]).all(dim=-1)  # same coordinate as the one before
+    far = ((x[..., 0] * x[..., 0] + x[..., 1] * x[..., 1]) + x[..., 2] * x[..., 2]) \
+        >= FPS_ORIGIN_EPS  # (B, N): may be picked after the first
+    first = torch.zeros_like(repeat).scatter_(1, order, ~repeat)  # lowest index of its coordinate
+    pick = first & far & ~(x == x[:, :1]).all(dim=-1)  # (B, N)
+    count = pick.sum(dim=1, keepdim=True)  # (B, 1), at most N - 1
+    picked = torch.where(pick, arange, arange + N).argsort(dim=1)[:, :N - 1]  # picks first
+    lowest_far = torch.where(far.any(dim=1), far.int().argmax(dim=1), 0)[:, None]
+    rest = torch.where(arange[:, :N - 1] < count, picked, lowest_far)
+    return torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), rest], dim=1)
+
+
 def shuffle_points(points: torch.Tensor) -> torch.Tensor:
     """A random point order per cloud (global RNG of the device): the reference's datasets
     shuffle train samples, which randomises where FPS starts."""

@@ -210,3 +210,26 @@ def test_point_all_and_augmentations():
     assert torch.equal(rot[..., 1], pts[..., 1])  # about y
     with pytest.raises(ValueError, match="augmentation"):
         data.draw_augmentation("flip", 4)
+
+
+def test_full_fps_indices_pick_what_fps_from_all_points_picks():
+    """data.full_fps_indices (fast_point_all) equals FPS from N to N points as a multiset of
+    indices, on the cases where FPS's rules bite: duplicate points (ScanObjectNN pads its
+    clouds so), points near the origin, point 0 at the origin or repeated, one point N times,
+    every point near the origin."""
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 200, 3, generator=g)
+    x[1, 50:80] = x[1, 10:40]  # duplicates
+    x[2, 100:110] *= 0.001  # near the origin
+    x[3, 0] = 0.0  # point 0 at the origin, others there too
+    x[3, 190:] = 0.0
+    x[4, 150:160] = x[4, 0]  # copies of point 0
+    x[5] = x[5, :1].expand(200, 3)  # one point, 200 times
+    x[6] *= 0.001  # every point near the origin
+    got = data.full_fps_indices(x)
+    assert got.shape == (7, 200) and (got[:, 0] == 0).all()
+    want = reference.fps(x, 200)
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+    assert not torch.equal(got, want)  # only the order differs

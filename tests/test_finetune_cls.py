@@ -255,16 +255,17 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_training_step_has_no_host_syncs_or_copies(tmp_path, monkeypatch):
-    """The real step of finetune_cls.py (shuffle, FPS, the batch-wide subset, augmentation,
-    forward, backward, clipping) on the meta device with HostToDeviceCopies (see conftest): a
+    """The real step of finetune_cls.py (shuffle, FPS or --fast-point-all, the batch-wide
+    subset, augmentation, forward, backward, clipping) on the meta device with HostToDeviceCopies (see conftest): a
     host sync, a host-to-device copy or a device mix in it raises. Negative controls: the NaN
     guard (a sync), and the augmentation drawn on the host (a copy, as this step once did)."""
     from pqae import data, dist
 
     meta = torch.device("meta")
     env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
-    for augment in ("rotate", "scale_translate"):
-        cfg = small_config(tmp_path, augment=augment)
+    for overrides in ({"augment": "rotate"}, {"augment": "scale_translate"},
+                      {"fast_point_all": True, "num_points": 256}):  # 256 of 256: full FPS
+        cfg = small_config(tmp_path, **overrides)
         model = finetune_cls.build_model(cfg).to(meta)
         points = torch.empty(32, cfg.procedural_points, 3, device=meta)
         labels = torch.empty(32, dtype=torch.long, device=meta)
@@ -365,3 +366,29 @@ def test_compile_matches_eager_without_recompiling(tmp_path):
     assert loss == pytest.approx(eager_loss, rel=1e-4)
     assert ((grad - eager_grad).norm() / eager_grad.norm()).item() < 1e-3
     assert names == eager_names
+
+
+def test_fast_point_all_feeds_the_same_points_in_another_order(tmp_path):
+    """--fast-point-all: where §3.6's FPS takes every point, the model gets the same points
+    per cloud as with FPS (same seed), in another order; elsewhere it changes nothing."""
+    from pqae import data, dist
+
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    points, labels = data.procedural_classes(32, 128, num_classes=3)
+    points[:, 100:] = points[:, :28]  # duplicate points, as ScanObjectNN's padding
+
+    def fed(fast: bool, num_points: int) -> torch.Tensor:
+        cfg = small_config(tmp_path, fast_point_all=fast, num_points=num_points)
+        model = finetune_cls.build_model(cfg)
+        seen = []
+        step = finetune_cls.make_train_step(
+            cfg, model, lambda p: seen.append(p) or model(p), NoOpOptimizer(), points, labels,
+            env)
+        step(0, torch.arange(32))
+        return seen[0]
+
+    fps, fast = fed(False, 128), fed(True, 128)  # point_all = N = num_points = 128
+    assert not torch.equal(fps, fast)
+    key = lambda t: t.round(decimals=5).tolist()  # noqa: E731 (per-cloud multisets)
+    assert [sorted(key(c)) for c in fps] == [sorted(key(c)) for c in fast]
+    assert torch.equal(fed(False, 64), fed(True, 64))  # point_all < N: FPS either way

@@ -66,8 +66,9 @@ def test_bf16_compiled_finetuning_on_triton_kernels(tmp_path):
     assert result["best_acc"] >= 55 and next(result["model"].parameters()).is_cuda
 
 
-def test_finetuning_step_does_not_synchronise(tmp_path):
-    cfg = small_finetune_config(tmp_path, device="cuda", amp=True)
+@pytest.mark.parametrize("overrides", [{}, {"fast_point_all": True, "num_points": 256}])
+def test_finetuning_step_does_not_synchronise(tmp_path, overrides):
+    cfg = small_finetune_config(tmp_path, device="cuda", amp=True, **overrides)
     env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
     model, train_model, optimizer = finetune_cls.build_training(cfg, env)
     assert model.check_inputs is False and optimizer.defaults["fused"] is True

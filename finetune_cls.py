@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, data, dist
 from pqae.classifier import PointClassifier
-from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.seeding import epoch_perm, shared_seed, step_seed
@@ -469,11 +469,8 @@ def main(cfg: Config) -> dict:
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "
                    f"train acc {acc_avg:.1f} | lr {lr:.3g} | {ms:.0f} ms/step | "
                    f"ETA {format_eta(eta)}", rank=rank)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_avg, step)
-                writer.add_scalar("train/acc", acc_avg, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/ms_per_step", ms, step)
+            log_scalars(writer, step, {"train/loss": loss_avg, "train/acc": acc_avg,
+                                       "train/lr": lr, "perf/ms_per_step": ms})
             sums.zero_()
             timer.reset()
         if epoch_end:
@@ -489,8 +486,7 @@ def main(cfg: Config) -> dict:
                     best = {"acc": row["acc"], "epoch": epoch}
                 print0(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
                        f"(epoch {best['epoch']}, test-set selection) | {n} samples", rank=rank)
-                if writer is not None:
-                    writer.add_scalar("test/acc", row["acc"], epoch)
+                log_scalars(writer, epoch, {"test/acc": row["acc"]})
             history.append(row)
             if epoch != 0 and improved:
                 save("ckpt-best", epoch, step, resumable=False)

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist
 from pqae import shapenetpart as spart
-from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
@@ -323,11 +323,8 @@ def main(cfg: Config) -> dict:
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f}"
                    f" | train acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | ETA "
                    f"{format_eta(eta)}", rank=rank)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_avg, step)
-                writer.add_scalar("train/acc", acc, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/ms_per_step", ms, step)
+            log_scalars(writer, step, {"train/loss": loss_avg, "train/acc": acc, "train/lr": lr,
+                                       "perf/ms_per_step": ms})
             sums.zero_()
             timer.reset()
         if epoch_end:
@@ -345,9 +342,8 @@ def main(cfg: Config) -> dict:
                    f"best on test: instance mIoU {best['instance_miou']:.4f} (epoch "
                    f"{best['instance_miou_epoch']}), class mIoU {best['class_miou']:.4f}",
                    rank=rank)
-            if writer is not None:
-                for k in ("acc", "class_miou", "instance_miou"):
-                    writer.add_scalar(f"test/{k}", result[k], step)
+            log_scalars(writer, step, {f"test/{k}": result[k]
+                                       for k in ("acc", "class_miou", "instance_miou")})
             if improved:  # as the reference's best_model.pth: instance mIoU >= best
                 save("ckpt-best-on-test", epoch, last_metrics, resumable=False)
         if epoch_end or step == total_steps:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, data, dist
-from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
@@ -268,12 +268,9 @@ def main(cfg: Config) -> dict:
                    f" (view1 {losses[1]:.4f} view2 {losses[2]:.4f}) | lr {lr:.3g} | "
                    f"{ms:.0f} ms/step | {cfg.batch_size * 1000 / ms:.0f} shapes/s | "
                    f"ETA {format_eta(eta)}", rank=rank)
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/ms_per_step", ms, step)
-                writer.add_scalar("perf/shapes_per_s", cfg.batch_size * 1000 / ms, step)
+            log_scalars(writer, step, {**{f"train/{k}": v for k, v in metrics.items()},
+                                       "train/lr": lr, "perf/ms_per_step": ms,
+                                       "perf/shapes_per_s": cfg.batch_size * 1000 / ms})
             loss_sum.zero_()
             timer.reset()
         if epoch_end or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist
 from pqae import s3dis
-from pqae.log import Timer, format_eta, print0, run_header, tensorboard
+from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, load_pretrained
@@ -230,9 +230,7 @@ def run_test(model, test: s3dis.Rooms, cfg: Config, rank: int, world: int, devic
     print0(format_scores(f"whole-room test ({len(test)} rooms, {cfg.num_votes} votes)", result)
            + f" | {time.perf_counter() - t0:.0f} s", rank=rank)
     print0(format_iou(result), rank=rank)
-    if writer is not None:
-        for k in ("miou", "macc", "oa"):
-            writer.add_scalar(f"test/{k}", result[k], step)
+    log_scalars(writer, step, {f"test/{k}": result[k] for k in ("miou", "macc", "oa")})
     return result
 
 
@@ -387,11 +385,8 @@ def main(cfg: Config) -> dict:
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
                    f"acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | "
                    f"{cfg.batch_size * 1000 / ms:.0f} blocks/s | ETA {format_eta(eta)}", rank=rank)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/acc", acc, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/ms_per_step", ms, step)
+            log_scalars(writer, step, {"train/loss": loss, "train/acc": acc, "train/lr": lr,
+                                       "perf/ms_per_step": ms})
             sums.zero_()
             timer.reset()
         if epoch_end:
@@ -405,11 +400,8 @@ def main(cfg: Config) -> dict:
             print0(format_scores(f"eval epoch {epoch} ({len(test_slots)} blocks)", ev)
                    + f" | best mIoU {best_miou:.4f} | {time.perf_counter() - t0:.0f} s", rank=rank)
             print0(format_iou(ev), rank=rank)
-            if writer is not None:
-                for k in ("miou", "macc", "oa"):
-                    writer.add_scalar(f"eval/{k}", ev[k], step)
-                for c, v in ev["iou"].items():
-                    writer.add_scalar(f"eval_iou/{c}", v, step)
+            log_scalars(writer, step, {**{f"eval/{k}": ev[k] for k in ("miou", "macc", "oa")},
+                                       **{f"eval_iou/{c}": v for c, v in ev["iou"].items()}})
             if improved:  # every rank keeps a copy (ranks are identical): no file race later
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if improved and rank == 0:

@@ -36,6 +36,13 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def log_scalars(writer, step: int, scalars: dict[str, float]) -> None:
+    """Write each `tag: value` to TensorBoard at `step`; no-op without a writer (ranks > 0)."""
+    if writer is not None:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+
+
 class Timer:
     """Wall time per step over the last logging interval (synchronises CUDA when read)."""
 

@@ -305,27 +305,34 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # a benchmark writes nothing
 
 
+def _deterministic_steps(cfg, steps: int = 1):
+    """(loss of step 0, flat gradient after it, parameter names) of a fresh model of cfg on
+    3-class procedural data, dropout off (bf16 draws its masks differently), then `steps` - 1
+    more steps with a no-op optimizer."""
+    from pqae import data, dist
+
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    points, labels = data.procedural_classes(32, 256, num_classes=3)
+    model, train_model, _ = finetune_cls.build_training(cfg, env)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(), points, labels,
+                                        env)
+    loss, _ = step(0, torch.arange(32))
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for i in range(1, steps):
+        step(i, torch.arange(32))
+    return loss.item(), grad, list(model.state_dict())
+
+
 def test_bf16_autocast_stays_within_tolerance_of_float32(tmp_path):
     """--amp: the same batch from the same init (dropout off: its masks are drawn differently
     for bf16) gives a loss within 1 % of float32 and not equal to it, and a gradient pointing
     the same way (the max-pools route some of it differently under bf16 rounding, so this is
     looser than pretraining's). A whole --amp fine-tune learns as the float32 one does."""
-    from pqae import data, dist
-
-    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    points, labels = data.procedural_classes(32, 256, num_classes=3)
-    runs = {}
-    for amp in (False, True):
-        cfg = small_config(tmp_path, amp=amp, drop_path_rate=0.0)
-        model, train_model, _ = finetune_cls.build_training(cfg, env)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(), points,
-                                            labels, env)
-        loss, _ = step(0, torch.arange(32))
-        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        runs[amp] = loss.item(), grad
+    runs = {amp: _deterministic_steps(small_config(tmp_path, amp=amp, drop_path_rate=0.0))[:2]
+            for amp in (False, True)}
     (loss32, grad32), (loss16, grad16) = runs[False], runs[True]
     assert loss16 != loss32
     assert loss16 == pytest.approx(loss32, rel=1e-2)
@@ -340,26 +347,13 @@ def test_compile_matches_eager_without_recompiling(tmp_path):
     """--compile compiles the encoder and the head in place: the same loss and gradient as
     eager (dropout off), no recompile between training steps, unchanged parameter names."""
     import torch._dynamo
-    from pqae import data, dist
 
-    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    points, labels = data.procedural_classes(32, 256, num_classes=3)
-    runs = {}
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for compiled in (False, True):
-                cfg = small_config(tmp_path, compile=compiled, drop_path_rate=0.0)
-                model, train_model, optimizer = finetune_cls.build_training(cfg, env)
-                for m in model.modules():
-                    if isinstance(m, torch.nn.Dropout):
-                        m.p = 0.0
-                step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(),
-                                                    points, labels, env)
-                loss, _ = step(0, torch.arange(32))
-                grad = torch.cat([p.grad.flatten() for p in model.parameters()])
-                step(1, torch.arange(32))  # a second step: no recompile
-                runs[compiled] = loss.item(), grad, list(model.state_dict())
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a second step: no recompile
+            runs = {compiled: _deterministic_steps(
+                small_config(tmp_path, compile=compiled, drop_path_rate=0.0), steps=2)
+                for compiled in (False, True)}
     finally:
         torch._dynamo.reset()
     (loss, grad, names), (eager_loss, eager_grad, eager_names) = runs[True], runs[False]

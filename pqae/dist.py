@@ -46,15 +46,37 @@ def setup(device: str = "auto") -> Dist:
         # One group for the life of the process: a group re-created after a destroy would read
         # the old group's stale addresses from torchrun's store and hang, so a script's main()
         # run twice in one job (fewshot.py's folds) reuses this one instead.
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_shutdown)
+    global _finished
+    _finished = False  # a main() is running: its ranks may be inside collectives
     return Dist(rank, local_rank, world, dev)
+
+
+_finished = False
+"""True between the end of a main() (`cleanup`, which every rank reached) and the next setup."""
 
 
 def cleanup() -> None:
     """End of a script's main(): the ranks meet here, so none exits (and tears down its gloo
     threads) while a peer is still working. The group itself lives until the process exits."""
+    global _finished
     if dist.is_initialized():
         dist.barrier()
+        _finished = True
+
+
+def _shutdown() -> None:
+    """At process exit: when every rank finished its main(), meet once more, so no rank
+    destroys the group while a peer is still running the caller's last local work (a rank
+    that tore down its gloo threads first was seen to abort at exit); then destroy it. After
+    an error no rank waits: torchrun stops the others."""
+    if not dist.is_initialized():
+        return
+    try:
+        if _finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,21 @@ Public API
     running-min squared distance (init 1e10), ties to the lowest index, points with
     squared norm <= 1e-3 never picked after the first.
 ``knn(query, ref, k, *, check=None) -> LongTensor (B, S, k)``
-    k nearest ``ref`` points of each ``query`` by squared Euclidean distance, nearest first.
+    k nearest ``ref`` points of each ``query`` by squared Euclidean distance, ordered by
+    (distance, index): nearest first, equal distances by the lower index.
 ``group(xyz, num_group, group_size, *, check=None) -> (neighborhood (B, G, M, 3), center (B, G, 3))``
     SPEC 1.2: centers = FPS, neighbours = kNN of the centers, neighbourhood = neighbour - center.
     float32 output.
+``group_views(views, num_group, group_size, *, check=None) -> [(neighborhood, center)]``
+    ``group`` of several tensors of clouds (the two views of a pretraining step) in one FPS and
+    one kNN launch for every two of them; each tensor may have its own point count.
 ``chamfer_l2(a, b, *, check=None) -> (d_a (P, n), d_b (P, m))``
     Squared distance of each point to its nearest point in the other set (SPEC 2.7),
     float32, differentiable w.r.t. ``a`` and ``b``.
+``chamfer_l2_loss(preds, targets, *, check=None) -> [loss]``
+    The CD-L2 loss ``d_pred.mean() + d_target.mean()`` of every (pred (P, n, 3), target
+    (P, m, 3)) pair, float32 scalars, differentiable. On the Triton path one launch computes
+    the losses and gradients of two pairs (both views of a step); backward only scales them.
 
 Inputs may be float32 / bfloat16 / float16 (computed in float32; float64 is computed in
 float64 by the reference and in float32 by Triton) and non-contiguous. Bad input raises
@@ -31,16 +39,20 @@ Backend switch
 
 Triton path details (``kernels/triton_ops.py``)
 -----------------------------------------------
-* FPS: one program per cloud, whole cloud in registers; indices bit-identical to the
-  reference (same distance op order, FMA contraction disabled). N > 16384 falls back to the
-  reference.
-* kNN: running top-k in registers; k <= 128 (``triton_ops.KNN_MAX_K``) runs in Triton, larger
-  k falls back to the reference. Distances are bit-identical to the reference; on exact ties
-  Triton prefers the lower index while ``torch.topk`` order on ties is unspecified.
-* group: two launches (FPS writing the centers, kNN writing neighbour - center).
+* FPS: one program per cloud, whole cloud in registers, two tensors of clouds per launch;
+  indices bit-identical to the reference (same distance op order, FMA contraction disabled).
+  N > 8192 (``triton_ops.FPS_MAX_N``) falls back to the reference.
+* kNN: one warp per query; a threshold from each lane's two nearest points, a compaction of
+  the points within it and a sort of (distance, index) keys. The same neighbours in the same
+  order as the reference, whatever the order of the points. k <= 64
+  (``triton_ops.KNN_MAX_K``) runs in Triton, larger k falls back to the reference.
+* group / group_views: two launches for every two tensors (FPS writing the centers, kNN
+  writing neighbour - center).
 * chamfer_l2: forward returns min + argmin in both directions (one launch for sets of <= 64
   points, else one tiled launch per direction); backward is a Triton kernel (deterministic,
   no atomics) via ``triton_ops.ChamferL2`` (torch.autograd.Function).
+* chamfer_l2_loss: one launch per two pairs computes loss and gradient (deterministic, no
+  atomics) via ``triton_ops.ChamferL2Loss``; sets of more than 64 points use chamfer_l2.
 
 NaN/inf check
 -------------
@@ -55,7 +67,8 @@ import torch
 
 from . import reference
 
-__all__ = ["fps", "knn", "group", "chamfer_l2", "set_backend", "get_backend", "CHECK_FINITE"]
+__all__ = ["fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss", "set_backend",
+           "get_backend", "CHECK_FINITE"]
 
 CHECK_FINITE = True
 _BACKENDS = ("auto", "reference", "triton")
@@ -178,6 +191,21 @@ def group(xyz: torch.Tensor, num_group: int, group_size: int, *, check: bool | N
     return reference.group(xyz, int(num_group), int(group_size))
 
 
+def group_views(views, num_group: int, group_size: int, *, check: bool | None = None):
+    """group() of every (B, N_v, 3) tensor in `views` (same B): [(neighborhood, center)]."""
+    views = list(views)
+    if not views:
+        raise ValueError("views must hold at least one (B, N, 3) tensor")
+    for i, v in enumerate(views):
+        _check_points(f"views[{i}]", v, check)
+        _check_same_batch("views[0]", views[0], f"views[{i}]", v)
+        _check_count("num_group", num_group, v.shape[1], "N", v.shape)
+        _check_count("group_size", group_size, v.shape[1], "N", v.shape)
+    if _use_triton(views[0]):
+        return _triton_ops().group_views(views, int(num_group), int(group_size))
+    return reference.group_views(views, int(num_group), int(group_size))
+
+
 def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
     """Chamfer-L2 halves. a (P, n, 3), b (P, m, 3) -> (d_a (P, n), d_b (P, m)), differentiable."""
     _check_points("a", a, check)
@@ -186,3 +214,19 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
     if _use_triton(a):
         return _triton_ops().chamfer_l2(a, b)
     return reference.chamfer_l2(a, b)
+
+
+def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
+    """CD-L2 loss d_pred.mean() + d_target.mean() of every (pred (P, n, 3), target (P, m, 3))
+    pair -> [scalar], differentiable (SPEC 2.7)."""
+    preds, targets = list(preds), list(targets)
+    if not preds or len(preds) != len(targets):
+        raise ValueError(f"preds and targets must be non-empty lists of equal length, got "
+                         f"{len(preds)} and {len(targets)}")
+    for i, (a, b) in enumerate(zip(preds, targets)):
+        _check_points(f"preds[{i}]", a, check)
+        _check_points(f"targets[{i}]", b, check)
+        _check_same_batch(f"preds[{i}]", a, f"targets[{i}]", b)
+    if _use_triton(preds[0]):
+        return _triton_ops().chamfer_l2_loss(preds, targets)
+    return reference.chamfer_l2_loss(preds, targets)

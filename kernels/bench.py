@@ -4,10 +4,15 @@
     python -m kernels.bench --quick    # fewer repetitions
     python -m kernels.bench --smoke    # every case once at toy sizes, on CPU under
                                        # TRITON_INTERPRET=1 when there is no GPU (tests)
+    python -m kernels.bench --static   # no GPU needed: the kernels compiled for sm_90, their
+                                       # registers, spills, SASS instructions and the estimated
+                                       # time on an H100 beside the targets (--json: one object)
 
 Times are medians over repetitions measured with CUDA events after warm-up. "torch" is
 ``kernels.reference`` run on the same GPU tensors. ratio = torch / triton (speed-up).
-On a machine without CUDA it prints a line saying so and exits 0 (except with --smoke).
+On a machine without CUDA it prints a line saying so and exits 0 (except with --smoke and
+--static). The --static figures are estimates from the compiled code (``kernels/static.py``
+says how), never measurements.
 """
 from __future__ import annotations
 
@@ -62,39 +67,37 @@ def _cases(device, smoke: bool = False):
         yield ("knn", f"{B}x{G} q, {N} ref, k=32",
                lambda c=c, x=x: T.knn(c, x, 32), lambda c=c, x=x: reference.knn(c, x, 32))
 
-    # Chamfer of the loss: one call on P = 2 x 8192 = 16384 patch pairs of 32 vs 32 points
-    # (both views of batch 128 x 64 patches), forward + backward; the targets carry no grad.
-    P = 8 if smoke else 16384
-    tgt = torch.randn(P, 32, 3, device=device) * 0.1
-    pred = (tgt + 0.01 * torch.randn_like(tgt)).requires_grad_(True)
+    # The loss of a pretraining step: both views, P = 8192 patch pairs of 32 vs 32 points each,
+    # forward + backward; the targets carry no gradient.
+    P = 8 if smoke else 128 * 64
+    tgts = [torch.randn(P, 32, 3, device=device) * 0.1 for _ in range(2)]
+    preds = [(t + 0.01 * torch.randn_like(t)).requires_grad_(True) for t in tgts]
 
-    def cd(fn):
+    def cd_loss(fn):
         def run():
-            da, db = fn(pred, tgt)
+            sum(fn(preds, tgts)).backward()
+        return run
+
+    yield ("chamfer loss", f"2 views x P={P}, 32 vs 32, fwd+bwd", cd_loss(T.chamfer_l2_loss),
+           cd_loss(reference.chamfer_l2_loss))
+
+    def cd(fn):  # the per-point op (any upstream gradient), on one view
+        def run():
+            da, db = fn(preds[0], tgts[0])
             (da.mean() + db.mean()).backward()
         return run
 
-    yield "chamfer fwd+bwd", f"P={P} (one call), 32 vs 32", cd(T.chamfer_l2), cd(reference.chamfer_l2)
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(pred, tgt)
-        return run
+    yield "chamfer fwd+bwd", f"P={P}, 32 vs 32 (per point)", cd(T.chamfer_l2), cd(reference.chamfer_l2)
 
-    yield "chamfer fwd", f"P={P} (one call), 32 vs 32", fwd(T.chamfer_l2), fwd(reference.chamfer_l2)
-
-    # group of both views: batch 128, views of 800 and 900 points, G=64, M=32
+    # grouping of both views of a pretraining step: batch 128, views of 800 and 900 points
     B, n1, n2, G = (2, 80, 90, 16) if smoke else (128, 800, 900, 64)
     v1, v2 = _cloud(B, n1, device, 1), _cloud(B, n2, device, 2)
 
     def grp(fn):
-        def run():
-            fn(v1, G, 32)
-            fn(v2, G, 32)
-        return run
+        return lambda: fn([v1, v2], G, 32)
 
-    yield ("group (2 views)", f"{B}x{n1} + {B}x{n2}, G={G}, M=32", grp(T.group),
-           grp(reference.group))
+    yield ("group (2 views)", f"{B}x{n1} + {B}x{n2}, G={G}, M=32", grp(T.group_views),
+           grp(reference.group_views))
 
 
 def main(argv=None) -> int:
@@ -102,7 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer warm-up runs and repetitions")
     ap.add_argument("--smoke", action="store_true",
                     help="every case once at toy sizes (on CPU without a GPU: needs TRITON_INTERPRET=1)")
+    ap.add_argument("--static", action="store_true",
+                    help="no GPU: compile for sm_90 and print the static cost report")
+    ap.add_argument("--json", action="store_true", help="with --static: one JSON object")
+    ap.add_argument("--arch", type=int, default=90, help="with --static: the sm_ target")
     args = ap.parse_args(argv)
+    if args.static:
+        return _static(args.arch, args.json)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("kernels.bench: no CUDA device available; nothing to benchmark.")
@@ -119,6 +128,20 @@ def main(argv=None) -> int:
         r = _median_us(ref, warmup // 2 if args.smoke else max(1, warmup // 2),
                        reps if args.smoke else max(3, reps // 3), device)
         print(f"{op:<18} {shape:<32} {t:>11.1f} {r:>11.1f} {r / t:>6.1f}x", flush=True)
+    return 0
+
+
+def _static(arch: int, as_json: bool) -> int:
+    import json
+
+    from . import static
+
+    rows = static.report(arch=arch)
+    if as_json:
+        print(json.dumps({"device_model": static.H100.name, "arch": arch,
+                          "versions": static.versions(), "rows": rows}))
+    else:
+        print(static.format_table(rows))
     return 0
 
 

@@ -67,7 +67,8 @@ def fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
 
 def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     """k nearest ref points of each query. query (B, S, 3), ref (B, N, 3) -> (B, S, k) int64,
-    nearest first. Distances computed exactly as sum of squared differences."""
+    ordered by (distance, index): nearest first, and equal distances by the lower index.
+    Distances computed exactly as sum of squared differences."""
     dt = torch.float64 if torch.float64 in (query.dtype, ref.dtype) else torch.float32
     q = query.to(dt)
     r = ref.to(dt)
@@ -77,7 +78,14 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     out = []
     for s0 in range(0, S, chunk):
         d = sqdist(q[:, s0:s0 + chunk, None, :], r[:, None, :, :])  # (B, s, N)
-        out.append(torch.topk(d, k, dim=-1, largest=False, sorted=True).indices)
+        if dt == torch.float32:
+            # (distance bits, index) in one int64: the bits of a float32 >= 0 order like its
+            # value, so one top-k gives the (distance, index) order (torch.topk alone leaves
+            # the order of ties unspecified)
+            key = (d.view(torch.int32).to(torch.int64) << 32) | torch.arange(N, device=d.device)
+            out.append(torch.topk(key, k, dim=-1, largest=False, sorted=True).values & 0xFFFFFFFF)
+        else:
+            out.append(torch.sort(d, dim=-1, stable=True).indices[..., :k])
     return torch.cat(out, dim=1)
 
 
@@ -98,6 +106,11 @@ def group(xyz: torch.Tensor, num_group: int, group_size: int):
     return neighborhood, center
 
 
+def group_views(views, num_group: int, group_size: int):
+    """group() of every tensor of clouds in `views`."""
+    return [group(v, num_group, group_size) for v in views]
+
+
 def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
     """a (P, n, 3), b (P, m, 3) -> (d_a (P, n), d_b (P, m)): squared distance of each point
     to its nearest point in the other set. Differentiable (autograd through the dense
@@ -105,3 +118,8 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
     dt = torch.float64 if (a.dtype == torch.float64 or b.dtype == torch.float64) else torch.float32
     d = sqdist(a.to(dt)[:, :, None, :], b.to(dt)[:, None, :, :])  # (P, n, m)
     return d.min(dim=2).values, d.min(dim=1).values
+
+
+def chamfer_l2_loss(preds, targets):
+    """[mean d_pred + mean d_target (SPEC 2.7)] of every (pred (P, n, 3), target (P, m, 3))."""
+    return [sum(d.mean() for d in chamfer_l2(a, b)) for a, b in zip(preds, targets)]

@@ -1,16 +1,24 @@
-"""Triton kernels for FPS, kNN, grouping and Chamfer-L2 (+ its autograd Function).
+"""Triton kernels for FPS, kNN, grouping and Chamfer-L2 (+ their autograd Functions).
 
 Called through ``kernels/__init__.py`` (which validates inputs); tensors may be on CUDA, or on
-CPU when ``TRITON_INTERPRET=1``. All kernels work on float32, contiguous (.., 3) coordinates.
+CPU when ``TRITON_INTERPRET=1``. The kernels read float32 (Chamfer also bf16/fp16) contiguous
+(.., 3) coordinates.
 
 Bit-parity with ``kernels/reference.py``: squared distances are computed as
 ``(dx*dx + dy*dy) + dz*dz`` in both, and the FPS / kNN kernels are launched with
 ``enable_fp_fusion=False`` so the compiler cannot contract them into FMAs (which would change
 rounding and hence FPS picks / kNN order). Chamfer keeps FMA (values only need 1e-5).
+
+Every launch goes through ``_launch``, which ``capture()`` can record instead of running:
+``kernels.static`` compiles exactly those launches for sm_80 / sm_90 and costs them. Each
+runtime loop or data-dependent branch of a kernel carries a ``# cost: tag`` comment, and the
+launch gives the tag's trip count (``trips=``) for that cost model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import triton
@@ -18,200 +26,381 @@ import triton.language as tl
 
 from . import reference
 
-# kNN: largest k served by the Triton kernel; larger k falls back to the reference
-# (the running top-k lives in registers, (BLOCK_Q, next_pow2(k)) per program).
-KNN_MAX_K = 128
-# FPS: the whole cloud is held in registers by one program; larger N falls back.
-FPS_MAX_N = 16384
+# kNN: largest k served by the Triton kernel (its threshold comes from 64 values per query);
+# larger k falls back to the reference.
+KNN_MAX_K = 64
+# FPS: the whole cloud is held in registers by one program (no spill up to here); larger N
+# falls back to the reference.
+FPS_MAX_N = 8192
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Launch option disabling FMA contraction (ignored by the interpreter, which has no FMA).
 _NO_FMA = {} if _INTERPRET else {"enable_fp_fusion": False}
 _FMA = {} if _INTERPRET else {"enable_fp_fusion": True}
+_INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # the key of an empty slot
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+class Launch(NamedTuple):
+    """One kernel launch as the ops make it: what `kernels.static` compiles and costs."""
+    kernel: Any  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple  # positional arguments (tensors and ints)
+    meta: dict  # constexprs and launch options (num_warps, enable_fp_fusion)
+    trips: dict  # `# cost: tag` of the kernel source -> executions per entry (static model)
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture():
+    """Record the launches the ops make instead of running them (inputs may be on the `meta`
+    device: nothing is computed). `kernels.static` compiles exactly these."""
+    global _captured
+    prev, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = prev
+
+
+def _launch(kernel, grid, *args, trips=None, **meta) -> None:
+    if _captured is not None:
+        _captured.append(Launch(kernel, tuple(grid), args, meta, dict(trips or {})))
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _pairs(ts: Sequence[torch.Tensor]):
+    """Up to two clouds per launch: [(t0, t1 or t0, count)] (a kernel takes two pointers)."""
+    return [(ts[i], ts[i + 1] if i + 1 < len(ts) else ts[i], min(2, len(ts) - i))
+            for i in range(0, len(ts), 2)]
+
+
 # ============================================================================ FPS
 @triton.jit
+def _argmax_xyz(s1, i1, x1, y1, z1, s2, i2, x2, y2, z2):
+    # larger score wins; ties go to the lower index
+    take2 = (s2 > s1) | ((s2 == s1) & (i2 < i1))
+    return (tl.where(take2, s2, s1), tl.where(take2, i2, i1), tl.where(take2, x2, x1),
+            tl.where(take2, y2, y1), tl.where(take2, z2, z1))
+
+
+@triton.jit(do_not_specialize=["N0", "N1"])
 def _fps_kernel(
-    xyz_ptr,  # (B, N, 3) float32 contiguous
-    idx_ptr,  # (B, M) int64 out: picked indices
-    ctr_ptr,  # (B, M, 3) float32 out: picked coordinates (only if WRITE_CENTER)
-    N, M,
-    BLOCK: tl.constexpr,  # next power of two >= N: the whole cloud lives in registers
+    x0_ptr, x1_ptr,  # (B, N0, 3), (B, N1, 3) float32 contiguous: two sets of clouds (views)
+    idx_ptr,  # (V, B, M) int64 out: picked indices
+    ctr_ptr,  # (V, B, M, 3) float32 out: picked coordinates (only if WRITE_CENTER)
+    soa_ptr,  # (V, B, 3, BLOCK) float32 out: the cloud as x, y, z planes, +inf past N (WRITE_SOA)
+    B, N0, N1, M,
+    BLOCK: tl.constexpr,  # next power of two >= max(N0, N1, 32): the cloud lives in registers
+    CARRY: tl.constexpr,  # the picked coordinates travel with the argmax (no reload per pick)
     WRITE_CENTER: tl.constexpr,
+    WRITE_SOA: tl.constexpr,
 ):
-    # One program per cloud: the M picks are strictly sequential, so parallelism is over the
-    # N points of the cloud (vector ops + one argmax reduction per pick).
-    b = tl.program_id(0).to(tl.int64)
-    base = xyz_ptr + b * N * 3
+    # One program per cloud (programs [0, B) take x0, [B, 2B) take x1): the M picks are strictly
+    # sequential, so parallelism is over the points of the cloud (vector ops + one argmax
+    # reduction per pick).
+    pid = tl.program_id(0)
+    v1 = pid >= B
+    N = tl.where(v1, N1, N0)
+    base = tl.where(v1, x1_ptr, x0_ptr) + (pid - tl.where(v1, B, 0)).to(tl.int64) * N * 3
     offs = tl.arange(0, BLOCK)
     valid = offs < N
     px = tl.load(base + offs * 3 + 0, mask=valid, other=0.0)  # (BLOCK,)
     py = tl.load(base + offs * 3 + 1, mask=valid, other=0.0)
     pz = tl.load(base + offs * 3 + 2, mask=valid, other=0.0)
+    if WRITE_SOA:  # for the kNN of the grouping: unmasked loads, +inf distances past N
+        plane = soa_ptr + pid.to(tl.int64) * (3 * BLOCK) + offs
+        tl.store(plane, tl.where(valid, px, float("inf")))
+        tl.store(plane + BLOCK, tl.where(valid, py, float("inf")))
+        tl.store(plane + 2 * BLOCK, tl.where(valid, pz, float("inf")))
     # pointnet2 compares the float32 squared norm with the double 1e-3; for a float32 value
     # "mag <= 1e-3 (double)" is the same as "mag < float32(1e-3)" (float32(1e-3) > 1e-3).
+    # Such points (and the padding) score -1 forever: min(-1, d) = -1 for every d >= 0.
     mag = px * px + py * py + pz * pz
-    skip = (mag < 1e-3) | (offs >= N)  # never picked after the first
-    run_min = tl.full((BLOCK,), 1e10, tl.float32)  # running min sq. distance to picked set
-
-    # pick 0 is index 0
-    last = tl.zeros((), tl.int32)
-    tl.store(idx_ptr + b * M, last.to(tl.int64))
-    cx = tl.load(base + 0)
+    run = tl.where(valid & (mag >= 1e-3), 1e10, -1.0)  # running min sq. distance to the picks
+    out = pid.to(tl.int64) * M
+    cx = tl.load(base + 0)  # pick 0 is index 0
     cy = tl.load(base + 1)
     cz = tl.load(base + 2)
+    tl.store(idx_ptr + out, tl.zeros((), tl.int64))
     if WRITE_CENTER:
-        tl.store(ctr_ptr + b * M * 3 + 0, cx)
-        tl.store(ctr_ptr + b * M * 3 + 1, cy)
-        tl.store(ctr_ptr + b * M * 3 + 2, cz)
-    for i in range(1, M):
+        tl.store(ctr_ptr + out * 3 + 0, cx)
+        tl.store(ctr_ptr + out * 3 + 1, cy)
+        tl.store(ctr_ptr + out * 3 + 2, cz)
+    for i in range(1, M):  # cost: picks
         dx = px - cx
         dy = py - cy
         dz = pz - cz
-        d = dx * dx + dy * dy + dz * dz  # == (dx*dx + dy*dy) + dz*dz, as in the reference
-        run_min = tl.minimum(run_min, d)
-        score = tl.where(skip, -1.0, run_min)
+        run = tl.minimum(run, dx * dx + dy * dy + dz * dz)  # == (dx*dx + dy*dy) + dz*dz
         # argmax, ties to the lowest index (all scores -1 -> index 0, like the CUDA op)
-        last = tl.argmax(score, axis=0, tie_break_left=True).to(tl.int32)
-        tl.store(idx_ptr + b * M + i, last.to(tl.int64))
-        cx = tl.load(base + last * 3 + 0)
-        cy = tl.load(base + last * 3 + 1)
-        cz = tl.load(base + last * 3 + 2)
+        if CARRY:
+            _, last, cx, cy, cz = tl.reduce((run, offs, px, py, pz), 0, _argmax_xyz)
+        else:
+            last = tl.argmax(run, 0, tie_break_left=True)
+            cx = tl.load(base + last * 3 + 0)
+            cy = tl.load(base + last * 3 + 1)
+            cz = tl.load(base + last * 3 + 2)
+        tl.store(idx_ptr + out + i, last.to(tl.int64))
         if WRITE_CENTER:
-            tl.store(ctr_ptr + b * M * 3 + i * 3 + 0, cx)
-            tl.store(ctr_ptr + b * M * 3 + i * 3 + 1, cy)
-            tl.store(ctr_ptr + b * M * 3 + i * 3 + 2, cz)
+            tl.store(ctr_ptr + (out + i) * 3 + 0, cx)
+            tl.store(ctr_ptr + (out + i) * 3 + 1, cy)
+            tl.store(ctr_ptr + (out + i) * 3 + 2, cz)
 
 
-def _fps_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 2048 else 16
+def _fps_cfg(block: int) -> tuple[int, bool]:
+    """(num_warps, carry) per block size, from the static cost model (python -m kernels.bench
+    --static): up to 2048 points the coordinates ride along with the argmax (3 more selects
+    per point, no dependent load per pick); above, the kernel is bound by instruction issue
+    and a reload of the picked point (an L1 hit) is cheaper."""
+    if block <= 1024:
+        return 4, True
+    if block <= 2048:
+        return 8, True
+    return (8 if block <= 4096 else 16), False
 
 
-def _fps_launch(x: torch.Tensor, m: int, write_center: bool):
-    B, N, _ = x.shape
-    idx = torch.empty((B, m), dtype=torch.long, device=x.device)
-    ctr = torch.empty((B, m, 3), dtype=torch.float32, device=x.device) if write_center else idx
-    block = triton.next_power_of_2(N)
-    _fps_kernel[(B,)](x, idx, ctr, N, m, BLOCK=block, WRITE_CENTER=write_center,
-                      num_warps=_fps_warps(block), **_NO_FMA)
-    return idx, (ctr if write_center else None)
+def _fps_block(n: int) -> int:
+    return max(32, triton.next_power_of_2(n))
+
+
+def _fps_views(xs: Sequence[torch.Tensor], m: int, write_center: bool, write_soa: bool = False):
+    """FPS of every cloud of every tensor in `xs` (each (B, N_v, 3) float32 contiguous, same
+    B), two tensors per launch -> idx (V, B, m) int64, centres (V, B, m, 3) or None, and with
+    write_soa the clouds as coordinate planes (V, B, 3, P) padded with +inf (P = _fps_block of
+    the largest N) or None."""
+    V, B = len(xs), xs[0].shape[0]
+    dev = xs[0].device
+    block = _fps_block(max(x.shape[1] for x in xs))
+    idx = torch.empty((V, B, m), dtype=torch.long, device=dev)
+    ctr = torch.empty((V, B, m, 3), dtype=torch.float32, device=dev) if write_center else idx
+    soa = torch.empty((V, B, 3, block), dtype=torch.float32, device=dev) if write_soa else ctr
+    warps, carry = _fps_cfg(block)
+    for k, (x0, x1, nv) in enumerate(_pairs(xs)):
+        _launch(_fps_kernel, (nv * B,), x0, x1, idx[2 * k:], ctr[2 * k:], soa[2 * k:], B,
+                x0.shape[1], x1.shape[1], m, BLOCK=block, CARRY=carry,
+                WRITE_CENTER=write_center, WRITE_SOA=write_soa, num_warps=warps,
+                trips={"picks": m - 1}, **_NO_FMA)
+    return idx, (ctr if write_center else None), (soa if write_soa else None)
 
 
 def fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
     """xyz (B, N, 3) -> (B, m) int64, identical to reference.fps."""
     if xyz.shape[1] > FPS_MAX_N:
         return reference.fps(xyz, m)
-    return _fps_launch(_f32(xyz), m, False)[0]
+    return _fps_views([_f32(xyz)], m, False)[0][0]
 
 
 # ============================================================================ kNN
 @triton.jit
+def _top2(a1, a2, b1, b2):
+    # the two smallest of two (smallest, second smallest) pairs
+    return tl.minimum(a1, b1), tl.minimum(tl.maximum(a1, b1), tl.minimum(a2, b2))
+
+
+@triton.jit
+def _knn_dist(r_base, c0, N, qx, qy, qz, NJ: tl.constexpr):
+    """Squared distances (NJ, 32) from the query to the chunk's points n = c0 + 32 j + lane
+    (+inf beyond N), and n."""
+    lane = tl.arange(0, 32)
+    jj = tl.arange(0, NJ)
+    n = c0 + jj[:, None] * 32 + lane[None, :]
+    ok = n < N
+    p = (r_base + (c0 + lane) * 3)[None, :] + (jj * 96)[:, None]  # constant offsets per row
+    dx = tl.load(p + 0, mask=ok) - qx
+    dy = tl.load(p + 1, mask=ok) - qy
+    dz = tl.load(p + 2, mask=ok) - qz
+    return tl.where(ok, dx * dx + dy * dy + dz * dz, float("inf")), n
+
+
+@triton.jit
+def _knn_dist_planes(plane, c0, qx, qy, qz, NJ: tl.constexpr, P: tl.constexpr):
+    """The same from coordinate planes padded with +inf (written by FPS): no masks."""
+    n = c0 + tl.arange(0, NJ)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    # one point per lane and row, not vectorised loads: keeps lane = n mod 32 for what follows
+    n = tl.max_contiguous(n, [1, 1])
+    dx = tl.load(plane + n) - qx
+    dy = tl.load(plane + P + n) - qy
+    dz = tl.load(plane + 2 * P + n) - qz
+    return dx * dx + dy * dy + dz * dz, n
+
+
+@triton.jit
+def _knn_key(d, n):
+    # (distance bits, index) as one int64: ordered like (distance, index) for distances >= 0
+    return (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | n.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _knn_compact(d, n, T, cnt, scr_row, C: tl.constexpr):
+    """Append the indices of the points with d <= T to the scratch row (first C slots kept; the
+    rest land on slot C - 1, harmless: more than C candidates take the fallback); returns the
+    new count."""
+    ci = (d <= T).to(tl.int32)
+    per_lane = tl.sum(ci, axis=0)  # (32,)
+    # exclusive position = inclusive prefix - 1 (a candidate counts itself)
+    off = cnt - 1 + tl.cumsum(per_lane, axis=0) - per_lane
+    pos = tl.minimum(tl.cumsum(ci, axis=0) + off[None, :], C - 1)
+    tl.store(scr_row + pos, n, mask=ci > 0)
+    return cnt + tl.sum(per_lane, axis=0)
+
+
+@triton.jit
+def _knn_point(r_base, plane, i, ok, PLANES: tl.constexpr, P: tl.constexpr):
+    """Coordinates of points i (masked by ok), from the planes or from the (N, 3) rows."""
+    if PLANES:
+        return (tl.load(plane + i, mask=ok), tl.load(plane + P + i, mask=ok),
+                tl.load(plane + 2 * P + i, mask=ok))
+    g = r_base + i * 3
+    return tl.load(g + 0, mask=ok), tl.load(g + 1, mask=ok), tl.load(g + 2, mask=ok)
+
+
+@triton.jit
+def _knn_emit(key, slot, ok, out_row, nbr_row, r_base, plane, qx, qy, qz,
+              PLANES: tl.constexpr, P: tl.constexpr, WRITE_NBR: tl.constexpr):
+    i = (key & 0xFFFFFFFF).to(tl.int32)
+    tl.store(out_row + slot, i.to(tl.int64), mask=ok)
+    if WRITE_NBR:
+        # fused grouping: gather the neighbour and express it relative to its query
+        x, y, z = _knn_point(r_base, plane, i, ok, PLANES, P)
+        o = nbr_row + slot * 3
+        tl.store(o + 0, x - qx, mask=ok)
+        tl.store(o + 1, y - qy, mask=ok)
+        tl.store(o + 2, z - qz, mask=ok)
+
+
+@triton.jit(do_not_specialize=["N0", "N1"])
 def _knn_kernel(
-    q_ptr,    # (B, S, 3) float32 contiguous: queries
-    r_ptr,    # (B, N, 3) float32 contiguous: reference points
-    idx_ptr,  # (B, S, K) int64 out: neighbour indices, nearest first
-    nbr_ptr,  # (B, S, K, 3) float32 out: neighbour - query (only if WRITE_NBR)
-    S, N,
-    K: tl.constexpr,        # number of neighbours
-    KP: tl.constexpr,       # next power of two >= K: slots of the running top-k
-    BLOCK_Q: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # reference points per tile
+    q_ptr,  # (V, B, S, 3) float32 contiguous: queries
+    r0_ptr, r1_ptr,  # (B, N0, 3), (B, N1, 3) float32 contiguous: reference points of views 0, 1
+    pl_ptr,  # (V, B, 3, P) float32: the same as coordinate planes padded with +inf (if PLANES)
+    idx_ptr,  # (V, B, S, K) int64 out: neighbour indices, nearest first
+    nbr_ptr,  # (V, B, S, K, 3) float32 out: neighbour - query (only if WRITE_NBR)
+    scr_ptr,  # (V, B, S, C) int32 scratch: candidate indices
+    S, B, N0, N1,
+    K: tl.constexpr,  # neighbours (<= 64)
+    C: tl.constexpr,  # candidate slots (power of two >= 2 K)
+    NJ: tl.constexpr,  # rows of 32 points per chunk held in registers
+    CHUNKED: tl.constexpr,  # N > 32 NJ: two passes over chunks instead of one tile
+    PLANES: tl.constexpr,  # read the distances' points from pl_ptr (P per plane)
+    P: tl.constexpr,
     WRITE_NBR: tl.constexpr,
 ):
-    # One program per (cloud, block of BLOCK_Q queries). It streams the N reference points in
-    # tiles of BLOCK_N and keeps, per query, the K best (distance, index) pairs in registers.
-    # Order is lexicographic on (distance, index): ties go to the lower index.
-    b = tl.program_id(0).to(tl.int64)
-    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,)
-    qmask = qs < S
-    qbase = q_ptr + b * S * 3 + qs * 3
-    qx = tl.load(qbase + 0, mask=qmask, other=0.0)
-    qy = tl.load(qbase + 1, mask=qmask, other=0.0)
-    qz = tl.load(qbase + 2, mask=qmask, other=0.0)
-    rbase = r_ptr + b * N * 3
-
-    slots = tl.arange(0, KP)  # (KP,)
-    slot_ok = (slots < K)[None, :]  # (1, KP): padding slots beyond K are never used
+    # One warp per query. Its distances sit in registers as (NJ, 32): lane l holds the points
+    # n = l (mod 32). (1) Each lane keeps its two nearest; the K-th smallest T of those 64
+    # values bounds the K-th nearest distance from above (K distinct points lie within T).
+    # (2) The points with d <= T (typically K to 1.6 K) are compacted into a scratch row as
+    # (distance, index) keys, (3) sorted, and the first K written. The work does not depend on
+    # the order of the points. If more than C points lie within T (many exact ties), an exact
+    # K-round extract-min fallback runs instead.
+    s = tl.program_id(0)
+    vb = tl.program_id(1)
+    v1 = vb >= B
+    N = tl.where(v1, N1, N0)
+    r_base = tl.where(v1, r1_ptr, r0_ptr) + (vb - tl.where(v1, B, 0)).to(tl.int64) * N * 3
+    row = vb.to(tl.int64) * S + s
+    qx = tl.load(q_ptr + row * 3 + 0)
+    qy = tl.load(q_ptr + row * 3 + 1)
+    qz = tl.load(q_ptr + row * 3 + 2)
+    plane = pl_ptr + vb.to(tl.int64) * (3 * P)
     INF = float("inf")
-    # Running top-k: real slots start at +inf with distinct placeholder indices (-1 - slot),
-    # so "the worst slot" is always unique.
-    top_d = tl.full((BLOCK_Q, KP), INF, tl.float32)
-    top_i = tl.zeros((BLOCK_Q, KP), tl.int32) - 1 - slots[None, :]
-    cols = tl.arange(0, BLOCK_N)  # (BN,)
-
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + cols
-        rmask = rn < N
-        rx = tl.load(rbase + rn * 3 + 0, mask=rmask, other=0.0)
-        ry = tl.load(rbase + rn * 3 + 1, mask=rmask, other=0.0)
-        rz = tl.load(rbase + rn * 3 + 2, mask=rmask, other=0.0)
-        dx = qx[:, None] - rx[None, :]
-        dy = qy[:, None] - ry[None, :]
-        dz = qz[:, None] - rz[None, :]
-        d = dx * dx + dy * dy + dz * dz  # (BQ, BN), same op order as the reference
-        d = tl.where(rmask[None, :], d, INF)
-
-        worst = tl.max(tl.where(slot_ok, top_d, -INF), axis=1)  # (BQ,)
-        n_better = tl.sum((d < worst[:, None]).to(tl.int32))
-        # Insert the tile's candidates one per query per iteration, best first, while any
-        # query still has a tile point better than its current worst. After the first tiles
-        # only a few points per tile qualify, so this loop is short.
-        while n_better > 0:
-            cmin = tl.min(d, axis=1)  # (BQ,)
-            carg = tl.argmin(d, axis=1, tie_break_left=True)  # lowest column on ties
-            take = cmin < worst  # (BQ,)
-            # worst slot = max distance, ties -> max index (keep lower indices)
-            is_w = slot_ok & (top_d == worst[:, None])
-            wi = tl.max(tl.where(is_w, top_i, -2147483647), axis=1)
-            sel = is_w & (top_i == wi[:, None]) & take[:, None]  # (BQ, KP), <= 1 per row
-            top_d = tl.where(sel, cmin[:, None], top_d)
-            top_i = tl.where(sel, (n0 + carg)[:, None], top_i)
-            # remove the inserted candidate from the tile (harmless for rows with take=False:
-            # none of their tile points beats their worst)
-            d = tl.where(cols[None, :] == carg[:, None], INF, d)
-            worst = tl.max(tl.where(slot_ok, top_d, -INF), axis=1)
-            n_better = tl.sum((d < worst[:, None]).to(tl.int32))
-
-    # Emit the K slots sorted by (distance, index): K extract-min steps over (BQ, KP).
-    avail = slot_ok & qmask[:, None]
-    out_base = (b * S + qs) * K  # (BQ,) row offsets into (B, S, K)
-    for j in range(K):
-        md = tl.min(tl.where(avail, top_d, INF), axis=1)
-        mi = tl.min(tl.where(avail & (top_d == md[:, None]), top_i, 2147483647), axis=1)
-        avail = avail & (top_i != mi[:, None])
-        tl.store(idx_ptr + out_base + j, mi.to(tl.int64), mask=qmask)
-        if WRITE_NBR:
-            # fused grouping: gather the neighbour and express it relative to its query
-            g = rbase + mi.to(tl.int64) * 3
-            nx = tl.load(g + 0, mask=qmask, other=0.0)
-            ny = tl.load(g + 1, mask=qmask, other=0.0)
-            nz = tl.load(g + 2, mask=qmask, other=0.0)
-            o = nbr_ptr + (out_base + j) * 3
-            tl.store(o + 0, nx - qx, mask=qmask)
-            tl.store(o + 1, ny - qy, mask=qmask)
-            tl.store(o + 2, nz - qz, mask=qmask)
-
-
-def _knn_cfg(k: int):
-    kp = max(2, triton.next_power_of_2(k))
-    block_q = 16 if kp <= 32 else 8 if kp <= 64 else 4
-    return kp, block_q, 64
+    if CHUNKED:
+        s1 = tl.full((32,), INF, tl.float32)
+        s2 = tl.full((32,), INF, tl.float32)
+        for c0 in range(0, N, NJ * 32):  # cost: chunks
+            if PLANES:
+                d, n = _knn_dist_planes(plane, c0, qx, qy, qz, NJ, P)
+            else:
+                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
+            m1, m2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 0, _top2)
+            s1, s2 = _top2(s1, s2, m1, m2)
+    else:
+        if PLANES:
+            d, n = _knn_dist_planes(plane, 0, qx, qy, qz, NJ, P)
+        else:
+            d, n = _knn_dist(r_base, 0, N, qx, qy, qz, NJ)
+        s1, s2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 0, _top2)
+    summary = tl.sort(tl.reshape(tl.join(s1, s2), (64,)))
+    T = tl.max(tl.where(tl.arange(0, 64) == K - 1, summary, -INF))
+    scr_row = scr_ptr + row * C
+    if CHUNKED:
+        cnt = tl.zeros((), tl.int32)
+        for c0 in range(0, N, NJ * 32):  # cost: chunks
+            if PLANES:
+                d, n = _knn_dist_planes(plane, c0, qx, qy, qz, NJ, P)
+            else:
+                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
+            cnt = _knn_compact(d, n, T, cnt, scr_row, C)
+    else:
+        cnt = _knn_compact(d, n, T, 0, scr_row, C)
+    tl.debug_barrier()  # the scratch row is written and read back by different lanes
+    slot = tl.arange(0, C)
+    full = slot < cnt
+    i = tl.load(scr_row + slot, mask=full, other=0)
+    x, y, z = _knn_point(r_base, plane, i, full, PLANES, P)  # the candidates' distances again,
+    dx = x - qx  # computed exactly as above
+    dy = y - qy
+    dz = z - qz
+    keys = tl.sort(tl.where(full, _knn_key(dx * dx + dy * dy + dz * dz, i), _INT64_MAX))
+    out_row = idx_ptr + row * K
+    nbr_row = nbr_ptr + row * K * 3
+    _knn_emit(keys, slot, slot < tl.where(cnt <= C, K, 0), out_row, nbr_row, r_base, plane,
+              qx, qy, qz, PLANES, P, WRITE_NBR)
+    if cnt > C:  # cost: overflow
+        # exact and order-free, but K passes over the points: the k-th pick is the smallest
+        # key above the previous pick
+        one = tl.arange(0, 1)  # (stores of one element take (1,)-shaped tensors)
+        last = tl.full((1,), -1, tl.int64)
+        for t in range(K):  # cost: rounds
+            best = tl.full((1,), _INT64_MAX, tl.int64)
+            for c0 in range(0, N, NJ * 32):  # cost: fallback_chunks
+                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
+                key = _knn_key(d, n)
+                best = tl.minimum(best, tl.min(tl.where(key > last, key, _INT64_MAX)))
+            _knn_emit(best, t + one, one == 0, out_row, nbr_row, r_base, plane, qx, qy, qz,
+                      PLANES, P, WRITE_NBR)
+            last = best
 
 
-def _knn_launch(q: torch.Tensor, r: torch.Tensor, k: int, write_nbr: bool):
-    B, S, _ = q.shape
-    N = r.shape[1]
-    idx = torch.empty((B, S, k), dtype=torch.long, device=q.device)
-    nbr = torch.empty((B, S, k, 3), dtype=torch.float32, device=q.device) if write_nbr else idx
-    kp, bq, bn = _knn_cfg(k)
-    grid = (B, triton.cdiv(S, bq))
-    _knn_kernel[grid](q, r, idx, nbr, S, N, K=k, KP=kp, BLOCK_Q=bq, BLOCK_N=bn,
-                      WRITE_NBR=write_nbr, num_warps=4, **_NO_FMA)
+def _knn_cfg(n: int, k: int) -> tuple[int, int, bool]:
+    """(NJ, C, chunked): one tile of up to 1024 points in registers, else chunks of 1024 (a
+    2048-point tile spills on sm_80)."""
+    nj = max(1, triton.next_power_of_2(triton.cdiv(n, 32)))
+    c = max(16, 2 * triton.next_power_of_2(k))
+    return (nj, c, False) if nj <= 32 else (32, c, True)
+
+
+def _knn_views(qs: Sequence[torch.Tensor], rs: Sequence[torch.Tensor], k: int, write_nbr: bool,
+               q_stacked: torch.Tensor | None = None, planes: torch.Tensor | None = None):
+    """kNN of every view v: queries qs[v] (B, S, 3) in rs[v] (B, N_v, 3), float32 contiguous,
+    two views per launch -> idx (V, B, S, k) int64, neighbour - query (V, B, S, k, 3) or None.
+    q_stacked: the queries already stacked as (V, B, S, 3); planes: the points as padded
+    coordinate planes (V, B, 3, P) (FPS writes both)."""
+    V, (B, S, _) = len(rs), qs[0].shape
+    dev = rs[0].device
+    if q_stacked is not None:
+        q = q_stacked
+    else:  # (a single view needs no copy)
+        q = qs[0][None] if V == 1 else torch.stack(list(qs))
+    idx = torch.empty((V, B, S, k), dtype=torch.long, device=dev)
+    nbr = torch.empty((V, B, S, k, 3), dtype=torch.float32, device=dev) if write_nbr else idx
+    for j, (r0, r1, nv) in enumerate(_pairs(rs)):
+        n = max(r0.shape[1], r1.shape[1])
+        nj, c, chunked = _knn_cfg(n, k)
+        scr = torch.empty((nv, B, S, c), dtype=torch.int32, device=dev)
+        chunks = triton.cdiv(n, nj * 32)
+        pl = planes[2 * j:] if planes is not None else q
+        _launch(_knn_kernel, (S, nv * B), q[2 * j:], r0, r1, pl, idx[2 * j:], nbr[2 * j:], scr,
+                S, B, r0.shape[1], r1.shape[1], K=k, C=c, NJ=nj, CHUNKED=chunked,
+                PLANES=planes is not None, P=planes.shape[-1] if planes is not None else 0,
+                WRITE_NBR=write_nbr, num_warps=1,
+                trips={"chunks": chunks, "overflow": 0, "rounds": k, "fallback_chunks": chunks},
+                **_NO_FMA)
     return idx, (nbr if write_nbr else None)
 
 
@@ -219,17 +408,23 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     """query (B, S, 3), ref (B, N, 3) -> (B, S, k) int64, nearest first (ties: lower index)."""
     if k > KNN_MAX_K:
         return reference.knn(query, ref, k)
-    return _knn_launch(_f32(query), _f32(ref), k, False)[0]
+    return _knn_views([_f32(query)], [_f32(ref)], k, False)[0][0]
+
+
+def group_views(views: Sequence[torch.Tensor], num_group: int, group_size: int):
+    """SPEC 1.2 for every view in two launches (two views per launch): FPS (writes the centres)
+    and kNN (writes neighbour - centre) -> [(neighborhood (B, G, M, 3), center (B, G, 3))]."""
+    xs = [_f32(v) for v in views]
+    if max(x.shape[1] for x in xs) > FPS_MAX_N or group_size > KNN_MAX_K:
+        return [reference.group(x, num_group, group_size) for x in xs]
+    _, center, planes = _fps_views(xs, num_group, True, write_soa=True)
+    _, nbr = _knn_views(list(center), xs, group_size, True, q_stacked=center, planes=planes)
+    return [(nbr[v], center[v]) for v in range(len(xs))]
 
 
 def group(xyz: torch.Tensor, num_group: int, group_size: int):
-    """SPEC 1.2 in two launches: FPS (writes centers) + kNN (writes neighbour - center)."""
-    x = _f32(xyz)
-    if x.shape[1] > FPS_MAX_N or group_size > KNN_MAX_K:
-        return reference.group(x, num_group, group_size)
-    _, center = _fps_launch(x, num_group, True)
-    _, nbr = _knn_launch(center, x, group_size, True)
-    return nbr, center
+    """SPEC 1.2 for one tensor of clouds: group_views([xyz], ...)[0]."""
+    return group_views([xyz], num_group, group_size)[0]
 
 
 # ============================================================================ Chamfer
@@ -253,7 +448,7 @@ def _nn_fwd_kernel(
     best = tl.full((BLOCK_S,), float("inf"), tl.float32)
     barg = tl.zeros((BLOCK_S,), tl.int32)
     dcols = tl.arange(0, BLOCK_D)
-    for m0 in range(0, m, BLOCK_D):
+    for m0 in range(0, m, BLOCK_D):  # cost: tiles
         dj = m0 + dcols
         dmask = dj < m
         db = dst_ptr + p * m * 3 + dj * 3
@@ -329,7 +524,7 @@ def _nn_bwd_kernel(
     gy = g * (sy - tl.load(tb + 1, mask=smask, other=0.0))
     gz = g * (sz - tl.load(tb + 2, mask=smask, other=0.0))
     dcols = tl.arange(0, BLOCK_D)
-    for m0 in range(0, m, BLOCK_D):
+    for m0 in range(0, m, BLOCK_D):  # cost: tiles
         dj = m0 + dcols
         dmask = dj < m
         db = dst_ptr + p * m * 3 + dj * 3
@@ -370,8 +565,8 @@ def _nn_fwd_both(a, b):
     arg_b = torch.empty((P, m), dtype=torch.int32, device=a.device)
     ba = max(16, triton.next_power_of_2(n))
     bb = max(16, triton.next_power_of_2(m))
-    _nn_fwd_pair_kernel[(P,)](a, b, d_a, arg_a, d_b, arg_b, n, m, BLOCK_A=ba, BLOCK_B=bb,
-                              num_warps=8 if ba * bb >= 4096 else 4, **_FMA)
+    _launch(_nn_fwd_pair_kernel, (P,), a, b, d_a, arg_a, d_b, arg_b, n, m, BLOCK_A=ba,
+            BLOCK_B=bb, num_warps=8 if ba * bb >= 4096 else 4, **_FMA)
     return d_a, arg_a, d_b, arg_b
 
 
@@ -381,8 +576,8 @@ def _nn_fwd(src, dst):
     dist = torch.empty((P, n), dtype=torch.float32, device=src.device)
     arg = torch.empty((P, n), dtype=torch.int32, device=src.device)
     bs, bd, nw = _cd_blocks(n, m)
-    _nn_fwd_kernel[(P, triton.cdiv(n, bs))](src, dst, dist, arg, n, m,
-                                            BLOCK_S=bs, BLOCK_D=bd, num_warps=nw, **_FMA)
+    _launch(_nn_fwd_kernel, (P, triton.cdiv(n, bs)), src, dst, dist, arg, n, m,
+            BLOCK_S=bs, BLOCK_D=bd, num_warps=nw, trips={"tiles": triton.cdiv(m, bd)}, **_FMA)
     return dist, arg
 
 
@@ -391,8 +586,9 @@ def _nn_bwd(src, dst, g_src, a_src, g_dst, a_dst):
     m = dst.shape[1]
     out = torch.empty_like(src)
     bs, bd, nw = _cd_blocks(n, m)
-    _nn_bwd_kernel[(P, triton.cdiv(n, bs))](src, dst, g_src, a_src, g_dst, a_dst, out, n, m,
-                                            BLOCK_S=bs, BLOCK_D=bd, num_warps=nw, **_FMA)
+    _launch(_nn_bwd_kernel, (P, triton.cdiv(n, bs)), src, dst, g_src, a_src, g_dst, a_dst, out,
+            n, m, BLOCK_S=bs, BLOCK_D=bd, num_warps=nw, trips={"tiles": triton.cdiv(m, bd)},
+            **_FMA)
     return out
 
 
@@ -425,3 +621,138 @@ class ChamferL2(torch.autograd.Function):
 def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
     """a (P, n, 3), b (P, m, 3) -> (d_a (P, n), d_b (P, m)) float32, differentiable."""
     return ChamferL2.apply(a, b)
+
+
+# ============================================================================ Chamfer loss
+@triton.jit
+def _cd_loss_kernel(
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr,  # (P0, n, 3) / (P0, m, 3) and (P1, n, 3) / (P1, m, 3): two views
+    ga0_ptr, ga1_ptr,  # (P_v, n, 3) float32 out: d loss_v / d a_v
+    gb0_ptr, gb1_ptr,  # (P_v, m, 3) float32 out: d loss_v / d b_v (only if WRITE_GB)
+    part_ptr,  # (P0 + P1,) float32 out: each pair's share of its view's loss
+    P0, sa0, sb0, sa1, sb1,  # pairs of view 0; 1/(P_v n) and 1/(P_v m): the mean weights
+    n: tl.constexpr, m: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+    WRITE_GB: tl.constexpr,
+):
+    # One warp per pair (programs [0, P0) view 0, then view 1); everything of the pair stays in
+    # registers. The loss of a view is mean_i min_j |a_i - b_j|^2 + mean_j min_i |a_i - b_j|^2;
+    # its gradient is computed here too (for an upstream gradient of 1, scaled in backward), so
+    # forward and backward of both views are this one launch. The two directions use two tiles,
+    # [i, j] reduced over i and [j, i] reduced over j, so that both reductions stay within a
+    # thread. The scatter of the second term (every b_j pulls on its nearest a) is gathered per
+    # a_i over j, in a fixed order: no atomics, deterministic.
+    pid = tl.program_id(0)
+    v1 = pid >= P0
+    p = (pid - tl.where(v1, P0, 0)).to(tl.int64)
+    a_ptr = tl.where(v1, a1_ptr, a0_ptr) + p * (n * 3)
+    b_ptr = tl.where(v1, b1_ptr, b0_ptr) + p * (m * 3)
+    sa = tl.where(v1, sa1, sa0)
+    sb = tl.where(v1, sb1, sb0)
+    ia = tl.arange(0, BA)
+    ib = tl.arange(0, BB)
+    am = ia < n
+    bm = ib < m
+    ax = tl.load(a_ptr + ia * 3 + 0, mask=am, other=0.0).to(tl.float32)
+    ay = tl.load(a_ptr + ia * 3 + 1, mask=am, other=0.0).to(tl.float32)
+    az = tl.load(a_ptr + ia * 3 + 2, mask=am, other=0.0).to(tl.float32)
+    bx = tl.load(b_ptr + ib * 3 + 0, mask=bm, other=0.0).to(tl.float32)
+    by = tl.load(b_ptr + ib * 3 + 1, mask=bm, other=0.0).to(tl.float32)
+    bz = tl.load(b_ptr + ib * 3 + 2, mask=bm, other=0.0).to(tl.float32)
+    # tile [i, j] = a_i - b_j, reduced over i: the nearest a of each b
+    ex = ax[:, None] - bx[None, :]
+    ey = ay[:, None] - by[None, :]
+    ez = az[:, None] - bz[None, :]
+    d1 = tl.where(am[:, None], ex * ex + ey * ey + ez * ez, float("inf"))
+    db = tl.min(d1, axis=0)
+    arg_b = tl.argmin(d1, axis=0, tie_break_left=True)  # (BB,)
+    # tile [j, i] = b_j - a_i (the same distances), reduced over j: the nearest b of each a
+    fx = bx[:, None] - ax[None, :]
+    fy = by[:, None] - ay[None, :]
+    fz = bz[:, None] - az[None, :]
+    d2 = tl.where(bm[:, None], fx * fx + fy * fy + fz * fz, float("inf"))
+    da = tl.min(d2, axis=0)
+    arg_a = tl.argmin(d2, axis=0, tie_break_left=True)  # (BA,)
+    part = tl.sum(tl.where(am, da, 0.0)) * sa + tl.sum(tl.where(bm, db, 0.0)) * sb
+    tl.store(part_ptr + pid, part)
+    # d/d a_i = 2 sa (a_i - b_{arg_a[i]}) + 2 sb sum_{j: arg_b[j] = i} (a_i - b_j)
+    wa = tl.where((arg_b[:, None] == ia[None, :]) & bm[:, None], 1.0, 0.0)  # (BB, BA)
+    nb = b_ptr + arg_a * 3
+    ga_ptr = tl.where(v1, ga1_ptr, ga0_ptr) + p * (n * 3) + ia * 3
+    tl.store(ga_ptr + 0, 2 * sa * (ax - tl.load(nb + 0, mask=am, other=0.0).to(tl.float32))
+             - 2 * sb * tl.sum(wa * fx, axis=0), mask=am)
+    tl.store(ga_ptr + 1, 2 * sa * (ay - tl.load(nb + 1, mask=am, other=0.0).to(tl.float32))
+             - 2 * sb * tl.sum(wa * fy, axis=0), mask=am)
+    tl.store(ga_ptr + 2, 2 * sa * (az - tl.load(nb + 2, mask=am, other=0.0).to(tl.float32))
+             - 2 * sb * tl.sum(wa * fz, axis=0), mask=am)
+    if WRITE_GB:
+        # d/d b_j = 2 sb (b_j - a_{arg_b[j]}) + 2 sa sum_{i: arg_a[i] = j} (b_j - a_i)
+        wb = tl.where((arg_a[:, None] == ib[None, :]) & am[:, None], 1.0, 0.0)  # (BA, BB)
+        na = a_ptr + arg_b * 3
+        gb_ptr = tl.where(v1, gb1_ptr, gb0_ptr) + p * (m * 3) + ib * 3
+        tl.store(gb_ptr + 0, 2 * sb * (bx - tl.load(na + 0, mask=bm, other=0.0).to(tl.float32))
+                 - 2 * sa * tl.sum(wb * ex, axis=0), mask=bm)
+        tl.store(gb_ptr + 1, 2 * sb * (by - tl.load(na + 1, mask=bm, other=0.0).to(tl.float32))
+                 - 2 * sa * tl.sum(wb * ey, axis=0), mask=bm)
+        tl.store(gb_ptr + 2, 2 * sb * (bz - tl.load(na + 2, mask=bm, other=0.0).to(tl.float32))
+                 - 2 * sa * tl.sum(wb * ez, axis=0), mask=bm)
+
+
+# Sets of at most this many points use the fused loss kernel (the pair lives in registers).
+CD_LOSS_MAX = 32
+
+
+class ChamferL2Loss(torch.autograd.Function):
+    """(a0, b0, a1, b1) -> (loss0, loss1): mean_i d_a + mean_j d_b of each view (a1/b1 may
+    repeat a0/b0 with P1 = 0 for a single view). One launch computes both views' losses and
+    their gradients; backward only scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx, a0, b0, a1, b1, P1):
+        P0, n, _ = a0.shape
+        m = b0.shape[1]
+        gb = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        dev = a0.device
+        ga = torch.empty((P0 + P1, n, 3), dtype=torch.float32, device=dev)
+        gbt = torch.empty((P0 + P1, m, 3), dtype=torch.float32, device=dev) if gb else ga
+        part = torch.empty(P0 + P1, dtype=torch.float32, device=dev)
+        ba, bb = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
+        s = [1.0 / (max(1, P) * k) for P in (P0, P1) for k in (n, m)]
+        _launch(_cd_loss_kernel, (P0 + P1,), a0, b0, a1, b1, ga, ga[P0:], gbt, gbt[P0:], part,
+                P0, *s, n=n, m=m, BA=ba, BB=bb, WRITE_GB=gb, num_warps=2 if gb else 1, **_FMA)
+        ctx.save_for_backward(ga, gbt if gb else None)
+        ctx.P0, ctx.P1, ctx.dtypes = P0, P1, (a0.dtype, b0.dtype, a1.dtype, b1.dtype)
+        return part[:P0].sum(), part[P0:].sum()
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        ga, gb = ctx.saved_tensors
+        P0 = ctx.P0
+        out = [None] * 5
+        for k, (g, sl) in enumerate(((g0, slice(0, P0)), (g1, slice(P0, None)))):
+            if k == 1 and not ctx.P1:  # a single view: a1/b1 only repeat a0/b0
+                break
+            if ctx.needs_input_grad[2 * k]:
+                out[2 * k] = (ga[sl] * g).to(ctx.dtypes[2 * k])
+            if ctx.needs_input_grad[2 * k + 1]:
+                out[2 * k + 1] = (gb[sl] * g).to(ctx.dtypes[2 * k + 1])
+        return tuple(out)
+
+
+def chamfer_l2_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]):
+    """[mean d_pred + mean d_target] of every (pred (P, n, 3), target (P, m, 3)) pair, two
+    pairs per launch (forward and gradient together); larger sets than CD_LOSS_MAX go through
+    chamfer_l2."""
+    out = []
+    for i in range(0, len(preds), 2):
+        a, b = preds[i:i + 2], targets[i:i + 2]
+        if max(max(t.shape[1] for t in a), max(t.shape[1] for t in b)) > CD_LOSS_MAX or (
+                len(a) == 2 and (a[0].shape[1:] != a[1].shape[1:] or b[0].shape[1:] != b[1].shape[1:])):
+            out += [sum(d.mean() for d in chamfer_l2(x, y)) for x, y in zip(a, b)]
+            continue
+        a = [t.contiguous() for t in a]
+        b = [t.contiguous() for t in b]
+        if len(a) == 1:
+            out.append(ChamferL2Loss.apply(a[0], b[0], a[0], b[0], 0)[0])
+        else:
+            out += list(ChamferL2Loss.apply(a[0], b[0], a[1], b[1], a[1].shape[0]))
+    return out

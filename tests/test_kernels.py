@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 _ENV_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ON_GPU = torch.cuda.is_available() and not _ENV_INTERPRET
@@ -57,10 +58,8 @@ class _OnDevice:
         fn = getattr(self.mod, name)
 
         def wrapped(*args):
-            out = fn(*[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args])
-            if isinstance(out, tuple):
-                return tuple(o.cpu() for o in out)
-            return out.cpu()
+            out = fn(*tree_map(lambda a: a.to(DEV) if isinstance(a, torch.Tensor) else a, args))
+            return tree_map(lambda o: o.cpu() if isinstance(o, torch.Tensor) else o, out)
 
         return wrapped
 
@@ -151,6 +150,16 @@ def test_knn_reference_semantics():
     assert torch.equal(d, full.sort(-1).values[..., :10])
 
 
+def test_knn_reference_orders_ties_by_index():
+    # distances 1, 1, 1, 0.25, 1, 4, 1: the tie at 1 is broken by the lower index, in float32
+    # (packed keys) and float64 (stable sort) alike
+    r = torch.tensor([[[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0.5, 0, 0], [0, 0, -1.0],
+                       [2.0, 0, 0], [0, -1.0, 0]]])
+    q = torch.zeros(1, 1, 3)
+    for dt in (torch.float32, torch.float64):
+        assert R.knn(q.to(dt), r.to(dt), 6)[0, 0].tolist() == [3, 0, 1, 2, 4, 6]
+
+
 def test_group_reference_semantics():
     x = _awkward_cloud(2, 200, 2)
     nbr, ctr = R.group(x, 16, 8)
@@ -182,7 +191,9 @@ def test_chamfer_reference_gradcheck():
 
 
 # ============================================================== Triton vs reference
-FPS_CASES = [(1, 1, 1), (2, 5, 5), (3, 37, 10), (2, 100, 100), (2, 257, 64), (1, 1000, 33)]
+# (the interpreter runs the FPS argmax, which carries the coordinates, one element at a time:
+# sizes are kept small; test_fps_triton_large_blocks covers the clouds above 2048 points)
+FPS_CASES = [(1, 1, 1), (2, 5, 5), (3, 37, 10), (2, 100, 100), (2, 257, 24), (1, 1000, 17)]
 
 
 @pytest.mark.parametrize("B,N,m", FPS_CASES)
@@ -201,10 +212,38 @@ def test_fps_triton_ties_and_all_near_origin(T):
 
 
 def test_fps_triton_airplanes(T, airplanes):
-    x = airplanes[:6]
-    assert torch.equal(T.fps(x, 64), R.fps(x, 64))
-    y = x[:1, :300].contiguous()  # m == N on a real cloud
-    assert torch.equal(T.fps(y, 300), R.fps(y, 300))
+    x = airplanes[:2, :1024].contiguous()
+    assert torch.equal(T.fps(x, 24), R.fps(x, 24))
+    y = x[:1, :120].contiguous()  # m == N on a real cloud
+    assert torch.equal(T.fps(y, 120), R.fps(y, 120))
+
+
+def test_fps_triton_large_blocks(TM):
+    """Clouds above 2048 points take the other variant (argmax, then a reload of the picked
+    point); above FPS_MAX_N the reference."""
+    x = _awkward_cloud(2, 3000, 7)
+    assert TM._fps_cfg(4096)[1] is False
+    assert torch.equal(TM.fps(x.to(DEV), 9).cpu(), R.fps(x, 9))
+    big = torch.randn(1, TM.FPS_MAX_N + 1, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(TM.fps(big.to(DEV), 3).cpu(), R.fps(big, 3))
+
+
+def test_fps_triton_two_views_one_launch(TM):
+    """Both views of a step in one launch, each with its own point count; the coordinate
+    planes it writes for the kNN hold the cloud, +inf past its points."""
+    a, b = _awkward_cloud(3, 90, 1), _awkward_cloud(3, 61, 2)
+    with TM.capture() as launches:
+        TM._fps_views([a.to("meta"), b.to("meta")], 12, True, write_soa=True)
+    assert [L.kernel.__name__ for L in launches] == ["_fps_kernel"]
+    idx, ctr, planes = TM._fps_views([a.to(DEV), b.to(DEV)], 12, True, write_soa=True)
+    idx, ctr, planes = idx.cpu(), ctr.cpu(), planes.cpu()
+    for v, x in enumerate((a, b)):
+        assert torch.equal(idx[v], R.fps(x, 12))
+        assert torch.equal(ctr[v], R.gather_points(x, R.fps(x, 12)))
+        n = x.shape[1]
+        assert planes.shape == (2, 3, 3, 128)
+        assert torch.equal(planes[v, :, :, :n], x.transpose(1, 2))
+        assert torch.isinf(planes[v, :, :, n:]).all()
 
 
 KNN_CASES = [(2, 9, 100, 1), (2, 17, 100, 7), (1, 33, 300, 32), (1, 5, 5, 5), (1, 8, 130, 64)]
@@ -212,18 +251,11 @@ KNN_CASES = [(2, 9, 100, 1), (2, 17, 100, 7), (1, 33, 300, 32), (1, 5, 5, 5), (1
 
 @pytest.mark.parametrize("B,S,N,k", KNN_CASES)
 def test_knn_triton_matches_reference(T, B, S, N, k):
+    """The same neighbours in the same order, ties (duplicate points) included."""
     r = _awkward_cloud(B, N, N + k)
     g = torch.Generator().manual_seed(S * k)
     q = torch.cat([r[:, :S // 2], torch.randn(B, S - S // 2, 3, generator=g)], dim=1)  # some in r
-    it, ir = T.knn(q, r, k), R.knn(q, r, k)
-    dt, dr = _knn_dists(q, r, it), _knn_dists(q, r, ir)
-    assert torch.equal(dt, dr)
-    # order (and which point fills the last slot) may differ only on exact ties: rows whose
-    # k+1 smallest distances are all distinct must give identical indices
-    full = R.sqdist(q[:, :, None], r[:, None]).sort(-1).values[..., : k + 1]
-    no_tie = (full[..., 1:] != full[..., :-1]).all(-1)
-    assert no_tie.any() or 3 * k >= N  # (with large k/N every row reaches a duplicate)
-    assert torch.equal(it[no_tie], ir[no_tie])
+    assert torch.equal(T.knn(q, r, k), R.knn(q, r, k))
 
 
 def test_knn_triton_large_k_fallback(T):
@@ -231,14 +263,73 @@ def test_knn_triton_large_k_fallback(T):
     assert torch.equal(T.knn(r[:, :3], r, 140), R.knn(r[:, :3], r, 140))
 
 
+def test_knn_triton_point_order_does_not_matter(T, TM, airplanes):
+    """A pretraining view is sorted by distance to its crop seed (the order that made the old
+    insertion kernel slowest); the kernel's work and answer do not depend on the order: a
+    shuffled copy gives the same neighbours, mapped through the shuffle."""
+    x = airplanes[:2, :700]
+    seed = x[:, :1]
+    view = x.gather(1, R.sqdist(x, seed).argsort(dim=1)[..., None].expand(-1, -1, 3))
+    q = R.gather_points(view, R.fps(view, 16))
+    idx = T.knn(q, view, 32)
+    assert torch.equal(idx, R.knn(q, view, 32))
+    perm = torch.randperm(700, generator=torch.Generator().manual_seed(0))
+    idx_p = T.knn(q, view[:, perm], 32)
+    assert torch.equal(perm[idx_p], idx)  # no ties in real clouds: the order is the same
+    with TM.capture() as a:
+        TM.knn(q.to("meta"), view.to("meta"), 32)
+    with TM.capture() as b:
+        TM.knn(q.to("meta"), view[:, perm].to("meta"), 32)
+    assert a[0].meta == b[0].meta and a[0].trips == b[0].trips  # the same launch either way
+
+
+def test_knn_triton_exact_ties_take_the_fallback(T, TM):
+    """120 points at exactly the same distance (more than the kernel's C candidate slots):
+    the exact extract-min fallback gives the lowest indices, in index order."""
+    unit = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0],
+                         [0, 0, -1.0]])
+    r = unit.repeat(20, 1)[None]  # (1, 120, 3), all at squared distance 1 from the origin
+    r = torch.cat([r, torch.full((1, 5, 3), 0.1)], dim=1)  # and 5 nearer (duplicate) points
+    q = torch.zeros(1, 2, 3)
+    assert TM._knn_cfg(125, 32)[1] < 120
+    idx = T.knn(q, r, 32)
+    assert idx[0, 0].tolist() == [120, 121, 122, 123, 124] + list(range(27))
+    assert torch.equal(idx, R.knn(q, r, 32))
+
+
+def test_knn_triton_chunked_clouds(T, TM):
+    """Above 1024 points the kernel makes two passes over chunks of 1024."""
+    r = _awkward_cloud(1, 2500, 3)
+    q = torch.cat([r[:, :3], torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(1))], 1)
+    assert TM._knn_cfg(2500, 32)[2]
+    assert torch.equal(T.knn(q, r, 32), R.knn(q, r, 32))
+    assert torch.equal(T.knn(q, r, 3), R.knn(q, r, 3))
+
+
 def test_group_triton_airplanes(T, airplanes):
-    x = airplanes[:2]
-    nt, ct = T.group(x, 32, 32)
-    nr, cr = R.group(x, 32, 32)
+    x = airplanes[:2, :600].contiguous()
+    nt, ct = T.group(x, 16, 32)
+    nr, cr = R.group(x, 16, 32)
     assert torch.equal(ct, cr)
-    assert torch.equal(R.sqdist(nt, torch.zeros(3)), R.sqdist(nr, torch.zeros(3)))
     assert (nt[:, :, 0] == 0).all()
-    assert torch.equal(nt, nr)  # no ties in real clouds -> identical neighbourhoods
+    assert torch.equal(nt, nr)
+
+
+def test_group_views_both_views_in_two_launches(T, TM):
+    """group_views: the two views of a step (each its own size, duplicates and points at the
+    origin included) in one FPS and one kNN launch, each view equal to the reference."""
+    v1, v2 = _awkward_cloud(2, 150, 4), _awkward_cloud(2, 97, 5)
+    with TM.capture() as launches:
+        TM.group_views([v1.to("meta"), v2.to("meta")], 12, 10)
+    assert [L.kernel.__name__ for L in launches] == ["_fps_kernel", "_knn_kernel"]
+    out = T.group_views([v1, v2], 12, 10)
+    for (nt, ct), v in zip(out, (v1, v2)):
+        nr, cr = R.group(v, 12, 10)
+        assert torch.equal(ct, cr) and torch.equal(nt, nr)
+    # three views: a second pair of launches
+    with TM.capture() as launches:
+        TM.group_views([v1.to("meta"), v2.to("meta"), v1.to("meta")], 12, 10)
+    assert len(launches) == 4
 
 
 CD_CASES = [(6, 32, 32), (3, 5, 17), (2, 100, 70), (2, 7, 130)]
@@ -270,6 +361,58 @@ def test_chamfer_triton_target_without_grad_and_airplanes(T, airplanes):
     (gt,) = torch.autograd.grad(lt, pred)
     (gr,) = torch.autograd.grad(lr, pred)
     torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-5)
+
+
+def _cd_losses(fn, preds, targets, weights):
+    losses = fn(preds, targets)
+    inputs = [t for t in preds + targets if t.requires_grad]
+    grads = torch.autograd.grad(sum(w * l for w, l in zip(weights, losses)), inputs)
+    return [l.detach() for l in losses], grads
+
+
+@pytest.mark.parametrize("n,m,target_grad", [(32, 32, False), (7, 20, True), (32, 5, False)])
+def test_chamfer_loss_triton_matches_reference(T, n, m, target_grad):
+    """The fused loss of two views (one launch: values and gradients) equals mean d_pred +
+    mean d_target of each view, for any upstream gradients, with or without target gradients."""
+    g = torch.Generator().manual_seed(n * m)
+    preds = [torch.randn(P, n, 3, generator=g).requires_grad_(True) for P in (6, 5)]
+    targets = [torch.randn(P, m, 3, generator=g).requires_grad_(target_grad) for P in (6, 5)]
+    lt, gt = _cd_losses(T.chamfer_l2_loss, preds, targets, (3.0, -0.5))
+    lr, gr = _cd_losses(R.chamfer_l2_loss, preds, targets, (3.0, -0.5))
+    for t, r in zip(lt + list(gt), lr + list(gr)):
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, r, atol=1e-6, rtol=1e-5)
+    # one view; and sets above CD_LOSS_MAX, which go through chamfer_l2
+    for a, b in ((preds[0], targets[0]), (torch.randn(2, 40, 3, generator=g).requires_grad_(True),
+                                          torch.randn(2, 50, 3, generator=g))):
+        (lt1,), gt1 = _cd_losses(T.chamfer_l2_loss, [a], [b], (1.0,))
+        (lr1,), gr1 = _cd_losses(R.chamfer_l2_loss, [a], [b], (1.0,))
+        torch.testing.assert_close(lt1, lr1, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gt1[0], gr1[0], atol=1e-6, rtol=1e-5)
+
+
+def test_chamfer_loss_triton_one_launch_deterministic_bf16(T, TM, airplanes):
+    """Both views' forward and backward are one launch; two runs give identical bits; bf16
+    predictions are read as bf16 and get bf16 gradients; real patches as targets."""
+    nbr, _ = R.group(airplanes[:2, :512], 8, 32)
+    target = nbr.reshape(-1, 32, 3)
+    preds = [(target + 0.01 * torch.randn(target.shape, generator=torch.Generator().manual_seed(v)))
+             .requires_grad_(True) for v in range(2)]
+    with TM.capture() as launches:
+        pm = [p.detach().to("meta").requires_grad_(True) for p in preds]
+        sum(TM.chamfer_l2_loss(pm, [target.to("meta")] * 2)).backward()
+    assert [L.kernel.__name__ for L in launches] == ["_cd_loss_kernel"]
+    runs = [_cd_losses(T.chamfer_l2_loss, preds, [target, target], (1.0, 1.0)) for _ in range(2)]
+    for a, b in zip(runs[0][0] + list(runs[0][1]), runs[1][0] + list(runs[1][1])):
+        assert torch.equal(a, b)
+    lr, gr = _cd_losses(R.chamfer_l2_loss, preds, [target, target], (1.0, 1.0))
+    torch.testing.assert_close(runs[0][1][0], gr[0], atol=1e-7, rtol=1e-5)
+    half = [p.detach().bfloat16().requires_grad_(True) for p in preds]
+    lh, gh = _cd_losses(T.chamfer_l2_loss, half, [target, target], (1.0, 1.0))
+    lhr, ghr = _cd_losses(R.chamfer_l2_loss, half, [target, target], (1.0, 1.0))
+    assert gh[0].dtype == torch.bfloat16
+    torch.testing.assert_close(lh[0], lhr[0], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(gh[0].float(), ghr[0].float(), atol=1e-5, rtol=1e-2)
 
 
 # ============================================================== dtypes, layouts
@@ -330,6 +473,14 @@ def _bad_cases():
         ("b", lambda: kernels.chamfer_l2(ok, torch.randn(2, 0, 3))),
         ("b", lambda: kernels.chamfer_l2(ok, inf)),
         ("batch", lambda: kernels.chamfer_l2(ok, torch.randn(3, 10, 3))),
+        ("views", lambda: kernels.group_views([], 2, 2)),
+        (r"views\[1\]", lambda: kernels.group_views([ok, nan], 2, 2)),
+        ("batch", lambda: kernels.group_views([ok, torch.randn(3, 10, 3)], 2, 2)),
+        ("num_group", lambda: kernels.group_views([ok, torch.randn(2, 4, 3)], 5, 2)),
+        ("preds", lambda: kernels.chamfer_l2_loss([ok], [])),
+        (r"preds\[0\]", lambda: kernels.chamfer_l2_loss([torch.randn(2, 5, 2)], [ok])),
+        (r"targets\[1\]", lambda: kernels.chamfer_l2_loss([ok, ok], [ok, inf])),
+        ("batch", lambda: kernels.chamfer_l2_loss([ok], [torch.randn(3, 10, 3)])),
     ]
 
 
@@ -421,4 +572,4 @@ def test_bench_smoke_runs_every_case(T, capsys):
 
     assert bench.main(["--smoke"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
-    assert rows == ["fps", "knn", "chamfer", "chamfer", "group"]
+    assert rows == ["fps", "knn", "chamfer", "chamfer", "group"]  # (first word of each op)

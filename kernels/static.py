@@ -100,6 +100,7 @@ class Compiled:
     kernel_file: str
     kernel_lines: tuple  # (first, last) line of the kernel function in kernel_file
     regions: list  # tagged source regions (Region)
+    helpers: list  # helper_sites of the kernel
 
     @functools.cached_property
     def instrs(self) -> list["Instr"]:
@@ -157,7 +158,8 @@ def compile_launch(launch, arch: int = 90) -> Compiled:
                     regs=int(m.group(1)), stack_bytes=int(m.group(2)),
                     shared_bytes=int(ck.metadata.shared), sass=sass,
                     kernel_file=os.path.realpath(src),
-                    kernel_lines=(first, first + len(lines) - 1), regions=source_regions(fn.fn))
+                    kernel_lines=(first, first + len(lines) - 1), regions=source_regions(fn.fn),
+                    helpers=helper_sites(fn.fn))
 
 
 # ----------------------------------------------------------------------------- SASS
@@ -306,27 +308,68 @@ def source_regions(pyfn) -> list[Region]:
     return out
 
 
-def _kernel_line(ins: Instr, c: Compiled) -> int | None:
-    """The line of the kernel's own body an instruction comes from: its line, or the call site
-    it was inlined at (a helper's body maps to the line that calls it)."""
+def helper_sites(pyfn) -> list[tuple[str, int, int, frozenset]]:
+    """The @triton.jit helpers a kernel uses (directly or through other helpers, called or passed
+    as a combine function): (file, first line, last line, the kernel lines that use them).
+    Where the line table names a helper's line without the kernel line it was inlined at (older
+    Triton), the instruction can come from any of those kernel lines."""
+    from triton.runtime.jit import JITFunction
+
+    def refs(fn):
+        lines, start = inspect.getsourcelines(fn)
+        for node in ast.walk(ast.parse(textwrap.dedent("".join(lines)))):
+            if isinstance(node, ast.Name):
+                g = fn.__globals__.get(node.id)
+                if isinstance(g, JITFunction) and g.fn is not fn:
+                    yield g, start + node.lineno - 1
+
+    sites: dict = {}
+    for h, line in refs(pyfn):
+        sites.setdefault(h, set()).add(line)
+    todo = list(sites)
+    while todo:
+        h = todo.pop()
+        for g, _ in refs(h.fn):
+            if not sites[h] <= sites.setdefault(g, set()):
+                sites[g] |= sites[h]
+                todo.append(g)
+    out = []
+    for h, lines in sites.items():
+        src, first = inspect.getsourcelines(h.fn)
+        out.append((os.path.realpath(inspect.getsourcefile(h.fn)), first, first + len(src) - 1,
+                    frozenset(lines)))
+    return out
+
+
+def _kernel_lines(ins: Instr, c: Compiled) -> frozenset | None:
+    """The lines of the kernel's own body an instruction can come from: its line, or the call
+    site it was inlined at, or (a helper's line without one) every line using that helper."""
     lo, hi = c.kernel_lines
     if ins.file == c.kernel_file and lo <= ins.line <= hi:
-        return ins.line
+        return frozenset((ins.line,))
     if ins.at_file == c.kernel_file and lo <= ins.at_line <= hi:
-        return ins.at_line
+        return frozenset((ins.at_line,))
+    for f, a, b, sites in c.helpers:
+        if ins.file == f and a <= ins.line <= b:
+            return sites
     return None
 
 
-def _majority_region(lines: list[int], regions: list[Region]) -> Region | None:
-    """The innermost region holding more than half of the attributed lines."""
-    if not lines:
+def _majority_region(positions: list[frozenset], regions: list[Region]) -> Region | None:
+    """The region the attributed instructions come from: each instruction splits its vote over
+    the kernel lines it can come from; the region with the largest share wins (the innermost of
+    those within 10 % of it: an outer loop shares every line of its inner one), provided it
+    holds at least 30 % of the votes."""
+    if not positions:
         return None
-    best = None
+    share = {}
     for r in regions:
-        inside = sum(r.first <= ln <= r.last for ln in lines)
-        if 2 * inside > len(lines) and (best is None or r.last - r.first < best.last - best.first):
-            best = r
-    return best
+        share[id(r)] = sum(sum(r.first <= ln <= r.last for ln in p) / len(p) for p in positions)
+    top = max(share.values(), default=0.0)
+    if top < 0.3 * len(positions):
+        return None
+    close = [r for r in regions if share[id(r)] >= 0.9 * top]
+    return min(close, key=lambda r: r.last - r.first)
 
 
 class CostModelError(RuntimeError):
@@ -350,7 +393,7 @@ def block_counts(c: Compiled, trips: dict) -> tuple[list[Block], list[Loop], lis
 
     def lines_of(ks):
         return [ln for k in ks for ins in instrs[blocks[k].start:blocks[k].end]
-                if (ln := _kernel_line(ins, c)) is not None]
+                if (ln := _kernel_lines(ins, c)) is not None]
 
     mult = [1.0 if k in live else 0.0 for k in range(len(blocks))]
     # if-multipliers of blocks inside a SASS loop come from the ifs around its source loop

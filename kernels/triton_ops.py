@@ -204,30 +204,20 @@ def _top2(a1, a2, b1, b2):
 
 
 @triton.jit
-def _knn_dist(r_base, c0, N, qx, qy, qz, NJ: tl.constexpr):
-    """Squared distances (NJ, 32) from the query to the chunk's points n = c0 + 32 j + lane
-    (+inf beyond N), and n."""
-    lane = tl.arange(0, 32)
-    jj = tl.arange(0, NJ)
-    n = c0 + jj[:, None] * 32 + lane[None, :]
-    ok = n < N
-    p = (r_base + (c0 + lane) * 3)[None, :] + (jj * 96)[:, None]  # constant offsets per row
-    dx = tl.load(p + 0, mask=ok) - qx
-    dy = tl.load(p + 1, mask=ok) - qy
-    dz = tl.load(p + 2, mask=ok) - qz
-    return tl.where(ok, dx * dx + dy * dy + dz * dz, float("inf")), n
-
-
-@triton.jit
-def _knn_dist_planes(plane, c0, qx, qy, qz, NJ: tl.constexpr, P: tl.constexpr):
-    """The same from coordinate planes padded with +inf (written by FPS): no masks."""
-    n = c0 + tl.arange(0, NJ)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    # one point per lane and row, not vectorised loads: keeps lane = n mod 32 for what follows
-    n = tl.max_contiguous(n, [1, 1])
+def _knn_dist(plane, c0, qx, qy, qz, P, NJ: tl.constexpr, LANES: tl.constexpr):
+    """Squared distances from the query to the chunk's points n = c0 + 32 j + lane, as (NJ, 32)
+    (LANES = 1) or (32, NJ) (LANES = 0), and n. The planes are padded with +inf, so the loads
+    need no mask and the padding's distance is +inf. (P is not specialised: with the planes'
+    alignment unknown, the compiler loads one point per lane and row instead of vectors, which
+    keeps lane = n mod 32 for what follows.)"""
+    if LANES == 1:
+        n = c0 + tl.arange(0, NJ)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    else:
+        n = c0 + tl.arange(0, 32)[:, None] + tl.arange(0, NJ)[None, :] * 32
     dx = tl.load(plane + n) - qx
     dy = tl.load(plane + P + n) - qy
     dz = tl.load(plane + 2 * P + n) - qz
-    return dx * dx + dy * dy + dz * dz, n
+    return dx * dx + dy * dy + dz * dz, n  # == (dx*dx + dy*dy) + dz*dz, as the reference
 
 
 @triton.jit
@@ -237,120 +227,103 @@ def _knn_key(d, n):
 
 
 @triton.jit
-def _knn_compact(d, n, T, cnt, scr_row, C: tl.constexpr):
+def _knn_compact(d, n, T, cnt, scr_row, C: tl.constexpr, LANES: tl.constexpr):
     """Append the indices of the points with d <= T to the scratch row (first C slots kept; the
     rest land on slot C - 1, harmless: more than C candidates take the fallback); returns the
     new count."""
     ci = (d <= T).to(tl.int32)
-    per_lane = tl.sum(ci, axis=0)  # (32,)
+    per_lane = tl.sum(ci, axis=1 - LANES)  # (32,)
     # exclusive position = inclusive prefix - 1 (a candidate counts itself)
     off = cnt - 1 + tl.cumsum(per_lane, axis=0) - per_lane
-    pos = tl.minimum(tl.cumsum(ci, axis=0) + off[None, :], C - 1)
+    pos = tl.minimum(tl.cumsum(ci, axis=1 - LANES) + tl.expand_dims(off, 1 - LANES), C - 1)
     tl.store(scr_row + pos, n, mask=ci > 0)
     return cnt + tl.sum(per_lane, axis=0)
 
 
 @triton.jit
-def _knn_point(r_base, plane, i, ok, PLANES: tl.constexpr, P: tl.constexpr):
-    """Coordinates of points i (masked by ok), from the planes or from the (N, 3) rows."""
-    if PLANES:
-        return (tl.load(plane + i, mask=ok), tl.load(plane + P + i, mask=ok),
-                tl.load(plane + 2 * P + i, mask=ok))
-    g = r_base + i * 3
-    return tl.load(g + 0, mask=ok), tl.load(g + 1, mask=ok), tl.load(g + 2, mask=ok)
-
-
-@triton.jit
-def _knn_emit(key, slot, ok, out_row, nbr_row, r_base, plane, qx, qy, qz,
-              PLANES: tl.constexpr, P: tl.constexpr, WRITE_NBR: tl.constexpr):
+def _knn_emit(key, slot, ok, out_row, nbr_row, plane, qx, qy, qz, P, WRITE_NBR: tl.constexpr):
     i = (key & 0xFFFFFFFF).to(tl.int32)
     tl.store(out_row + slot, i.to(tl.int64), mask=ok)
     if WRITE_NBR:
         # fused grouping: gather the neighbour and express it relative to its query
-        x, y, z = _knn_point(r_base, plane, i, ok, PLANES, P)
         o = nbr_row + slot * 3
-        tl.store(o + 0, x - qx, mask=ok)
-        tl.store(o + 1, y - qy, mask=ok)
-        tl.store(o + 2, z - qz, mask=ok)
+        tl.store(o + 0, tl.load(plane + i, mask=ok) - qx, mask=ok)
+        tl.store(o + 1, tl.load(plane + P + i, mask=ok) - qy, mask=ok)
+        tl.store(o + 2, tl.load(plane + 2 * P + i, mask=ok) - qz, mask=ok)
 
 
-@triton.jit(do_not_specialize=["N0", "N1"])
+@triton.jit(do_not_specialize=["N0", "N1", "P"])
 def _knn_kernel(
     q_ptr,  # (V, B, S, 3) float32 contiguous: queries
-    r0_ptr, r1_ptr,  # (B, N0, 3), (B, N1, 3) float32 contiguous: reference points of views 0, 1
-    pl_ptr,  # (V, B, 3, P) float32: the same as coordinate planes padded with +inf (if PLANES)
+    pl_ptr,  # (V, B, 3, P) float32: the points of each cloud as x, y, z planes, +inf past N_v
     idx_ptr,  # (V, B, S, K) int64 out: neighbour indices, nearest first
     nbr_ptr,  # (V, B, S, K, 3) float32 out: neighbour - query (only if WRITE_NBR)
     scr_ptr,  # (V, B, S, C) int32 scratch: candidate indices
-    S, B, N0, N1,
+    S, B, N0, N1, P,  # points of views 0 and 1; plane length (>= N rounded up to a chunk)
     K: tl.constexpr,  # neighbours (<= 64)
     C: tl.constexpr,  # candidate slots (power of two >= 2 K)
     NJ: tl.constexpr,  # rows of 32 points per chunk held in registers
     CHUNKED: tl.constexpr,  # N > 32 NJ: two passes over chunks instead of one tile
-    PLANES: tl.constexpr,  # read the distances' points from pl_ptr (P per plane)
-    P: tl.constexpr,
     WRITE_NBR: tl.constexpr,
+    LANES: tl.constexpr,  # the tile's axis across the lanes (the layout Triton keeps: see cfg)
 ):
-    # One warp per query. Its distances sit in registers as (NJ, 32): lane l holds the points
+    # One warp per query. Its distances sit in registers as 32 x NJ: lane l holds the points
     # n = l (mod 32). (1) Each lane keeps its two nearest; the K-th smallest T of those 64
     # values bounds the K-th nearest distance from above (K distinct points lie within T).
-    # (2) The points with d <= T (typically K to 1.6 K) are compacted into a scratch row as
-    # (distance, index) keys, (3) sorted, and the first K written. The work does not depend on
+    # (2) The points with d <= T (typically K to 1.6 K) are compacted into a scratch row, their
+    # (distance, index) keys (3) sorted, and the first K written. The work does not depend on
     # the order of the points. If more than C points lie within T (many exact ties), an exact
     # K-round extract-min fallback runs instead.
     s = tl.program_id(0)
-    vb = tl.program_id(1)
-    v1 = vb >= B
-    N = tl.where(v1, N1, N0)
-    r_base = tl.where(v1, r1_ptr, r0_ptr) + (vb - tl.where(v1, B, 0)).to(tl.int64) * N * 3
+    vb = tl.program_id(1)  # view * B + cloud
+    N = tl.where(vb >= B, N1, N0)
     row = vb.to(tl.int64) * S + s
     qx = tl.load(q_ptr + row * 3 + 0)
     qy = tl.load(q_ptr + row * 3 + 1)
     qz = tl.load(q_ptr + row * 3 + 2)
-    plane = pl_ptr + vb.to(tl.int64) * (3 * P)
+    plane = pl_ptr + vb.to(tl.int64) * 3 * P
     INF = float("inf")
     if CHUNKED:
         s1 = tl.full((32,), INF, tl.float32)
         s2 = tl.full((32,), INF, tl.float32)
         for c0 in range(0, N, NJ * 32):  # cost: chunks
-            if PLANES:
-                d, n = _knn_dist_planes(plane, c0, qx, qy, qz, NJ, P)
-            else:
-                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
-            m1, m2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 0, _top2)
+            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
+            m1, m2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1 - LANES, _top2)
             s1, s2 = _top2(s1, s2, m1, m2)
     else:
-        if PLANES:
-            d, n = _knn_dist_planes(plane, 0, qx, qy, qz, NJ, P)
-        else:
-            d, n = _knn_dist(r_base, 0, N, qx, qy, qz, NJ)
-        s1, s2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 0, _top2)
-    summary = tl.sort(tl.reshape(tl.join(s1, s2), (64,)))
-    T = tl.max(tl.where(tl.arange(0, 64) == K - 1, summary, -INF))
+        d, n = _knn_dist(plane, 0, qx, qy, qz, P, NJ, LANES)
+        s1, s2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1 - LANES, _top2)
+    # The 32 smallest of the 64 values are the pairwise minima of the lanes' nearest (sorted
+    # ascending) and second nearest (descending), the 32 largest the maxima: the two halves of
+    # a bitonic merge.
+    a = tl.sort(s1)
+    b = tl.sort(s2, descending=True)
+    if K == 32:
+        T = tl.max(tl.minimum(a, b))
+    elif K < 32:
+        T = tl.max(tl.where(tl.arange(0, 32) == K - 1, tl.sort(tl.minimum(a, b)), -INF))
+    else:
+        T = tl.max(tl.where(tl.arange(0, 32) == K - 33, tl.sort(tl.maximum(a, b)), -INF))
     scr_row = scr_ptr + row * C
     if CHUNKED:
         cnt = tl.zeros((), tl.int32)
         for c0 in range(0, N, NJ * 32):  # cost: chunks
-            if PLANES:
-                d, n = _knn_dist_planes(plane, c0, qx, qy, qz, NJ, P)
-            else:
-                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
-            cnt = _knn_compact(d, n, T, cnt, scr_row, C)
+            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
+            cnt = _knn_compact(d, n, T, cnt, scr_row, C, LANES)
     else:
-        cnt = _knn_compact(d, n, T, 0, scr_row, C)
+        cnt = _knn_compact(d, n, T, 0, scr_row, C, LANES)
     tl.debug_barrier()  # the scratch row is written and read back by different lanes
     slot = tl.arange(0, C)
     full = slot < cnt
     i = tl.load(scr_row + slot, mask=full, other=0)
-    x, y, z = _knn_point(r_base, plane, i, full, PLANES, P)  # the candidates' distances again,
-    dx = x - qx  # computed exactly as above
-    dy = y - qy
-    dz = z - qz
+    dx = tl.load(plane + i, mask=full) - qx  # the candidates' distances again, exactly as above
+    dy = tl.load(plane + P + i, mask=full) - qy
+    dz = tl.load(plane + 2 * P + i, mask=full) - qz
     keys = tl.sort(tl.where(full, _knn_key(dx * dx + dy * dy + dz * dz, i), _INT64_MAX))
     out_row = idx_ptr + row * K
     nbr_row = nbr_ptr + row * K * 3
-    _knn_emit(keys, slot, slot < tl.where(cnt <= C, K, 0), out_row, nbr_row, r_base, plane,
-              qx, qy, qz, PLANES, P, WRITE_NBR)
+    _knn_emit(keys, slot, slot < tl.where(cnt <= C, K, 0), out_row, nbr_row, plane, qx, qy, qz,
+              P, WRITE_NBR)
     if cnt > C:  # cost: overflow
         # exact and order-free, but K passes over the points: the k-th pick is the smallest
         # key above the previous pick
@@ -359,12 +332,19 @@ def _knn_kernel(
         for t in range(K):  # cost: rounds
             best = tl.full((1,), _INT64_MAX, tl.int64)
             for c0 in range(0, N, NJ * 32):  # cost: fallback_chunks
-                d, n = _knn_dist(r_base, c0, N, qx, qy, qz, NJ)
+                d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
                 key = _knn_key(d, n)
                 best = tl.minimum(best, tl.min(tl.where(key > last, key, _INT64_MAX)))
-            _knn_emit(best, t + one, one == 0, out_row, nbr_row, r_base, plane, qx, qy, qz,
-                      PLANES, P, WRITE_NBR)
+            _knn_emit(best, t + one, one == 0, out_row, nbr_row, plane, qx, qy, qz, P, WRITE_NBR)
             last = best
+
+
+# Which tile axis holds the lanes. Triton's layout pass gives the candidates' scattered store
+# the order of its tie-break between two equally non-contiguous axes, which changed between
+# releases (3.6: first axis, 3.9: last); with the tile the other way round every store goes
+# through a shared-memory conversion (+20 % instructions, seen with python -m kernels.bench
+# --static on both).
+_KNN_LANES = 1 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7) else 0
 
 
 def _knn_cfg(n: int, k: int) -> tuple[int, int, bool]:
@@ -375,30 +355,36 @@ def _knn_cfg(n: int, k: int) -> tuple[int, int, bool]:
     return (nj, c, False) if nj <= 32 else (32, c, True)
 
 
-def _knn_views(qs: Sequence[torch.Tensor], rs: Sequence[torch.Tensor], k: int, write_nbr: bool,
-               q_stacked: torch.Tensor | None = None, planes: torch.Tensor | None = None):
-    """kNN of every view v: queries qs[v] (B, S, 3) in rs[v] (B, N_v, 3), float32 contiguous,
-    two views per launch -> idx (V, B, S, k) int64, neighbour - query (V, B, S, k, 3) or None.
-    q_stacked: the queries already stacked as (V, B, S, 3); planes: the points as padded
-    coordinate planes (V, B, 3, P) (FPS writes both)."""
-    V, (B, S, _) = len(rs), qs[0].shape
-    dev = rs[0].device
-    if q_stacked is not None:
-        q = q_stacked
-    else:  # (a single view needs no copy)
-        q = qs[0][None] if V == 1 else torch.stack(list(qs))
+def _planes(rs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(V, B, 3, P) coordinate planes of clouds (B, N_v, 3), +inf past N_v (what FPS writes for
+    the grouping); P covers the kNN's chunks."""
+    n = max(r.shape[1] for r in rs)
+    nj, _, chunked = _knn_cfg(n, 1)
+    P = triton.cdiv(n, 1024) * 1024 if chunked else nj * 32
+    pl = torch.full((len(rs), rs[0].shape[0], 3, P), float("inf"), device=rs[0].device)
+    for v, r in enumerate(rs):
+        pl[v, :, :, :r.shape[1]] = r.transpose(1, 2)
+    return pl
+
+
+def _knn_views(qs: torch.Tensor, planes: torch.Tensor, ns: Sequence[int], k: int,
+               write_nbr: bool):
+    """kNN of every view v: queries qs[v] (B, S, 3) among the first ns[v] points of planes[v]
+    (B, 3, P), float32 contiguous, two views per launch -> idx (V, B, S, k) int64 and
+    neighbour - query (V, B, S, k, 3) or None."""
+    V, B, S, _ = qs.shape
+    dev = qs.device
     idx = torch.empty((V, B, S, k), dtype=torch.long, device=dev)
     nbr = torch.empty((V, B, S, k, 3), dtype=torch.float32, device=dev) if write_nbr else idx
-    for j, (r0, r1, nv) in enumerate(_pairs(rs)):
-        n = max(r0.shape[1], r1.shape[1])
-        nj, c, chunked = _knn_cfg(n, k)
+    for j in range(0, V, 2):
+        nv = min(2, V - j)
+        n0, n1 = ns[j], ns[j + nv - 1]
+        nj, c, chunked = _knn_cfg(max(n0, n1), k)
         scr = torch.empty((nv, B, S, c), dtype=torch.int32, device=dev)
-        chunks = triton.cdiv(n, nj * 32)
-        pl = planes[2 * j:] if planes is not None else q
-        _launch(_knn_kernel, (S, nv * B), q[2 * j:], r0, r1, pl, idx[2 * j:], nbr[2 * j:], scr,
-                S, B, r0.shape[1], r1.shape[1], K=k, C=c, NJ=nj, CHUNKED=chunked,
-                PLANES=planes is not None, P=planes.shape[-1] if planes is not None else 0,
-                WRITE_NBR=write_nbr, num_warps=1,
+        chunks = triton.cdiv(max(n0, n1), nj * 32)
+        _launch(_knn_kernel, (S, nv * B), qs[j:], planes[j:], idx[j:], nbr[j:], scr, S, B, n0, n1,
+                planes.shape[-1], K=k, C=c, NJ=nj, CHUNKED=chunked, WRITE_NBR=write_nbr,
+                LANES=_KNN_LANES, num_warps=1,
                 trips={"chunks": chunks, "overflow": 0, "rounds": k, "fallback_chunks": chunks},
                 **_NO_FMA)
     return idx, (nbr if write_nbr else None)
@@ -408,7 +394,8 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     """query (B, S, 3), ref (B, N, 3) -> (B, S, k) int64, nearest first (ties: lower index)."""
     if k > KNN_MAX_K:
         return reference.knn(query, ref, k)
-    return _knn_views([_f32(query)], [_f32(ref)], k, False)[0][0]
+    r = _f32(ref)
+    return _knn_views(_f32(query)[None], _planes([r]), [r.shape[1]], k, False)[0][0]
 
 
 def group_views(views: Sequence[torch.Tensor], num_group: int, group_size: int):
@@ -418,7 +405,7 @@ def group_views(views: Sequence[torch.Tensor], num_group: int, group_size: int):
     if max(x.shape[1] for x in xs) > FPS_MAX_N or group_size > KNN_MAX_K:
         return [reference.group(x, num_group, group_size) for x in xs]
     _, center, planes = _fps_views(xs, num_group, True, write_soa=True)
-    _, nbr = _knn_views(list(center), xs, group_size, True, q_stacked=center, planes=planes)
+    _, nbr = _knn_views(center, planes, [x.shape[1] for x in xs], group_size, True)
     return [(nbr[v], center[v]) for v in range(len(xs))]
 
 

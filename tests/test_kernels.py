@@ -297,6 +297,17 @@ def test_knn_triton_exact_ties_take_the_fallback(T, TM):
     assert torch.equal(idx, R.knn(q, r, 32))
 
 
+def test_knn_triton_both_tile_orientations(T, TM, monkeypatch):
+    """The kernel lays its tile out with the lanes on the axis the installed Triton keeps
+    (triton_ops._KNN_LANES, by version); the other orientation computes the same."""
+    r = _awkward_cloud(2, 300, 9)
+    q = torch.cat([r[:, :5], torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))], 1)
+    for lanes in (0, 1):
+        monkeypatch.setattr(TM, "_KNN_LANES", lanes)
+        assert torch.equal(T.knn(q, r, 32), R.knn(q, r, 32))
+        assert torch.equal(T.knn(q, r, 5), R.knn(q, r, 5))
+
+
 def test_knn_triton_chunked_clouds(T, TM):
     """Above 1024 points the kernel makes two passes over chunks of 1024."""
     r = _awkward_cloud(1, 2500, 3)

@@ -64,8 +64,9 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(check):
     fps = [r["meta"] for r in rows if r["kernel"] == "_fps_kernel"]
     assert max(m["BLOCK"] for m in fps) == 8192
     assert {m["CARRY"] for m in fps} == {True, False}
-    assert {(m["CHUNKED"], m["PLANES"]) for r in rows if r["kernel"] == "_knn_kernel"
-            for m in [r["meta"]]} == {(False, False), (False, True), (True, False), (True, True)}
+    knn = [r["meta"] for r in rows if r["kernel"] == "_knn_kernel"]
+    assert {m["CHUNKED"] for m in knn} == {True, False}
+    assert {m["K"] for m in knn} >= {1, 3, 32, 64}
     assert d["versions"]["triton"]
 
 

@@ -736,14 +736,14 @@ def report(ws: list[Workload] | None = None, arch: int = 90, dev: DeviceModel = 
 def format_table(rows: list[dict], dev: DeviceModel = H100) -> str:
     lines = [f"static estimate on {dev.name}, from the compiled SASS (an estimate, not a "
              "measurement); instructions: warp instructions per program (total row: all programs)",
-             f"{'workload':<36} {'kernel':<22} {'regs':>4} {'spill':>5} {'warps':>5} "
+             f"{'workload':<40} {'kernel':<22} {'regs':>4} {'spill':>5} {'warps':>5} "
              f"{'progs':>6} {'occ':>3} {'instr':>9} {'issue µs':>8} {'lat µs':>8} "
              f"{'est µs':>8} {'target':>7}"]
     for r in rows:
         tgt = f"{r['target_us']:.0f}" if r.get("target_us") else "-"
         flag = "  OVER" if r.get("target_us") and r["estimate_us"] > r["target_us"] else ""
         lines.append(
-            f"{r['workload']:<36} {r['kernel']:<22} {r['regs']:>4} {r['spills']:>5} "
+            f"{r['workload']:<40} {r['kernel']:<22} {r['regs']:>4} {r['spills']:>5} "
             f"{r['num_warps'] or '-':>5} {r['programs']:>6} {r['blocks_per_sm'] or '-':>3} "
             f"{r['instructions']:>9} {r['issue_us']:>8.2f} {r['latency_us']:>8.2f} "
             f"{r['estimate_us']:>8.2f} {tgt:>7}{flag}")
@@ -829,7 +829,7 @@ def main(argv=None) -> int:
               f"(Triton {v['triton']}, {v['ptxas']})")
         for r in rows:
             status = r["error"] or f"{r['regs']} regs, no spill"
-            print(f"  sm_{r['arch']} {r['kernel']:<22} {r['workload']:<36} {status}")
+            print(f"  sm_{r['arch']} {r['kernel']:<22} {r['workload']:<40} {status}")
         print(f"{len(bad)} failed" if bad else "all compiled, no spills")
     return 1 if bad else 0
 

@@ -272,8 +272,9 @@ def _knn_kernel(
     # values bounds the K-th nearest distance from above (K distinct points lie within T).
     # (2) The points with d <= T (typically K to 1.6 K) are compacted into a scratch row, their
     # (distance, index) keys (3) sorted, and the first K written. The work does not depend on
-    # the order of the points. If more than C points lie within T (many exact ties), an exact
-    # K-round extract-min fallback runs instead.
+    # the order of the points. If more than C points lie within T (many points at exactly the
+    # same distance, or an order that crowds the nearest points into a few lanes), an exact
+    # K-round extract-min fallback runs instead; no query of the real data slices needs it.
     s = tl.program_id(0)
     vb = tl.program_id(1)  # view * B + cloud
     N = tl.where(vb >= B, N1, N0)

@@ -130,7 +130,7 @@ def _bind(launch, arch: int):
 def specialization(launch, arch: int = 90) -> list:
     """What Triton's runtime keys its compiled variants on for this launch (argument types,
     divisibility by 16, constants): two launches with equal lists share one compiled kernel."""
-    return [tuple(x) if isinstance(x, (tuple, list)) else x for x in _bind(launch, arch)[3][1]]
+    return list(_bind(launch, arch)[3][1])
 
 
 def compile_launch(launch, arch: int = 90) -> Compiled:
@@ -395,6 +395,10 @@ def block_counts(c: Compiled, trips: dict) -> tuple[list[Block], list[Loop], lis
         return [ln for k in ks for ins in instrs[blocks[k].start:blocks[k].end]
                 if (ln := _kernel_lines(ins, c)) is not None]
 
+    def if_mult(reg: Region) -> float:  # the multipliers of the tagged ifs around a region
+        return math.prod(_trip(trips, c, i.tag) for i in if_regions
+                         if i.first <= reg.first and reg.last <= i.last)
+
     mult = [1.0 if k in live else 0.0 for k in range(len(blocks))]
     # if-multipliers of blocks inside a SASS loop come from the ifs around its source loop
     # (a loop body's blocks may carry hoisted or sunk instructions with other lines)
@@ -413,12 +417,9 @@ def block_counts(c: Compiled, trips: dict) -> tuple[list[Block], list[Loop], lis
                 f"{c.name} (sm_{c.arch}): loop `{reg.tag}` (line {reg.first}) appears as two SASS "
                 "loops (unrolled or pipelined copies): the model cannot count it")
         used[reg.first] = lp
-        if reg.tag not in trips:
-            raise CostModelError(f"{c.name}: the launch gives no trip count for loop `{reg.tag}`")
-        f = math.prod(_trip(trips, c, i.tag) for i in if_regions
-                      if i.first <= reg.first and reg.last <= i.last)
+        n, f = _trip(trips, c, reg.tag), if_mult(reg)
         for k in range(lp.head, lp.tail + 1):
-            mult[k] *= trips[reg.tag]
+            mult[k] *= n
             covered[k] = f
     prev = None
     for k in range(len(blocks)):
@@ -429,8 +430,7 @@ def block_counts(c: Compiled, trips: dict) -> tuple[list[Block], list[Loop], lis
         reg = _majority_region(ls, if_regions) if ls else prev
         prev = reg
         if reg is not None:
-            mult[k] *= math.prod(_trip(trips, c, i.tag) for i in if_regions
-                                 if i.first <= reg.first and reg.last <= i.last)
+            mult[k] *= if_mult(reg)
     return blocks, loops, mult
 
 
@@ -522,7 +522,6 @@ class Estimate:
     issue_us: float
     latency_us: float
     estimate_us: float
-    counts: dict  # executed warp instructions per program by opcode class
 
 
 def occupancy(c: Compiled, dev: DeviceModel = H100) -> int:
@@ -538,10 +537,6 @@ def estimate(c: Compiled, launch, workload: str, dev: DeviceModel = H100) -> Est
     blocks, loops, mult = block_counts(c, launch.trips)
     instrs = c.instrs
     per_warp = sum(m * (b.end - b.start) for b, m in zip(blocks, mult))
-    counts: dict[str, float] = {}
-    for b, m in zip(blocks, mult):
-        for ins in instrs[b.start:b.end]:
-            counts[ins.base] = counts.get(ins.base, 0.0) + m * c.num_warps
     programs = math.prod(launch.grid)
     occ = occupancy(c, dev)
     if occ == 0:
@@ -561,7 +556,7 @@ def estimate(c: Compiled, launch, workload: str, dev: DeviceModel = H100) -> Est
                     shared_bytes=c.shared_bytes, num_warps=c.num_warps, programs=programs,
                     blocks_per_sm=occ, instructions_per_warp=per_warp,
                     instructions=per_warp * c.num_warps, issue_us=issue_us, latency_us=lat_us,
-                    estimate_us=max(issue_us, lat_us), counts=counts)
+                    estimate_us=max(issue_us, lat_us))
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -683,14 +678,10 @@ _CACHE: dict = {}
 
 
 def _spec_key(launch, arch: int) -> tuple:
-    """What Triton specialises on: the kernel, constexprs and options, argument dtypes, and
-    integers equal to 1 or divisible by 16 (except do_not_specialize ones, which it ignores)."""
-    skip = {p.name for p in launch.kernel.params if p.do_not_specialize}
-    names = [p.name for p in launch.kernel.params]
-    return (launch.kernel.__name__, arch, tuple(sorted((k, repr(v)) for k, v in launch.meta.items())),
-            tuple(str(a.dtype) if hasattr(a, "dtype") else
-                  ("int",) if name in skip else ("int", a == 1, a % 16 == 0)
-                  for name, a in zip(names, launch.args)))
+    """Triton's own key for the compiled variant of a launch: its specialisation of the
+    arguments and its launch options."""
+    _, _, _, (_, spec, opts) = _bind(launch, arch)
+    return launch.kernel.__name__, arch, repr(spec), repr(sorted(opts.items()))
 
 
 def compile_cached(launch, arch: int) -> Compiled:

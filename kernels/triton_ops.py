@@ -663,26 +663,27 @@ def _cd_loss_kernel(
     part = tl.sum(tl.where(am, da, 0.0)) * sa + tl.sum(tl.where(bm, db, 0.0)) * sb
     tl.store(part_ptr + pid, part)
     # d/d a_i = 2 sa (a_i - b_{arg_a[i]}) + 2 sb sum_{j: arg_b[j] = i} (a_i - b_j)
-    wa = tl.where((arg_b[:, None] == ia[None, :]) & bm[:, None], 1.0, 0.0)  # (BB, BA)
-    nb = b_ptr + arg_a * 3
-    ga_ptr = tl.where(v1, ga1_ptr, ga0_ptr) + p * (n * 3) + ia * 3
-    tl.store(ga_ptr + 0, 2 * sa * (ax - tl.load(nb + 0, mask=am, other=0.0).to(tl.float32))
-             - 2 * sb * tl.sum(wa * fx, axis=0), mask=am)
-    tl.store(ga_ptr + 1, 2 * sa * (ay - tl.load(nb + 1, mask=am, other=0.0).to(tl.float32))
-             - 2 * sb * tl.sum(wa * fy, axis=0), mask=am)
-    tl.store(ga_ptr + 2, 2 * sa * (az - tl.load(nb + 2, mask=am, other=0.0).to(tl.float32))
-             - 2 * sb * tl.sum(wa * fz, axis=0), mask=am)
-    if WRITE_GB:
-        # d/d b_j = 2 sb (b_j - a_{arg_b[j]}) + 2 sa sum_{i: arg_a[i] = j} (b_j - a_i)
-        wb = tl.where((arg_a[:, None] == ib[None, :]) & am[:, None], 1.0, 0.0)  # (BA, BB)
-        na = a_ptr + arg_b * 3
-        gb_ptr = tl.where(v1, gb1_ptr, gb0_ptr) + p * (m * 3) + ib * 3
-        tl.store(gb_ptr + 0, 2 * sb * (bx - tl.load(na + 0, mask=bm, other=0.0).to(tl.float32))
-                 - 2 * sa * tl.sum(wb * ex, axis=0), mask=bm)
-        tl.store(gb_ptr + 1, 2 * sb * (by - tl.load(na + 1, mask=bm, other=0.0).to(tl.float32))
-                 - 2 * sa * tl.sum(wb * ey, axis=0), mask=bm)
-        tl.store(gb_ptr + 2, 2 * sb * (bz - tl.load(na + 2, mask=bm, other=0.0).to(tl.float32))
-                 - 2 * sa * tl.sum(wb * ez, axis=0), mask=bm)
+    hit = (arg_b[:, None] == ia[None, :]) & bm[:, None]  # (BB, BA): b_j's nearest a is a_i
+    _cd_grad(tl.where(v1, ga1_ptr, ga0_ptr) + p * (n * 3) + ia * 3, ax, ay, az, am,
+             b_ptr + arg_a * 3, hit, fx, fy, fz, sa, sb)
+    if WRITE_GB:  # the same for b_j, with the roles swapped (tile [i, j] = a_i - b_j)
+        hit = (arg_a[:, None] == ib[None, :]) & am[:, None]  # (BA, BB)
+        _cd_grad(tl.where(v1, gb1_ptr, gb0_ptr) + p * (m * 3) + ib * 3, bx, by, bz, bm,
+                 a_ptr + arg_b * 3, hit, ex, ey, ez, sb, sa)
+
+
+@triton.jit
+def _cd_grad(g_ptr, x, y, z, ok, near_ptr, hit, tx, ty, tz, s_own, s_other):
+    """Store d loss / d p for the points p = (x, y, z) of one set: 2 s_own (p - its nearest
+    point of the other set, at near_ptr) + 2 s_other sum over the other set's points o that
+    have p as their nearest (hit[o, p]) of (p - o); t = o - p as tiles [o, p]."""
+    w = tl.where(hit, 1.0, 0.0)
+    tl.store(g_ptr + 0, 2 * s_own * (x - tl.load(near_ptr + 0, mask=ok, other=0.0).to(tl.float32))
+             - 2 * s_other * tl.sum(w * tx, axis=0), mask=ok)
+    tl.store(g_ptr + 1, 2 * s_own * (y - tl.load(near_ptr + 1, mask=ok, other=0.0).to(tl.float32))
+             - 2 * s_other * tl.sum(w * ty, axis=0), mask=ok)
+    tl.store(g_ptr + 2, 2 * s_own * (z - tl.load(near_ptr + 2, mask=ok, other=0.0).to(tl.float32))
+             - 2 * s_other * tl.sum(w * tz, axis=0), mask=ok)
 
 
 # Sets of at most this many points use the fused loss kernel (the pair lives in registers).

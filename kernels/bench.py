@@ -107,11 +107,16 @@ def main(argv=None) -> int:
                     help="every case once at toy sizes (on CPU without a GPU: needs TRITON_INTERPRET=1)")
     ap.add_argument("--static", action="store_true",
                     help="no GPU: compile for sm_90 and print the static cost report")
-    ap.add_argument("--json", action="store_true", help="with --static: one JSON object")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object on stdout (the table goes to stderr)")
     ap.add_argument("--arch", type=int, default=90, help="with --static: the sm_ target")
+    ap.add_argument("--workload", nargs="+", help="with --static: only these workloads")
+    ap.add_argument("--check", action="store_true",
+                    help="with --static: first compile every launch (python -m kernels.static) "
+                         "for --arch; exit 1 on a compile error or a spill")
     args = ap.parse_args(argv)
     if args.static:
-        return _static(args.arch, args.json)
+        return _static(args.arch, args.json, args.workload, args.check)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("kernels.bench: no CUDA device available; nothing to benchmark.")
@@ -119,30 +124,49 @@ def main(argv=None) -> int:
     warmup, reps = (0, 1) if args.smoke else (2, 5) if args.quick else (5, 25)
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)"
-    print(f"device: {name}; median of {reps} runs after {warmup} warm-up")
+    out = sys.stderr if args.json else sys.stdout
+    print(f"device: {name}; median of {reps} runs after {warmup} warm-up", file=out)
     header = f"{'op':<18} {'shape':<32} {'triton µs':>11} {'torch µs':>11} {'ratio':>7}"
-    print(header)
-    print("-" * len(header))
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    rows = []
     for op, shape, tri, ref in _cases(device, smoke=args.smoke):
         t = _median_us(tri, warmup, reps, device)
         r = _median_us(ref, warmup // 2 if args.smoke else max(1, warmup // 2),
                        reps if args.smoke else max(3, reps // 3), device)
-        print(f"{op:<18} {shape:<32} {t:>11.1f} {r:>11.1f} {r / t:>6.1f}x", flush=True)
+        rows.append({"op": op, "shape": shape, "triton_us": t, "torch_us": r})
+        print(f"{op:<18} {shape:<32} {t:>11.1f} {r:>11.1f} {r / t:>6.1f}x", flush=True, file=out)
+    if args.json:
+        import json
+
+        print(json.dumps({"device": name, "warmup": warmup, "reps": reps, "rows": rows}))
     return 0
 
 
-def _static(arch: int, as_json: bool) -> int:
+def _static(arch: int, as_json: bool, names=None, check: bool = False) -> int:
     import json
+    import os
 
     from . import static
 
-    rows = static.report(arch=arch)
+    failed = []
+    if check:
+        bad = [r for r in static.check((arch,), min(8, os.cpu_count() or 1)) if r["error"]]
+        failed = [f"{r['kernel']} ({r['workload']}): {r['error']}" for r in bad]
+        print("\n".join(failed) or f"every launch compiles for sm_{arch} without a spill",
+              file=sys.stderr)
+    ws = [w for w in static.workloads() if not names or w.name in names]
+    if names and len(ws) != len(names):
+        raise SystemExit(f"unknown workload in {names}; known: "
+                         f"{', '.join(w.name for w in static.workloads())}")
+    rows = static.report(ws, arch=arch)
     if as_json:
         print(json.dumps({"device_model": static.H100.name, "arch": arch,
-                          "versions": static.versions(), "rows": rows}))
+                          "versions": static.versions(arch), "check_failures": failed,
+                          "rows": rows}))
     else:
         print(static.format_table(rows))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

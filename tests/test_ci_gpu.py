@@ -1,0 +1,52 @@
+"""`.ci/gpu`, the one command a GPU session runs: its dry run (the same steps on the CPU at toy
+sizes) passes and writes the report, and a failing step is reported with its log and makes the
+command fail, so the script cannot rot between GPU sessions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["tests", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
+         "pretrain.resume", "kernels.static"]
+
+
+def _gpu_check(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    p = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu"), "--dry-run", "--out",
+                        str(tmp_path), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    report = json.loads((tmp_path / "gpu-report.json").read_text())
+    return p.returncode, report, (tmp_path / "gpu-report.md").read_text()
+
+
+def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
+    rc, report, md = _gpu_check(tmp_path)
+    assert rc == 0, [s for s in report["steps"] if s["status"] != "passed"]
+    assert [s["name"] for s in report["steps"]] == STEPS
+    assert report["dry_run"] and report["preflight"]["problems"] == []
+    by = {s["name"]: s for s in report["steps"]}
+    bench = by["pretrain.benchmark"]["figures"]
+    assert set(bench) == {"plain PyTorch fp32", "this config"}
+    assert all(v["ms_per_step"] > 0 for v in bench.values())
+    assert set(by["finetune.benchmark"]["figures"]) == {"fps", "fast_point_all"}
+    real = by["pretrain.real"]["figures"]
+    assert real["losses"][-1] < 0.9 * real["losses"][0]  # the check the step made
+    assert by["pretrain.resume"]["figures"]["steps"][-1] > real["steps"][-1]
+    assert {r["op"] for r in by["kernels.bench"]["figures"]["rows"]} >= {"fps", "knn", "group (2 views)"}
+    assert by["kernels.static"]["figures"]["rows"][0]["estimate_us"] > 0
+    for name in STEPS:
+        assert f"| {name} | passed |" in md
+    assert (tmp_path / "gpu-check.log").stat().st_size > 0
+
+
+def test_a_failing_step_fails_the_check_with_its_log(tmp_path):
+    """Resuming with no checkpoint fails; the report names the step and keeps its log tail."""
+    rc, report, md = _gpu_check(tmp_path, "--only", "pretrain.resume")
+    assert rc == 1 and report["failed"] == ["pretrain.resume"]
+    (step,) = report["steps"]
+    assert step["status"] == "failed" and "no checkpoint" in step["log_tail"]
+    assert "## pretrain.resume: log tail" in md

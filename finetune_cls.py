@@ -235,8 +235,14 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
     bs = cfg.eval_batch_size
 
     def run(points: torch.Tensor) -> torch.Tensor:
+        # The last batch is padded to the full batch (with copies of its last sample, whose
+        # logits are dropped): in eval mode every sample is computed on its own, and a compiled
+        # model sees one batch shape, so it does not recompile for the remainder.
+        n = points.shape[0]
+        if n < bs:
+            points = torch.cat([points, points[-1:].expand(bs - n, -1, -1)])
         with amp.autocast(device, cfg.amp):
-            return model(points).float()
+            return model(points)[:n].float()
 
     if votes == 0:
         for i in range(0, len(test.labels), bs):

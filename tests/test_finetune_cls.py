@@ -362,6 +362,40 @@ def test_compile_matches_eager_without_recompiling(tmp_path):
     assert names == eager_names
 
 
+def test_compiled_evaluation_compiles_once(tmp_path):
+    """--compile: evaluation (eval mode, and a last batch smaller than the others: 45 test
+    samples in batches of 16) compiles each compiled module once more, for eval mode, and a
+    second evaluation and further training steps compile nothing."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from pqae import data, dist
+
+    cfg = small_config(tmp_path, eval_batch_size=16, votes=0)
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    torch._dynamo.reset()
+    try:
+        model, train_model, _ = finetune_cls.build_training(dataclasses.replace(cfg), env)
+        counter = CompileCounter()
+        model.compile_fixed_shapes(backend=counter)  # (build_training compiled nothing: no flag)
+        points, labels = data.procedural_classes(32, 256, num_classes=3)
+        step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(), points,
+                                            labels, env)
+        step(0, torch.arange(32))
+        train_frames = counter.frame_count
+        test_points, test_labels = data.procedural_classes(45, 256, num_classes=3, seed=1)
+        test = finetune_cls.TestSet(cfg, test_points, test_labels, 0, 1, env.device)
+        acc, total = finetune_cls.evaluate(model, test, cfg)
+        assert total == 45
+        assert counter.frame_count == 2 * train_frames  # the eval-mode variant, once
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert finetune_cls.evaluate(model, test, cfg) == (acc, total)
+            step(1, torch.arange(32))
+        assert counter.frame_count == 2 * train_frames
+    finally:
+        torch._dynamo.reset()
+
+
 def test_fast_point_all_feeds_the_same_points_in_another_order(tmp_path):
     """--fast-point-all: where §3.6's FPS takes every point, the model gets the same points
     per cloud as with FPS (same seed), in another order; elsewhere it changes nothing."""

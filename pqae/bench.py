@@ -71,9 +71,9 @@ def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], 
                 timer.steps += 1
             ms = timer.ms_per_step()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            phases_ms = {}
+            phases_ms, phases_time = {}, None
             if phases:
-                phases_ms = _profile(step, i, device)
+                phases_ms, phases_time = _profile(step, i, device)
         finally:
             kernels.set_backend("auto")
         results[v.name] = {"ms_per_step": ms, "shapes_per_s": batch_size * 1000 / ms,
@@ -81,11 +81,11 @@ def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], 
                            "amp": getattr(v.cfg, "amp", False),
                            "compile": getattr(v.cfg, "compile", False),
                            "fused_adamw": getattr(v.cfg, "fused_adamw", False),
-                           "phases_ms": phases_ms}
+                           "phases_ms": phases_ms, "phases_time": phases_time}
     return results
 
 
-def _profile(step, first: int, device: torch.device) -> dict[str, float]:
+def _profile(step, first: int, device: torch.device) -> tuple[dict[str, float], str]:
     profiling.enabled(True)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -98,7 +98,8 @@ def _profile(step, first: int, device: torch.device) -> dict[str, float]:
                 step(i)
     finally:
         profiling.enabled(False)
-    return {k: v / PROFILED_STEPS for k, v in profiling.breakdown(prof).items()}
+    ms, what = profiling.breakdown(prof, device)
+    return {k: v / PROFILED_STEPS for k, v in ms.items()}, what
 
 
 def report(results: dict[str, dict], *, title: str, phase_order: list[str],
@@ -125,7 +126,8 @@ def report(results: dict[str, dict], *, title: str, phase_order: list[str],
                           for name in names)
         lines.append(f"projected {what} ({n} steps): {times}")
     if any(r["phases_ms"] for r in results.values()):
-        note = "; ".join(f"{o} excludes {i}" for o, i in nested.items())
+        whats = {r["phases_time"] for r in results.values() if r["phases_time"]}
+        note = "; ".join(sorted(whats) + [f"{o} excludes {i}" for o, i in nested.items()])
         lines.append("phase breakdown, ms per step" + (f" ({note})" if note else "") + ":")
         lines.append(f"{'phase':<14}" + "".join(f"{n:>22}" for n in names))
         for ph in phase_order:

@@ -1,7 +1,7 @@
 """Named phases of a training step for the benchmark's time breakdown.
 
 `phase("encoder")` marks a region for torch.profiler (CPU time, and on CUDA the device time of
-the kernels launched inside it). It is a no-op unless `enabled(True)` was called, so the
+the kernels launched inside it); `breakdown` turns a profile into milliseconds per phase. It is a no-op unless `enabled(True)` was called, so the
 training step pays nothing for the labels.
 """
 
@@ -23,12 +23,25 @@ def phase(name: str):
     return torch.profiler.record_function(f"phase:{name}") if _ENABLED else nullcontext()
 
 
-def breakdown(prof) -> dict[str, float]:
-    """Milliseconds per phase from a finished torch.profiler run, summed over its steps
-    (device time where a GPU was profiled, else CPU time)."""
-    out = {}
+def breakdown(prof, device: torch.device) -> tuple[dict[str, float], str]:
+    """Milliseconds per phase from a finished torch.profiler run, summed over its steps, and
+    what they measure. On a GPU: the time of the kernels each phase launched (its CPU range's
+    device time; on CUDA a phase has a second row, the GPU annotation, used when the first has
+    none). If the profiler recorded no GPU time at all (no CUPTI), CPU time, and says so."""
+    cpu, dev = {}, {}
     for evt in prof.key_averages():
-        if evt.key.startswith("phase:"):
-            dev = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
-            out[evt.key[len("phase:"):]] = (dev or evt.cpu_time_total) / 1000
-    return out
+        if not evt.key.startswith("phase:"):
+            continue
+        name = evt.key[len("phase:"):]
+        t = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        on_cpu = str(getattr(evt, "device_type", "CPU")).endswith("CPU")
+        if on_cpu:
+            cpu[name] = evt.cpu_time_total
+        if t and (on_cpu or not dev.get(name)):  # the CPU range's figure first
+            dev[name] = t
+    if device.type != "cuda":
+        return {k: v / 1000 for k, v in cpu.items()}, "CPU time"
+    if not any(dev.values()):
+        return ({k: v / 1000 for k, v in cpu.items()},
+                "CPU time: the profiler recorded no GPU time (is CUPTI available?)")
+    return {k: dev.get(k, 0.0) / 1000 for k in cpu.keys() | dev.keys()}, "GPU kernel time"

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, data, dist
+from pqae import amp, bench, cli, data, dist, syncbn
 from pqae.classifier import PointClassifier
 from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -139,8 +139,9 @@ class Config:
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
     sync_bn: bool = True
-    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch of the reference's
-    single-GPU run. (Per-process BatchNorm on CPU/gloo.)"""
+    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
+    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
+    BatchNorm."""
     # output
     out_dir: str = "runs/finetune-cls"
     resume: bool = False
@@ -272,8 +273,8 @@ def build_training(cfg: Config, env: dist.Dist):
         dropped = model.load_pretrained(cfg.ckpt)
         print0(f"loaded the encoder of {cfg.ckpt}; dropped {len(dropped)} pretraining-only keys: "
                f"{dropped}", rank=env.rank)
-    if env.enabled and cfg.sync_bn and env.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.enabled and cfg.sync_bn:
+        model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
                                   lr=base_lr(cfg), weight_decay=cfg.weight_decay,
                                   fused=cfg.fused_adamw)

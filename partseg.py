@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, cli, dist
+from pqae import amp, cli, dist, syncbn
 from pqae import shapenetpart as spart
 from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -98,8 +98,9 @@ class Config:
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
-    """SyncBatchNorm under multi-GPU DDP (BatchNorm over the global batch, like the reference's
-    single GPU). Per-process BatchNorm on CPU/gloo."""
+    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
+    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
+    BatchNorm."""
     # output
     out_dir: str = "runs/partseg"
     resume: bool = False
@@ -262,8 +263,8 @@ def main(cfg: Config) -> dict:
                f"keys: {dropped}", rank=rank)
     print0(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters",
            rank=rank)
-    if env.enabled and cfg.sync_bn and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.enabled and cfg.sync_bn:
+        model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(build_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   fused=cfg.fused_adamw)
     if cfg.compile:

@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, data, dist
+from pqae import amp, bench, cli, data, dist, syncbn
 from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.model import PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
@@ -84,8 +84,9 @@ class Config:
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
-    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
-    reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
+    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
+    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
+    BatchNorm."""
     benchmark_steps: int = 0
     """if > 0: time this many steps (after 5 warm-up steps), print ms/step, and exit."""
     benchmark_compare: bool = True
@@ -136,8 +137,8 @@ def build_training(cfg: Config, env: dist.Dist):
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     model = build_model(cfg).to(env.device)
     model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
-    if env.enabled and cfg.sync_bn and env.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.enabled and cfg.sync_bn:
+        model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   fused=cfg.fused_adamw)
     if cfg.compile:

@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, cli, dist
+from pqae import amp, cli, dist, syncbn
 from pqae import s3dis
 from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
 from pqae.optim import param_groups, set_epoch_lr
@@ -111,8 +111,9 @@ class Config:
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
     sync_bn: bool = True
-    """SyncBatchNorm under multi-GPU DDP, so BatchNorm sees the global batch as the
-    reference's single-GPU run does. (Per-process BatchNorm on CPU/gloo.)"""
+    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
+    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
+    BatchNorm."""
     # output
     out_dir: str = "runs/semseg"
     resume: bool = False
@@ -324,8 +325,8 @@ def main(cfg: Config) -> dict:
     print0(f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch {cfg.batch_size} "
            f"({local_bs} per process) | {len(test_slots)} test blocks per evaluation", rank=rank)
 
-    if env.enabled and cfg.sync_bn and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.enabled and cfg.sync_bn:
+        model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   fused=cfg.fused_adamw)
     if cfg.compile:

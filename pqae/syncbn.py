@@ -1,0 +1,88 @@
+"""BatchNorm over the global batch of all DDP processes, without reading anything on the host.
+
+`torch.nn.SyncBatchNorm` reads its per-rank counts on the host in every forward (a host sync
+per BatchNorm layer: four per pretraining step, and a graph break under torch.compile).
+`GlobalBatchNorm1d` gathers one small tensor per layer, each rank's (mean, sum of squared
+deviations, count) per channel, with a differentiable collective (its backward sums the
+ranks' gradients), combines them exactly (Chan et al.'s parallel variance: no cancellation,
+whatever the mean), and normalises with the global mean and biased variance: BatchNorm over
+the global batch, forward and backward. torch.compile traces it as one graph.
+
+    model = syncbn.convert(model)   # before DDP, like SyncBatchNorm.convert_sync_batchnorm
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+
+
+class _AllGather(torch.autograd.Function):
+    """(k,) -> (world, k), every rank's tensor; the gradient of a rank's tensor is the sum of
+    the ranks' gradients for its row. (Functional collectives: asynchronous on the device, and
+    traceable by torch.compile.)"""
+
+    @staticmethod
+    def forward(ctx, t):
+        return funcol.wait_tensor(funcol.all_gather_tensor(t[None], 0, dist.group.WORLD))
+
+    @staticmethod
+    def backward(ctx, g):
+        return funcol.wait_tensor(
+            funcol.reduce_scatter_tensor(g.contiguous(), "sum", 0, dist.group.WORLD))[0]
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d whose training statistics cover every process of the default group.
+    Parameters, buffers and state-dict keys are those of nn.BatchNorm1d; in eval mode, or in a
+    single process, it is nn.BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        if x.dim() not in (2, 3):
+            raise ValueError(f"expected (N, C) or (N, C, L) input, got {tuple(x.shape)}")
+        C = self.num_features
+        dims = (0,) if x.dim() == 2 else (0, 2)
+        shape = (1, C) if x.dim() == 2 else (1, C, 1)
+        # statistics in float32 (as BatchNorm under autocast), float64 stays float64
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        var_l, mean_l = torch.var_mean(xf, dim=dims, correction=0)  # this rank's, stable
+        n_l = x.numel() // C
+        g = _AllGather.apply(torch.cat([mean_l, var_l * n_l, xf.new_full((1,), n_l)]))
+        counts = g[:, 2 * C:]  # (world, 1)
+        n = counts.sum()
+        mean = (counts * g[:, :C]).sum(0) / n
+        var = (g[:, C:2 * C].sum(0) + (counts * (g[:, :C] - mean).square()).sum(0)) / n
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / self.num_batches_tracked.float() if self.momentum is None
+                     else self.momentum)  # (a tensor weight: no host read)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                unbiased = var * (n / (n - 1).clamp_min(1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        return y
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Replace every nn.BatchNorm1d in `module` by a GlobalBatchNorm1d sharing its parameters
+    and buffers (so optimizers built later and checkpoints see the same tensors and keys)."""
+    if type(module) is nn.BatchNorm1d:
+        new = GlobalBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        for name in ("weight", "bias"):
+            if getattr(module, name) is not None:
+                setattr(new, name, getattr(module, name))
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(new, name, buf)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert(child))
+    return module

@@ -1,0 +1,102 @@
+"""pqae.syncbn: BatchNorm over the global batch of two gloo processes equals nn.BatchNorm1d over
+the whole batch in one process (outputs, input and parameter gradients, running statistics),
+for (N, C) and (N, C, L) inputs, over two steps; torch.compile traces it as one graph."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from pqae import syncbn
+
+
+def _net(dtype):
+    torch.manual_seed(0)
+    return nn.ModuleDict({
+        "conv": nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 4, 1)),
+        "mlp": nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=None), nn.Linear(6, 2)),
+    }).to(dtype)
+
+
+def _loss(net, x, w1, w2):
+    h = net["conv"](x)  # (n, 4, L)
+    return (h * w1).sum() + (net["mlp"](h.amax(-1)) * w2).sum()
+
+
+def _worker(rank: int, init: str, dtype: torch.dtype, tol: float):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(1)
+        ref, mine = _net(dtype), syncbn.convert(_net(dtype))
+        assert sum(isinstance(m, syncbn.GlobalBatchNorm1d) for m in mine.modules()) == 2
+        assert mine.state_dict().keys() == ref.state_dict().keys()
+        for it in range(2):  # the second step normalises about a non-zero running mean
+            x = (torch.randn(10, 3, 7, generator=g, dtype=dtype) * 3 + 5).requires_grad_(True)
+            w1 = torch.randn(10, 4, 7, generator=g, dtype=dtype)
+            w2 = torch.randn(10, 2, generator=g, dtype=dtype)
+            part = slice(5 * rank, 5 * rank + 5)
+            xr = x.detach()[part].clone().requires_grad_(True)
+            _loss(ref, x, w1, w2).backward()
+            _loss(mine, xr, w1[part], w2[part]).backward()
+            torch.testing.assert_close(xr.grad, x.grad[part], rtol=tol, atol=tol)
+            for (name, p), q in zip(ref.named_parameters(), mine.parameters()):
+                grad = q.grad.clone()
+                dist.all_reduce(grad)  # each rank holds its share of the global loss
+                torch.testing.assert_close(grad, p.grad, rtol=tol, atol=tol, msg=name)
+            for (name, b), c in zip(ref.named_buffers(), mine.buffers()):
+                torch.testing.assert_close(c, b, rtol=tol, atol=tol, msg=name)
+            ref.zero_grad(), mine.zero_grad()
+        mine.eval()  # eval mode: the running statistics, as nn.BatchNorm1d
+        ref.eval()
+        x = torch.randn(4, 3, 7, generator=g, dtype=dtype)
+        torch.testing.assert_close(mine["conv"](x), ref["conv"](x), rtol=tol, atol=tol)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_global_batchnorm_equals_batchnorm_over_the_global_batch(dtype, tol):
+    """float64: equal to 1e-10 (the same function); float32: to rounding (the combination of
+    the ranks' statistics rounds differently from BatchNorm's kernels)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(f"file://{os.path.join(d, 'store')}", dtype, tol), nprocs=2)
+
+
+def _compiled_worker(rank: int, init: str):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = syncbn.convert(nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.ReLU()))
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # a break raises
+        x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(rank))
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        compiled(x1).square().sum().backward()
+        net(x2).square().sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiles_as_one_graph_under_ddp():
+    """torch.compile traces the collective: one graph, no break (SyncBatchNorm breaks it)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_compiled_worker, args=(f"file://{os.path.join(d, 'store')}",), nprocs=2)
+
+
+def test_single_process_is_plain_batchnorm(monkeypatch):
+    """Without a process group it is nn.BatchNorm1d; in one, inputs of rank 4 are refused."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5)
+    gbn = syncbn.convert(nn.Sequential(nn.BatchNorm1d(5)))[0]
+    x = torch.randn(8, 5, 3)
+    torch.testing.assert_close(gbn(x), bn(x))
+    torch.testing.assert_close(gbn.running_mean, bn.running_mean)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="expected"):
+        gbn(torch.randn(2, 5, 3, 3))

@@ -10,6 +10,7 @@ one device and prints a table, the speed-up, the peak memory and a breakdown by 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -65,11 +66,12 @@ def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], 
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             timer = Timer(device)
-            for _ in range(steps):
-                step(i)
-                i += 1
-                timer.steps += 1
-            ms = timer.ms_per_step()
+            with compile_watch() as compiled:
+                for _ in range(steps):
+                    step(i)
+                    i += 1
+                    timer.steps += 1
+                ms = timer.ms_per_step()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             phases_ms, phases_time = {}, None
             if phases:
@@ -81,8 +83,42 @@ def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], 
                            "amp": getattr(v.cfg, "amp", False),
                            "compile": getattr(v.cfg, "compile", False),
                            "fused_adamw": getattr(v.cfg, "fused_adamw", False),
-                           "phases_ms": phases_ms, "phases_time": phases_time}
+                           "phases_ms": phases_ms, "phases_time": phases_time,
+                           "compiled_in_timed_steps": compiled}
     return results
+
+
+@contextlib.contextmanager
+def compile_watch():
+    """Yields a list that collects what compiles inside the block: Triton kernels (through
+    Triton's compile hook) and torch.compile graphs (Dynamo's graph count)."""
+    from torch._dynamo.utils import counters
+
+    seen: list[str] = []
+    graphs = counters["stats"]["unique_graphs"]
+    runtime = prev = None
+    try:
+        import triton
+
+        runtime = triton.knobs.runtime
+        prev = runtime.jit_cache_hook
+    except (ImportError, AttributeError):  # no Triton, or one without the knob
+        pass
+
+    def hook(*args, **kwargs):
+        seen.append(f"Triton kernel {kwargs.get('repr', '?')}")
+        return prev(*args, **kwargs) if prev else False  # False: compile as usual
+
+    if runtime is not None:
+        runtime.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        if runtime is not None:
+            runtime.jit_cache_hook = prev
+        new = counters["stats"]["unique_graphs"] - graphs
+        if new:
+            seen.append(f"{new} torch.compile graph(s)")
 
 
 def _profile(step, first: int, device: torch.device) -> tuple[dict[str, float], str]:
@@ -117,6 +153,10 @@ def report(results: dict[str, dict], *, title: str, phase_order: list[str],
                      f"{str(r['fused_adamw']):>5} {r['ms_per_step']:>9.1f} "
                      f"{r['shapes_per_s']:>9.0f} {peak:>8}")
     names = list(results)
+    for name, r in results.items():
+        if r.get("compiled_in_timed_steps"):
+            lines.append(f"WARNING: {name} compiled inside its timed steps (the warm-up missed a "
+                         f"variant): {'; '.join(r['compiled_in_timed_steps'])}")
     if len(names) == 2:
         a, b = results[names[0]], results[names[1]]
         lines.append(f"speed-up of {names[1]} over {names[0]}: "

@@ -224,7 +224,9 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
         assert phases[ph] > 0, ph
     assert phases["encoder"] >= phases["patch_embed"]  # nested
     assert plain["fused_adamw"] is False and results["this config"]["fused_adamw"] is True
+    assert all(r["compiled_in_timed_steps"] == [] for r in results.values())
     out = capsys.readouterr().out
+    assert "(CPU time; encoder excludes patch_embed)" in out
     assert "speed-up of this config over plain PyTorch fp32" in out and "phase breakdown" in out
     # 4 shapes of 16 per epoch x 3 loop epochs; ShapeNet-55: 52470 // 16 steps per epoch.
     assert "projected 3 epochs of this data (12 steps)" in out

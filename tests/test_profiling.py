@@ -49,3 +49,26 @@ def test_real_profile_on_cpu():
         profiling.enabled(False)
     ms, what = profiling.breakdown(prof, CPU)
     assert set(ms) == {"work"} and ms["work"] > 0 and what == "CPU time"
+
+
+def test_compile_watch_sees_graphs_and_triton_compiles_inside_it():
+    """pqae.bench.compile_watch, which guards the benchmark's timed steps: a torch.compile
+    graph built inside it is listed, a cached one is not; Triton's compile hook is listed and
+    restored afterwards."""
+    import torch._dynamo
+    import triton
+
+    from pqae import bench
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2 + 1, backend="aot_eager")
+    x = torch.randn(8)
+    with bench.compile_watch() as seen:
+        f(x)
+    assert seen == ["1 torch.compile graph(s)"]
+    with bench.compile_watch() as seen:
+        f(x)
+        triton.knobs.runtime.jit_cache_hook(repr="_knn_kernel[...]")  # as Triton calls it
+    assert seen == ["Triton kernel _knn_kernel[...]"]
+    assert triton.knobs.runtime.jit_cache_hook is None
+    torch._dynamo.reset()

@@ -58,6 +58,9 @@ def test_benchmark_mode_on_gpu(tmp_path):
     fast, plain = results["this config"], results["plain PyTorch fp32"]
     assert fast["backend"] == "auto" and plain["backend"] == "reference"
     assert fast["peak_gib"] > 0 and fast["phases_ms"]["grouping"] > 0
+    assert fast["phases_time"] == "GPU kernel time"
+    # new view sizes every step compile no new Triton variant inside the timed steps
+    assert fast["compiled_in_timed_steps"] == [] and plain["compiled_in_timed_steps"] == []
 
 
 def test_bf16_compiled_finetuning_on_triton_kernels(tmp_path):
@@ -84,3 +87,4 @@ def test_finetune_benchmark_mode_on_gpu(tmp_path):
                                                       benchmark_steps=3))
     fast = results["this config"]
     assert fast["backend"] == "auto" and fast["peak_gib"] > 0 and fast["phases_ms"]["grouping"] > 0
+    assert fast["compiled_in_timed_steps"] == []

@@ -50,3 +50,11 @@ def test_a_failing_step_fails_the_check_with_its_log(tmp_path):
     (step,) = report["steps"]
     assert step["status"] == "failed" and "no checkpoint" in step["log_tail"]
     assert "## pretrain.resume: log tail" in md
+
+
+def test_a_step_past_its_time_limit_is_stopped_and_reported(tmp_path):
+    """The budget caps each step: a benchmark that cannot finish in ~8 s is killed there and
+    reported as a timeout, and the check fails."""
+    rc, report, _ = _gpu_check(tmp_path, "--only", "pretrain.benchmark", "--budget", "8")
+    (step,) = report["steps"]
+    assert rc == 1 and step["status"] == "timeout" and step["seconds"] < 30

@@ -75,10 +75,10 @@ def _launch(kernel, grid, *args, trips=None, **meta) -> None:
         kernel[grid](*args, **meta)
 
 
-def _pairs(ts: Sequence[torch.Tensor]):
-    """Up to two clouds per launch: [(t0, t1 or t0, count)] (a kernel takes two pointers)."""
-    return [(ts[i], ts[i + 1] if i + 1 < len(ts) else ts[i], min(2, len(ts) - i))
-            for i in range(0, len(ts), 2)]
+def _pairs(n: int):
+    """Up to two views per launch (a kernel takes two pointers): [(first view, count, last
+    view)] of n views."""
+    return [(j, min(2, n - j), min(j + 1, n - 1)) for j in range(0, n, 2)]
 
 
 # ============================================================================ FPS
@@ -181,8 +181,9 @@ def _fps_views(xs: Sequence[torch.Tensor], m: int, write_center: bool, write_soa
     ctr = torch.empty((V, B, m, 3), dtype=torch.float32, device=dev) if write_center else idx
     soa = torch.empty((V, B, 3, block), dtype=torch.float32, device=dev) if write_soa else ctr
     warps, carry = _fps_cfg(block)
-    for k, (x0, x1, nv) in enumerate(_pairs(xs)):
-        _launch(_fps_kernel, (nv * B,), x0, x1, idx[2 * k:], ctr[2 * k:], soa[2 * k:], B,
+    for j, nv, j1 in _pairs(V):
+        x0, x1 = xs[j], xs[j1]
+        _launch(_fps_kernel, (nv * B,), x0, x1, idx[j:], ctr[j:], soa[j:], B,
                 x0.shape[1], x1.shape[1], m, BLOCK=block, CARRY=carry,
                 WRITE_CENTER=write_center, WRITE_SOA=write_soa, num_warps=warps,
                 trips={"picks": m - 1}, **_NO_FMA)
@@ -377,9 +378,8 @@ def _knn_views(qs: torch.Tensor, planes: torch.Tensor, ns: Sequence[int], k: int
     dev = qs.device
     idx = torch.empty((V, B, S, k), dtype=torch.long, device=dev)
     nbr = torch.empty((V, B, S, k, 3), dtype=torch.float32, device=dev) if write_nbr else idx
-    for j in range(0, V, 2):
-        nv = min(2, V - j)
-        n0, n1 = ns[j], ns[j + nv - 1]
+    for j, nv, j1 in _pairs(V):
+        n0, n1 = ns[j], ns[j1]
         nj, c, chunked = _knn_cfg(max(n0, n1), k)
         scr = torch.empty((nv, B, S, c), dtype=torch.int32, device=dev)
         chunks = triton.cdiv(max(n0, n1), nj * 32)

@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -341,16 +342,24 @@ def helper_sites(pyfn) -> list[tuple[str, int, int, frozenset]]:
     return out
 
 
+def _same_file(sass_path: str | None, source_path: str) -> bool:
+    """The line table names the file where the kernel was first compiled; Triton's cache
+    serves that cubin to any checkout of the same source, so compare package-relative paths
+    (kernels/triton_ops.py), not absolute ones."""
+    return sass_path is not None and (sass_path == source_path or Path(sass_path).parts[-2:]
+                                      == Path(source_path).parts[-2:])
+
+
 def _kernel_lines(ins: Instr, c: Compiled) -> frozenset | None:
     """The lines of the kernel's own body an instruction can come from: its line, or the call
     site it was inlined at, or (a helper's line without one) every line using that helper."""
     lo, hi = c.kernel_lines
-    if ins.file == c.kernel_file and lo <= ins.line <= hi:
+    if _same_file(ins.file, c.kernel_file) and lo <= ins.line <= hi:
         return frozenset((ins.line,))
-    if ins.at_file == c.kernel_file and lo <= ins.at_line <= hi:
+    if _same_file(ins.at_file, c.kernel_file) and lo <= ins.at_line <= hi:
         return frozenset((ins.at_line,))
     for f, a, b, sites in c.helpers:
-        if ins.file == f and a <= ins.line <= b:
+        if _same_file(ins.file, f) and a <= ins.line <= b:
             return sites
     return None
 

@@ -201,3 +201,11 @@ def test_chain_waits_for_loads_and_issues_independent_work():
     dependent = S._Chain().run(ins[3:5])  # FADD waits for the LDG (40 cycles)
     independent = S._Chain().run([ins[3], ins[5]])  # IADD3 does not
     assert dependent == 1 + S.LATENCY["LDG"] and independent == 2  # one issue cycle each
+
+
+def test_line_table_of_a_cached_cubin_from_another_checkout_still_maps():
+    """Triton's cache serves a cubin compiled in one checkout to another with the same source:
+    its line table names the first checkout's path, which must still count as the kernel's."""
+    assert S._same_file("/elsewhere/repo/kernels/triton_ops.py", "/work/main/kernels/triton_ops.py")
+    assert not S._same_file("/x/triton/language/standard.py", "/work/main/kernels/triton_ops.py")
+    assert not S._same_file(None, "/work/main/kernels/triton_ops.py")

@@ -18,6 +18,11 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 
+# torch 2.13 renamed these (same arguments) and warns on every call of the old names
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
 class _AllGather(torch.autograd.Function):
     """(k,) -> (world, k), every rank's tensor; the gradient of a rank's tensor is the sum of
     the ranks' gradients for its row. (Functional collectives: asynchronous on the device, and
@@ -25,12 +30,11 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        return funcol.wait_tensor(funcol.all_gather_tensor(t[None], 0, dist.group.WORLD))
+        return funcol.wait_tensor(_all_gather(t[None], 0, dist.group.WORLD))
 
     @staticmethod
     def backward(ctx, g):
-        return funcol.wait_tensor(
-            funcol.reduce_scatter_tensor(g.contiguous(), "sum", 0, dist.group.WORLD))[0]
+        return funcol.wait_tensor(_reduce_scatter(g.contiguous(), "sum", 0, dist.group.WORLD))[0]
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

@@ -55,6 +55,7 @@ def _worker(rank: int, init: str, dtype: torch.dtype, tol: float):
         ref.eval()
         x = torch.randn(4, 3, 7, generator=g, dtype=dtype)
         torch.testing.assert_close(mine["conv"](x), ref["conv"](x), rtol=tol, atol=tol)
+        dist.barrier()  # both ranks done before either tears gloo down (an early one aborts)
     finally:
         dist.destroy_process_group()
 
@@ -78,6 +79,7 @@ def _compiled_worker(rank: int, init: str):
         compiled(x1).square().sum().backward()
         net(x2).square().sum().backward()
         torch.testing.assert_close(x1.grad, x2.grad)
+        dist.barrier()  # both ranks done before either tears gloo down (an early one aborts)
     finally:
         dist.destroy_process_group()
 

@@ -1,9 +1,9 @@
-"""Few-shot classification on ModelNet40 (SPEC 4): all settings and folds in one command.
+"""Few-shot classification on ModelNet40: all settings and folds in one command.
 
     python -m data_prep.modelnet_fewshot convert --root data/ModelNetFewshot  # once (or `generate`)
-    python fewshot.py --finetune.ckpt runs/pretrain/ckpt-epoch-300            # 4 settings x 10 folds
-    python fewshot.py --ways 5 --shots 10 --folds 0 1 --finetune.ckpt ...     # a subset
-    torchrun --nproc_per_node=4 fewshot.py --finetune.ckpt ...
+    python fewshot.py --pretrained runs/pretrain/ckpt-epoch-300               # 4 settings x 10 folds
+    python fewshot.py --ways 5 --shots 10 --folds 0 1 --pretrained ...        # a subset
+    torchrun --nproc_per_node=4 fewshot.py --pretrained ...
     python fewshot.py --preset tiny --data-dir /tmp/episodes                  # tiny model, CPU
 
 The reference leaves 40 hand-launched runs and the averaging to the user. Here each fold of
@@ -18,7 +18,7 @@ Per fold (out_dir/{way}way_{shot}shot/fold{fold}/results.json, written by finetu
 * best_acc: the best test accuracy over epochs, the reference's per-fold number. It SELECTS THE
             EPOCH ON THE FOLD'S TEST SET (there is no validation split);
 * last_acc: the accuracy after the last epoch, an honest number to set beside it.
-The table (printed, and saved as out_dir/fewshot_table.txt and fewshot_results.json) gives per
+The table (printed, and saved as out_dir/fewshot_table.txt and results.json) gives per
 setting the mean +- SAMPLE standard deviation (n - 1 in the denominator) of both over the folds
 of this invocation, beside the paper's numbers (which do not say which std they use).
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -44,8 +43,10 @@ import finetune_cls
 from data_prep.modelnet_fewshot import (FOLDS, SHOTS, WAYS, episode_name, episode_path,
                                         procedural_episode)
 from pqae import checkpoint as ckpt
-from pqae import cli
-from pqae.log import print0
+from pqae import cli, dist
+from pqae.errors import BadInput, MissingFile
+from pqae.log import finish, print0, write_json
+from pqae.model import TINY_ENCODER
 
 # SPEC 3.5 `fewshot` row / 4.1, on top of the ModelNet40-1k fine-tuning preset. The reference
 # picks the rotation augmentation for few-shot (SPEC 9.1 item 12) and runs no vote test.
@@ -62,20 +63,31 @@ PAPER = {(5, 10): (96.9, 3.2), (5, 20): (98.9, 1.0), (10, 10): (94.1, 4.2), (10,
 @dataclass(frozen=True)
 class Config:
     data_dir: str = "data/modelnet40_fewshot"
-    """the episodes, `{way}way_{shot}shot/{fold}.h5`, from `python -m data_prep.modelnet_fewshot`."""
+    """directory of the episodes, `{way}way_{shot}shot/{fold}.h5`, from
+    `python -m data_prep.modelnet_fewshot`."""
     ways: tuple[int, ...] = WAYS
-    """the N of the N-way settings to run."""
+    """the N of the N-way settings to run (classes per episode)."""
     shots: tuple[int, ...] = SHOTS
-    """the K of the K-shot settings to run."""
+    """the K of the K-shot settings to run (training shapes per class)."""
     folds: tuple[int, ...] = FOLDS
     """the folds (episodes) to run for every setting; the table covers these only."""
+    pretrained: str = ""
+    """pretraining checkpoint whose encoder every fold fine-tunes (sets finetune.pretrained);
+    its shape (dim, depth, heads, embed_hidden) comes from it. Empty: from scratch."""
     out_dir: str = "runs/fewshot"
-    """one sub-directory per fold run, plus the table."""
+    """directory of the runs: config.json, one sub-directory per fold run,
+    `{way}way_{shot}shot/fold{fold}`, plus the table (fewshot_table.txt and results.json)."""
+    resume: bool = False
+    """continue the run in out_dir: finished folds are read back, a killed fold resumes."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
     keep_checkpoints: bool = False
     """keep each finished fold's ckpt-last / ckpt-best (about 0.35 GB per fold at full size);
     False deletes them once the fold's results.json is written (the table needs only that)."""
     finetune: finetune_cls.Config = RECIPE
-    """the fine-tuning run of every fold (`--finetune.ckpt`, `--finetune.head`, ...)."""
+    """the fine-tuning run of every fold, a nested finetune_cls.Config (`--finetune.head`,
+    `--finetune.lr`, ...); its data, data_path, out_dir, resume and overwrite are set per fold."""
     procedural: bool = False
     """first write missing episodes from the built-in procedural classes (at most 5-way) into
     data_dir: a smoke run without ModelNet40. Never for reported numbers."""
@@ -86,9 +98,23 @@ PRESETS = {
     "tiny": Config(  # a CPU smoke run: procedural 5-way episodes, tiny model, a few epochs
         data_dir="runs/fewshot-tiny/episodes", ways=(5,), shots=(10,), folds=(0, 1),
         out_dir="runs/fewshot-tiny", procedural=True, finetune=dataclasses.replace(
-            RECIPE, num_points=64, dim=48, depth=2, heads=2, embed_hidden=16, num_group=8,
-            group_size=8, batch_size=8, epochs=3, warmup_epochs=0, log_every=5, device="cpu")),
+            RECIPE, num_points=64, **TINY_ENCODER, num_group=8, group_size=8, batch_size=8, epochs=3, warmup_epochs=0, log_every=5, device="cpu")),
 }
+
+
+def resolve(cfg: Config, explicit: set[str]) -> Config:
+    """--pretrained is every fold's finetune.pretrained (whose encoder shape the folds take,
+    `finetune_cls.resolve`)."""
+    if cfg.pretrained:
+        if cfg.finetune.pretrained and cfg.finetune.pretrained != cfg.pretrained:
+            raise BadInput(f"--pretrained {cfg.pretrained} and --finetune.pretrained "
+                           f"{cfg.finetune.pretrained} differ; give one")
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
+            cfg.finetune, pretrained=cfg.pretrained))
+        if "pretrained" in explicit:
+            explicit = explicit | {"finetune.pretrained"}
+    return dataclasses.replace(cfg, finetune=finetune_cls.resolve(cfg.finetune, explicit,
+                                                                  prefix="finetune."))
 
 
 def fold_dir(out_dir: str | Path, way: int, shot: int, fold: int) -> Path:
@@ -98,9 +124,12 @@ def fold_dir(out_dir: str | Path, way: int, shot: int, fold: int) -> Path:
 def fold_config(cfg: Config, way: int, shot: int, fold: int) -> finetune_cls.Config:
     """The fine-tuning config of one fold, resuming when the fold left a ckpt-last behind."""
     run_dir = fold_dir(cfg.out_dir, way, shot, fold)
+    # The fold directories are this run's own: a fold killed before its first checkpoint is
+    # started again over its remains (overwrite), one with a checkpoint resumes.
     return dataclasses.replace(
         cfg.finetune, data="modelnet40", data_path=str(episode_path(cfg.data_dir, way, shot, fold)),
-        out_dir=str(run_dir), resume=ckpt.find_checkpoint(run_dir / "ckpt-last") is not None)
+        out_dir=str(run_dir), resume=ckpt.find_checkpoint(run_dir / "ckpt-last") is not None,
+        overwrite=True)
 
 
 def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
@@ -112,7 +141,7 @@ def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
     result = json.loads(path.read_text())
     ours = json.loads(json.dumps(dataclasses.asdict(fold_cfg)))  # tuples -> lists, as stored
     diff = sorted(k for k in ours.keys() | result.get("config", {}).keys()
-                  if k != "resume" and ours.get(k) != result.get("config", {}).get(k))
+                  if k not in ("resume", "overwrite") and ours.get(k) != result.get("config", {}).get(k))
     if diff or "best_acc" not in result:
         raise ValueError(f"{path} was written by a different run (config fields differ: {diff}); "
                          f"use another --out-dir or delete it")
@@ -121,7 +150,7 @@ def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
 
 def run_fold(fold_cfg: finetune_cls.Config) -> dict:
     """One fine-tuning run; its results without the model."""
-    result = finetune_cls.main(fold_cfg)
+    result = finetune_cls.main(fold_cfg, summary=False)
     result.pop("model", None)
     return result
 
@@ -174,7 +203,12 @@ def write_procedural_episodes(data_dir: str, plan: list, rank: int, timeout_s: f
 
 
 def main(cfg: Config) -> dict:
-    rank = int(os.environ.get("RANK", 0))
+    cfg = resolve(cfg, set())  # the encoder shape of --pretrained
+    env = dist.setup(cfg.finetune.device)
+    rank = env.rank
+    out_dir = Path(cfg.out_dir)
+    ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)  # before anything is written
+    dist.barrier()
     settings = [(w, s) for w in cfg.ways for s in cfg.shots]
     plan = [(w, s, f) for w, s in settings for f in cfg.folds]
     if cfg.procedural:
@@ -182,10 +216,14 @@ def main(cfg: Config) -> dict:
     missing = [p for w, s, f in plan if not (p := episode_path(cfg.data_dir, w, s, f)).is_file()
                and finished_result(fold_config(cfg, w, s, f)) is None]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{len(missing)} episode file(s) missing, e.g. {missing[0]}. Create them with "
             f"`python -m data_prep.modelnet_fewshot convert --root data/ModelNetFewshot --out "
-            f"{cfg.data_dir}` (released episodes) or `... generate --out {cfg.data_dir}`")
+            f"{cfg.data_dir}` (released episodes) or `python -m data_prep.modelnet_fewshot "
+            f"generate --modelnet data/modelnet40.h5 --out {cfg.data_dir}`, or try the built-in "
+            f"data first: `python fewshot.py --preset tiny`")
+    if rank == 0:
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
 
     folds: dict[tuple[int, int], list[dict]] = {setting: [] for setting in settings}
     for i, (way, shot, fold) in enumerate(plan):
@@ -202,9 +240,10 @@ def main(cfg: Config) -> dict:
             for name in ("ckpt-last", "ckpt-best", "ckpt-last.old", "ckpt-best.old"):
                 shutil.rmtree(Path(fold_cfg.out_dir) / name, ignore_errors=True)
         folds[(way, shot)].append({"fold": fold, "best_acc": result["best_acc"],
-                                   "best_epoch": result["best_epoch"], "last_acc": result["last_acc"]})
-        print0(f"{tag} best-epoch acc {result['best_acc']:.2f} (epoch {result['best_epoch']}, "
-               f"test-set selection) | last-epoch acc {result['last_acc']:.2f}", rank=rank)
+                                   "best_epoch": result["best_epoch"], "last_acc": result["last_acc"],
+                                   "history": result.get("history")})
+        print0(f"{tag} best-epoch acc {result['best_acc']:.2f} % (epoch {result['best_epoch']}, "
+               f"test-set selection) | last-epoch acc {result['last_acc']:.2f} %", rank=rank)
 
     summary, table = summarize(folds, cfg.finetune.head)
     print0(table, rank=rank)
@@ -213,11 +252,16 @@ def main(cfg: Config) -> dict:
            "settings": summary, "folds": {episode_name(*k): v for k, v in folds.items()},
            "table": table}
     if rank == 0:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / "fewshot_table.txt").write_text(table + "\n")
-        (Path(cfg.out_dir) / "fewshot_results.json").write_text(json.dumps(out, indent=2))
+        (out_dir / "fewshot_table.txt").write_text(table + "\n")
+        write_json(out_dir / "results.json", out)
+    tiny = "--preset tiny " if cfg.procedural else ""
+    finish("the table above", {"results": out_dir / "results.json",
+                               "table": out_dir / "fewshot_table.txt", "fold runs": out_dir},
+           [f"python partseg.py {tiny}--pretrained {cfg.finetune.pretrained}"]
+           if cfg.finetune.pretrained else [], rank=rank)
+    dist.cleanup()
     return out
 
 
 if __name__ == "__main__":
-    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))
+    cli.run(main, Config, PRESETS, doc=__doc__.split("\n\n")[0], resolve=resolve)

@@ -1,10 +1,10 @@
-"""Point-PQAE classification fine-tuning (§3): ScanObjectNN and ModelNet40, three protocols.
+"""Point-PQAE classification fine-tuning: ScanObjectNN and ModelNet40, three protocols.
 
     python finetune_cls.py --preset tiny                                     # built-in data, CPU
-    python finetune_cls.py --preset scan-hardest --ckpt runs/pretrain/ckpt-epoch-300
-    python finetune_cls.py --preset modelnet-1k --head linear --ckpt pqae-pretrain.safetensors
-    torchrun --nproc_per_node=4 finetune_cls.py --preset scan-objbg --ckpt ... --seed 3
-    python finetune_cls.py --preset modelnet-1k --eval-only --ckpt runs/finetune-cls/ckpt-best
+    python finetune_cls.py --preset scan-hardest --pretrained runs/pretrain/ckpt-epoch-300
+    python finetune_cls.py --preset modelnet-1k --head linear --pretrained pqae-pretrain.safetensors
+    torchrun --nproc_per_node=4 finetune_cls.py --preset scan-objbg --pretrained ... --seed 3
+    python finetune_cls.py --eval-ckpt runs/finetune-cls/ckpt-best            # evaluate a saved model
     python finetune_cls.py aggregate runs/*/results.json                     # mean +- std, max
 
 --head full|linear|mlp3 picks the protocol (§3.2); the learning rate defaults to the preset's
@@ -40,12 +40,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, data, dist, syncbn
 from pqae.classifier import PointClassifier
-from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
+from pqae.errors import BadInput, MissingFile, UserError
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
+                      write_json)
+from pqae.model import TINY_ENCODER
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.seeding import epoch_perm, shared_seed, step_seed
@@ -53,68 +57,89 @@ from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 @dataclass(frozen=True)
 class Config:
-    # data (§3.5, §7.2, §7.3)
+    # data
     data: Literal["scanobjectnn", "modelnet40", "procedural"] = "scanobjectnn"
     """scanobjectnn / modelnet40: the HDF5 from `python -m data_prep.scanobjectnn` /
     `python -m data_prep.modelnet40`; procedural: a built-in 5-class problem, no files."""
     data_path: str = "data/scanobjectnn_objbg.h5"
     """the .h5 file of the data set (one ScanObjectNN variant per file)."""
     num_classes: int = 15
+    """number of classes of the data set (size of the head's output)."""
     num_points: int = 2048
-    """points fed to the model (`npoints`)."""
+    """points per cloud fed to the model (the reference's `npoints`)."""
     augment: Literal["rotate", "scale_translate", "none"] = "rotate"
     """train augmentation: rotation about y (ScanObjectNN) or scale & translate (ModelNet)."""
     vote_augment: Literal["rotate", "scale_translate", "none"] = "none"
-    """transform of each vote (§3.7): none for OBJ_BG/OBJ_ONLY, rotate for PB_T50_RS,
+    """transform of each vote of the vote test: none for OBJ_BG/OBJ_ONLY, rotate for PB_T50_RS,
     scale_translate for ModelNet."""
     procedural_train: int = 200
+    """number of training shapes when data = procedural."""
     procedural_test: int = 45
-    """sizes of the procedural splits."""
+    """number of test shapes when data = procedural."""
     procedural_points: int = 1024
     """points per procedural cloud."""
-    # model (§3.1)
+    # model
     head: Literal["full", "linear", "mlp3"] = "full"
-    """protocol (§3.2): full trains everything; linear / mlp3 train only `cls`-named parameters
+    """protocol: full trains everything; linear / mlp3 train only `cls`-named parameters
     (head, class token, class pos) with the encoder left in train mode, as the reference."""
     dim: int = 384
+    """transformer width (channels per token)."""
     depth: int = 12
+    """number of transformer blocks of the encoder."""
     heads: int = 6
+    """attention heads per transformer block."""
     embed_hidden: int = 128
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
     num_group: int = 128
+    """patches per cloud (FPS centres)."""
     group_size: int = 32
+    """points per patch (kNN neighbours of its centre)."""
     drop_path_rate: float = 0.2
-    ckpt: str = ""
-    """training: a pretraining checkpoint (ours, or converted by data_prep.convert_checkpoint)
-    whose encoder is loaded strictly; empty: from scratch. With --eval-only: the FINE-TUNED
-    checkpoint to evaluate (our ckpt dir / .safetensors, or a reference fine-tuned .pth)."""
-    # optimisation (§3.4, §3.5)
+    """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
+    pretrained: str = ""
+    """pretraining checkpoint (ours, or one converted by data_prep.convert_checkpoint) whose
+    encoder is loaded strictly; its shape (dim, depth, heads, embed_hidden) comes from it.
+    Empty: train from scratch."""
+    # optimisation
     batch_size: int = 32
-    """GLOBAL batch, split evenly over the processes (drop_last, as the reference)."""
+    """GLOBAL batch in shapes, split evenly over the processes (drop_last, as the reference)."""
     lr: float | None = None
-    """base lr; None: the preset's value for --head (lr_full / lr_linear / lr_mlp3).
-    `cls`-named parameters use 10x it."""
+    """base learning rate of AdamW; None: the preset's value for --head (lr_full / lr_linear /
+    lr_mlp3). `cls`-named parameters use 10x it."""
     lr_full: float = 2e-5
+    """base learning rate of AdamW when lr is None and head = full."""
     lr_linear: float = 1e-4
+    """base learning rate of AdamW when lr is None and head = linear."""
     lr_mlp3: float = 1e-4
+    """base learning rate of AdamW when lr is None and head = mlp3."""
     weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, 1-D parameters and tokens, except `cls`-named
+    parameters, which are all decayed)."""
     epochs: int = 300
-    """cosine length; the loop runs epochs 0..epochs inclusive (301), as the reference."""
+    """cosine length in epochs; the loop runs epochs 0..epochs inclusive (301), as the reference."""
     warmup_epochs: int = 10
+    """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
     grad_clip: float = 10.0
-    """global L2 norm clip before every step."""
+    """maximum global L2 norm of the gradients, clipped before every optimizer step."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
-    # evaluation (§3.7)
-    eval_only: bool = False
-    """evaluate --ckpt (a fine-tuned checkpoint) on the test set and exit."""
+    """seed of every random draw (model init, data order, point sampling, augmentation)."""
+    # evaluation
+    eval_ckpt: str = ""
+    """skip training: evaluate this fine-tuned checkpoint (our ckpt dir / .safetensors, or a
+    reference fine-tuned .pth) on the test set, plain and with votes, into
+    out_dir/eval-NAME.json. The model's fields come from the checkpoint."""
     eval_batch_size: int = 32
-    """test batch per process (BatchNorm is in eval mode: results do not depend on it)."""
+    """test batch in shapes per process (BatchNorm is in eval mode: results do not depend on it)."""
     votes: int = 10
-    """votes of the vote test after training (0: skip it)."""
+    """votes of the vote test after training, each a random point subset plus vote_augment;
+    their logits are averaged (0: skip it)."""
     vote_seed: int = 0
+    """seed of the vote test's draws (point subsets and vote transforms)."""
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     amp: bool = False
     """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
     compile: bool = False
@@ -124,8 +149,8 @@ class Config:
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
     fast_point_all: bool = False
-    """when the train-time FPS of §3.6 takes every point (point_all == the cloud's points ==
-    num_points: ScanObjectNN, ModelNet 8k), compute its picks directly (exact as a set,
+    """when the train-time FPS to point_all points takes every point (point_all == the cloud's
+    points == num_points: ScanObjectNN, ModelNet 8k), compute its picks directly (exact as a set,
     `data.full_fps_indices`) instead of in N sequential FPS steps. Each cloud still gets the
     reference's points in a uniformly random order; what changes is which FPS rank the
     batch-shared subset makes the first point (the grouping's start) of every cloud: index
@@ -144,9 +169,14 @@ class Config:
     BatchNorm."""
     # output
     out_dir: str = "runs/finetune-cls"
+    """directory of the run's config.json, checkpoints, TensorBoard logs and results.json."""
     resume: bool = False
     """continue from out_dir/ckpt-last (same lr, data order, random draws and best so far)."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
     log_every: int = 20
+    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
 
 
 _SCAN = Config()
@@ -162,11 +192,26 @@ PRESETS = {
     "modelnet-8k": dataclasses.replace(_MODELNET, num_points=8192, num_group=512,
                                        lr_linear=5e-5, lr_mlp3=5e-5),
     "tiny": dataclasses.replace(
-        _SCAN, data="procedural", num_classes=5, num_points=256, dim=48, depth=2, heads=2,
-        embed_hidden=16, num_group=16, group_size=16, drop_path_rate=0.1, batch_size=16,
+        _SCAN, data="procedural", num_classes=5, num_points=256, **TINY_ENCODER,
+        num_group=16, group_size=16, drop_path_rate=0.1, batch_size=16,
         lr_full=1e-3, lr_linear=3e-3, lr_mlp3=3e-3, epochs=6, warmup_epochs=0, log_every=5,
         out_dir="runs/finetune-cls-tiny"),
 }
+
+
+MODEL_FIELDS = ("num_classes", "head", "num_group", "group_size") + ckpt.ENCODER_FIELDS
+"""The fields that build the classifier: an evaluated checkpoint brings its own."""
+RUN_FIELDS = ("data", "data_path", "num_points", "procedural_train", "procedural_test",
+              "procedural_points", "vote_augment", "seed", "out_dir")
+"""What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
+
+
+def resolve(cfg: Config, explicit: set[str], prefix: str = "", run: bool = True) -> Config:
+    """The model of --eval-ckpt (and its data and run when `run`), the encoder shape of
+    --pretrained, and --data-path only with a data kind that reads it (`cli.from_checkpoints`).
+    `prefix`: fewshot.py's `finetune.`."""
+    return cli.from_checkpoints(cfg, explicit, MODEL_FIELDS, RUN_FIELDS if run else (),
+                                "procedural", prefix)
 
 
 def base_lr(cfg: Config) -> float:
@@ -194,12 +239,16 @@ def build_model(cfg: Config) -> PointClassifier:
 
 def load_finetuned(model: PointClassifier, path: str) -> None:
     """Strict load of a fine-tuned classifier: ours, or a reference .pth converted on the fly."""
+    if not Path(path).exists():
+        raise MissingFile(f"--eval-ckpt {path}: no such checkpoint (a run writes ckpt-best and "
+                          f"ckpt-last into its --out-dir)")
     if path.endswith(".pth"):
         from data_prep.convert_checkpoint import convert_any, read_reference
         state, _, _ = convert_any(read_reference(path), layout="finetune-cls")
     else:
         state = ckpt.load_weights(path)
-    ckpt.load_strict(model, state, source=path)
+    ckpt.load_strict(model, state, source=path,
+                     hint="the model's fields differ from the checkpoint's; leave them out")
 
 
 class TestSet:
@@ -265,13 +314,13 @@ def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, 
 
 def build_training(cfg: Config, env: dist.Dist):
     """(model, the module to call for training (DDP wrapper or the model), optimizer), with the
-    pretrained encoder of cfg.ckpt loaded when given."""
+    pretrained encoder of cfg.pretrained loaded when given."""
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     model = build_model(cfg).to(env.device)
     model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
-    if cfg.ckpt:
-        dropped = model.load_pretrained(cfg.ckpt)
-        print0(f"loaded the encoder of {cfg.ckpt}; dropped {len(dropped)} pretraining-only keys: "
+    if cfg.pretrained:
+        dropped = model.load_pretrained(cfg.pretrained)
+        print0(f"loaded the encoder of {cfg.pretrained}; dropped {len(dropped)} pretraining-only keys: "
                f"{dropped}", rank=env.rank)
     if env.enabled and cfg.sync_bn:
         model = syncbn.convert(model)
@@ -365,7 +414,10 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
     return train_step
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, summary: bool = True) -> dict:
+    """Train (or, with eval_ckpt, evaluate) one classifier. `summary`: end with what the run
+    made and the next command (fewshot.py's folds, which it deletes, leave that out)."""
+    cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
@@ -374,29 +426,31 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
     print0(header, rank=rank)
+    if not (cfg.eval_ckpt or cfg.benchmark_steps):  # before anything is read or written
+        ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)
+        dist.barrier()
 
     test_points, test_labels = load_split(cfg, "test")
     if cfg.num_points > test_points.shape[1]:
         raise ValueError(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
     test = TestSet(cfg, test_points, test_labels, rank, world, device)
 
-    if cfg.eval_only:
-        if not cfg.ckpt:
-            raise ValueError("--eval-only needs --ckpt (a fine-tuned checkpoint)")
+    if cfg.eval_ckpt:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(device)
         model.check_inputs = device.type == "cpu"  # the data were checked for NaN when loaded
-        load_finetuned(model, cfg.ckpt)
+        load_finetuned(model, cfg.eval_ckpt)
         acc, n = evaluate(model, test, cfg)
         vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None
-        print0(f"eval {cfg.ckpt} | test acc {acc:.2f} | vote@{cfg.votes} "
-               f"{'-' if vote_acc is None else f'{vote_acc:.2f}'} (seed {cfg.vote_seed}) | "
-               f"{n} samples", rank=rank)
-        result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "mode": "eval-only",
-                  "acc": acc, "vote_acc": vote_acc, "test_samples": n}
+        result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "mode": "eval",
+                  "checkpoint": cfg.eval_ckpt, "acc": acc, "vote_acc": vote_acc,
+                  "test_samples": n}
+        path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"
         if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+            write_json(path, result)
+        finish(f"{cfg.eval_ckpt}: test acc {acc:.2f} % | vote@{cfg.votes} "
+               f"{'-' if vote_acc is None else f'{vote_acc:.2f} %'} (seed {cfg.vote_seed}) | "
+               f"{n} samples", {"results": path}, [], rank=rank)
         dist.cleanup()
         return {**result, "model": model}
 
@@ -425,7 +479,8 @@ def main(cfg: Config) -> dict:
     if cfg.resume:
         last = ckpt.find_checkpoint(out_dir / "ckpt-last")
         if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
+                              f"without --resume")
         ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
         state = ckpt.load_resume(last)
         optimizer.load_state_dict(state["optimizer"])
@@ -512,28 +567,54 @@ def main(cfg: Config) -> dict:
               "best_acc": best["acc"] if accs else None, "best_epoch": best["epoch"] if accs else None,
               "best_acc_note": "epoch selected on the TEST set (the reference's reported number)",
               "vote_acc": vote_acc, "vote_seed": cfg.vote_seed, "votes": cfg.votes}
-    if accs:
-        print0(f"done | last-epoch acc {result['last_acc']:.2f} | best-epoch acc "
-               f"{result['best_acc']:.2f} (epoch {result['best_epoch']}, test-set selection) | "
-               f"vote@{cfg.votes} {'-' if vote_acc is None else f'{vote_acc:.2f}'} "
-               f"(seed {cfg.vote_seed})", rank=rank)
     if rank == 0:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+        write_json(out_dir / "results.json", result)
     if writer is not None:
         writer.close()
+    if accs:
+        scores = (f"last-epoch acc {result['last_acc']:.2f} % | best-epoch acc "
+                  f"{result['best_acc']:.2f} % (epoch {result['best_epoch']}, test-set selection) | "
+                  f"vote@{cfg.votes} {'-' if vote_acc is None else f'{vote_acc:.2f} %'} "
+                  f"(seed {cfg.vote_seed})")
+    else:
+        scores = f"no evaluation (stopped at step {step}, before epoch 1 ended)"
+    if summary:
+        tiny = "--preset tiny " if cfg.data == "procedural" else ""
+        best_ckpt = out_dir / "ckpt-best" if accs else out_dir / "ckpt-last"
+        finish(scores, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
+                        "results": out_dir / "results.json",
+                        "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+               [f"python finetune_cls.py --eval-ckpt {best_ckpt}"]
+               + ([f"python fewshot.py {tiny}--pretrained {cfg.pretrained}"] if cfg.pretrained
+                  else []), rank=rank)
     dist.cleanup()
     return {**result, "step": step, "out_dir": str(out_dir), "model": model}
 
 
-def aggregate(paths: list[str]) -> dict:
+@dataclass(frozen=True)
+class Aggregate:
+    """finetune_cls.py aggregate: mean +- sample std and max over seeds of last_acc, best_acc
+    and vote_acc (in %) of many runs, grouped by (data_path, head). The max over seeds is the
+    reference's "best of N seeds", printed and labelled as such."""
+    results: tyro.conf.Positional[tuple[str, ...]]
+    """the results.json files of finished runs, e.g. runs/scan-hardest-seed*/results.json."""
+
+
+def aggregate(paths: list[str] | tuple[str, ...]) -> dict:
     """Mean +- std (sample std) and max of last_acc, best_acc and vote_acc over many runs'
     results.json, grouped by (data_path, head). "max" over seeds is the reference's "best of
-    N seeds" (§9.1 item 16): it is printed, and labelled, as such."""
+    N seeds": it is printed, and labelled, as such."""
     groups: dict[tuple, list[dict]] = {}
+    if not paths:
+        raise BadInput("aggregate needs results.json files, e.g. runs/*/results.json")
     for p in paths:
+        if not Path(p).is_file():
+            raise MissingFile(f"{p}: no such file (a finished run writes results.json into its "
+                              f"--out-dir)")
         r = json.loads(Path(p).read_text())
         if "best_acc" not in r:
-            raise ValueError(f"{p}: not a training results.json (no 'best_acc')")
+            raise BadInput(f"{p}: not the results.json of a finetune_cls.py training run (no "
+                           f"'best_acc')")
         groups.setdefault((r["config"]["data_path"], r["head"]), []).append(r)
     out = {}
     for (data_path, head), runs in sorted(groups.items()):
@@ -553,8 +634,15 @@ def aggregate(paths: list[str]) -> dict:
     return out
 
 
+HELP = (__doc__.split("\n\n")[0] + "\n\nfinetune_cls.py aggregate RESULTS.json ...: mean +- std and"
+        " max over seeds of finished runs (see `finetune_cls.py aggregate --help`)")
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["aggregate"]:
-        aggregate(sys.argv[2:])
+        try:
+            aggregate(tyro.cli(Aggregate, args=sys.argv[2:], prog="finetune_cls.py aggregate").results)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     else:
-        main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))
+        cli.run(main, Config, PRESETS, doc=HELP, resolve=resolve)

@@ -1,10 +1,10 @@
-"""Part segmentation on ShapeNetPart (§5): a pretrained encoder + per-point head.
+"""Part segmentation on ShapeNetPart: a pretrained encoder + per-point head.
 
     python -m data_prep.shapenetpart --root data/shapenetcore_partanno_segmentation_benchmark_v0_normal \
         --out data/shapenetpart.h5                                        # once
     python partseg.py --pretrained runs/pretrain/ckpt-epoch-300           # reference, one GPU
     torchrun --nproc_per_node=4 partseg.py --pretrained runs/pretrain/ckpt-epoch-300
-    python partseg.py --test-checkpoint runs/partseg/ckpt-best-on-test    # evaluate only
+    python partseg.py --eval-ckpt runs/partseg/ckpt-best-on-test          # evaluate only
     python partseg.py --preset tiny                                       # built-in shapes, CPU
 
 Both splits are held whole on the device (points concatenated, with offsets) and each step
@@ -32,10 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist, syncbn
 from pqae import shapenetpart as spart
-from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
+                      write_json)
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
-from pqae.segmentation import PointSegmenter, load_pretrained
+from pqae.errors import MissingFile
+from pqae.model import TINY_ENCODER
+from pqae.segmentation import PointSegmenter, feature_blocks_for, load_pretrained
 
 
 @dataclass(frozen=True)
@@ -51,44 +54,64 @@ class Config:
     train_split: Literal["train", "test"] = "train"
     """train = the reference's trainval. (test only for smoke runs on slices without train.)"""
     num_points: int = 2048
-    """points per shape, drawn with replacement for training and evaluation (§5.2)."""
-    # model (§5.3); the defaults are the reference's
+    """points per shape, drawn with replacement for training and evaluation."""
+    # model; the defaults are the reference's
     pretrained: str = ""
     """pretraining checkpoint (directory or .safetensors) whose encoder is loaded strictly;
     empty: train from scratch."""
     dim: int = 384
+    """transformer width (channels per token)."""
     depth: int = 12
+    """number of transformer blocks of the encoder."""
     heads: int = 6
+    """attention heads per transformer block."""
     drop_path_rate: float = 0.1
+    """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
     num_group: int = 128
+    """patches per shape (FPS centres)."""
     group_size: int = 32
+    """points per patch (kNN neighbours of its centre)."""
     embed_hidden: int = 128
-    feature_blocks: tuple[int, ...] = (4, 8, 12)
-    """1-based encoder blocks whose (normed) outputs form the per-center feature."""
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
+    feature_blocks: tuple[int, ...] = ()
+    """1-based encoder blocks whose (normed) outputs form the per-center feature; empty: the
+    last block of each third of the encoder ((4, 8, 12) at depth 12, as the reference)."""
     fp_dims: tuple[int, ...] = (1536, 1024)
+    """output channels of the feature propagation's 1x1 conv layers, one entry per layer."""
     head_dims: tuple[int, int] = (512, 256)
-    # optimisation (§5.4)
+    """channels of the per-point head's two hidden 1x1 conv layers."""
+    # optimisation
     batch_size: int = 16
-    """GLOBAL batch, split evenly over the processes (drop_last, as the reference)."""
+    """GLOBAL batch in shapes, split evenly over the processes (drop_last, as the reference)."""
     eval_batch_size: int = 32
-    """GLOBAL evaluation batch (does not change results: the model is in eval mode)."""
+    """GLOBAL evaluation batch in shapes (does not change results: the model is in eval mode)."""
     lr: float = 2e-4
+    """base learning rate of AdamW (at 1e-4 or 5e-5 the head's conv layers use 10x it, as the
+    reference)."""
     weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, 1-D parameters and tokens outside the 10x
+    group)."""
     epochs: int = 300
-    """the loop runs exactly this many epochs (0..epochs-1), unlike pretraining (§9.1.11)."""
+    """cosine length in epochs; the loop runs exactly this many epochs (0..epochs-1), unlike
+    pretraining."""
     warmup_epochs: int = 10
+    """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
     grad_clip: float = 10.0
+    """maximum global L2 norm of the gradients (clipped before the step; see --double-step)."""
     double_step: bool = True
     """the reference (from Point-MAE) steps AdamW with the unclipped gradients, clips, and steps
-    again: two updates per batch (§5.4, §9.1.15). False: clip, then one step."""
+    again: two updates per batch. False: clip, then one step."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
-    test_checkpoint: str = ""
-    """skip training: load this fine-tuned checkpoint strictly and evaluate it once on the test
-    split (the reference's --test), with the test points drawn as in epoch 0's evaluation."""
+    eval_ckpt: str = ""
+    """skip training: evaluate this fine-tuned checkpoint once on the test split (the
+    reference's --test), with the test points drawn as in epoch 0's evaluation, into
+    out_dir/eval-NAME.json. The model's fields come from the checkpoint."""
     seed: int = 0
+    """seed of every random draw (model init, data order, point sampling, augmentation)."""
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     amp: bool = False
     """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
     compile: bool = False
@@ -103,16 +126,21 @@ class Config:
     BatchNorm."""
     # output
     out_dir: str = "runs/partseg"
+    """directory of the run's config.json, checkpoints and TensorBoard logs."""
     resume: bool = False
     """continue from out_dir/ckpt-last (same lr, data order and random draws)."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
     log_every: int = 50
+    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
 
 
 PRESETS = {
     "reference": Config(),
     "tiny": Config(
-        data="synthetic", num_points=512, dim=48, depth=3, heads=2, num_group=32, group_size=16, embed_hidden=16,
-        feature_blocks=(1, 2, 3), fp_dims=(64, 32), head_dims=(32, 16), batch_size=4,
+        data="synthetic", num_points=512, **TINY_ENCODER, num_group=32, group_size=16,
+        fp_dims=(64, 32), head_dims=(32, 16), batch_size=4,
         eval_batch_size=8, lr=1e-3, epochs=3, warmup_epochs=0, log_every=1,
         out_dir="runs/partseg-tiny"),
 }
@@ -120,12 +148,28 @@ PRESETS = {
 # The lrs at which the reference builds its extra 10x group (§5.4).
 TEN_X_LRS = (1e-4, 5e-5)
 
+MODEL_FIELDS = ckpt.ENCODER_FIELDS + ("num_group", "group_size", "feature_blocks", "fp_dims",
+                                      "head_dims")
+"""The fields that build the segmenter: an evaluated checkpoint brings its own."""
+RUN_FIELDS = ("data", "data_path", "synthetic_shapes", "num_points", "seed", "out_dir")
+"""What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
+METRICS = ("acc", "class_miou", "instance_miou")
+"""The scores of an evaluation, reported in % (point accuracy, class mIoU, instance mIoU)."""
+
+
+def resolve(cfg: Config, explicit: set[str], run: bool = True) -> Config:
+    """The model of --eval-ckpt (and its data and run when `run`), the encoder shape of --pretrained, and --data-path only with
+    --data shapenetpart (`cli.from_checkpoints`)."""
+    return cli.from_checkpoints(cfg, explicit, MODEL_FIELDS, RUN_FIELDS if run else (),
+                                "synthetic")
+
 
 def build_model(cfg: Config) -> PointSegmenter:
     return PointSegmenter(spart.NUM_CLASSES, len(spart.CATEGORIES), dim=cfg.dim, depth=cfg.depth,
                           heads=cfg.heads, drop_path_rate=cfg.drop_path_rate,
                           num_group=cfg.num_group, group_size=cfg.group_size,
-                          embed_hidden=cfg.embed_hidden, feature_blocks=cfg.feature_blocks,
+                          embed_hidden=cfg.embed_hidden,
+                          feature_blocks=cfg.feature_blocks or feature_blocks_for(cfg.depth),
                           fp_dims=cfg.fp_dims, head_dims=cfg.head_dims, init="default")
 
 
@@ -217,7 +261,13 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: spart.Par
     return train_step
 
 
+def scores(result: dict) -> dict:
+    """The evaluation's scores in %."""
+    return {k: 100.0 * result[k] for k in METRICS}
+
+
 def main(cfg: Config) -> dict:
+    cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
@@ -228,6 +278,9 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
     print0(header, rank=rank)
+    if not cfg.eval_ckpt:  # before anything is read or written
+        ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)
+        dist.barrier()
 
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     if cfg.data == "synthetic":
@@ -248,13 +301,18 @@ def main(cfg: Config) -> dict:
            f"{cfg.batch_size} ({local_bs} per process)", rank=rank)
 
     model = build_model(cfg).to(device)
-    if cfg.test_checkpoint:  # one evaluation of a fine-tuned model, no training
-        ckpt.load_strict(model, ckpt.load_weights(cfg.test_checkpoint), source=cfg.test_checkpoint)
-        result = evaluate(model, test, cfg, 0, rank, world)
-        metrics = {k: result[k] for k in ("acc", "class_miou", "instance_miou")}
-        print0(f"test of {cfg.test_checkpoint} | acc {metrics['acc']:.4f} | class mIoU "
-               f"{metrics['class_miou']:.4f} | instance mIoU {metrics['instance_miou']:.4f}",
-               rank=rank)
+    if cfg.eval_ckpt:  # one evaluation of a fine-tuned model, no training
+        if not Path(cfg.eval_ckpt).exists():
+            raise MissingFile(f"--eval-ckpt {cfg.eval_ckpt}: no such checkpoint (a run writes "
+                              f"ckpt-best-on-test and ckpt-last into its --out-dir)")
+        ckpt.load_strict(model, ckpt.load_weights(cfg.eval_ckpt), source=cfg.eval_ckpt,
+                         hint="the model's fields differ from the checkpoint's; leave them out")
+        metrics = scores(evaluate(model, test, cfg, 0, rank, world))
+        path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"
+        if rank == 0:
+            write_json(path, {"config": dataclasses.asdict(cfg), "mode": "eval",
+                              "checkpoint": cfg.eval_ckpt, "test": metrics})
+        finish(f"{cfg.eval_ckpt}: " + format_scores(metrics), {"results": path}, [], rank=rank)
         dist.cleanup()
         return {"test": metrics, "model": model}
     if cfg.pretrained:
@@ -274,7 +332,8 @@ def main(cfg: Config) -> dict:
     if cfg.resume:
         last = ckpt.find_checkpoint(out_dir / "ckpt-last")
         if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
+                              f"without --resume")
         ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
         state = ckpt.load_resume(last)
         optimizer.load_state_dict(state["optimizer"])
@@ -317,12 +376,12 @@ def main(cfg: Config) -> dict:
             # stop decision.
             sums = dist.all_reduce_sum(sums)
             loss_avg = (sums[0] / (timer.steps * world)).item()
-            acc = (sums[1] / sums[2]).item()
+            acc = 100 * (sums[1] / sums[2]).item()  # %
             ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
-            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f}"
-                   f" | train acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | ETA "
+            print0(f"epoch {epoch}/{cfg.epochs - 1} | step {step}/{total_steps} | loss "
+                   f"{loss_avg:.4f} | train acc {acc:.2f} % | lr {lr:.3g} | {ms:.0f} ms/step | ETA "
                    f"{format_eta(eta)}", rank=rank)
             log_scalars(writer, step, {"train/loss": loss_avg, "train/acc": acc, "train/lr": lr,
                                        "perf/ms_per_step": ms})
@@ -330,21 +389,17 @@ def main(cfg: Config) -> dict:
             timer.reset()
         if epoch_end:
             dist.broadcast_buffers(model)
-            result = evaluate(model, test, cfg, epoch, rank, world)
-            last_metrics = {k: result[k] for k in ("acc", "class_miou", "instance_miou")}
-            last_metrics["epoch"] = epoch
+            result = scores(evaluate(model, test, cfg, epoch, rank, world))  # in %
+            last_metrics = {"epoch": epoch, **result}
             history.append(last_metrics)
             improved = result["instance_miou"] >= best.get("instance_miou", -1.0)
-            for k in ("acc", "class_miou", "instance_miou"):  # each best tracked separately
+            for k in METRICS:  # each best tracked separately
                 if result[k] >= best.get(k, -1.0):
                     best[k], best[f"{k}_epoch"] = result[k], epoch
-            print0(f"epoch {epoch} test | acc {result['acc']:.4f} | class mIoU "
-                   f"{result['class_miou']:.4f} | instance mIoU {result['instance_miou']:.4f} | "
-                   f"best on test: instance mIoU {best['instance_miou']:.4f} (epoch "
-                   f"{best['instance_miou_epoch']}), class mIoU {best['class_miou']:.4f}",
-                   rank=rank)
-            log_scalars(writer, step, {f"test/{k}": result[k]
-                                       for k in ("acc", "class_miou", "instance_miou")})
+            print0(f"epoch {epoch} test | {format_scores(result)} | best on test: instance mIoU "
+                   f"{best['instance_miou']:.2f} % (epoch {best['instance_miou_epoch']}), class "
+                   f"mIoU {best['class_miou']:.2f} %", rank=rank)
+            log_scalars(writer, step, {f"test/{k}": result[k] for k in METRICS})
             if improved:  # as the reference's best_model.pth: instance mIoU >= best
                 save("ckpt-best-on-test", epoch, last_metrics, resumable=False)
         if epoch_end or step == total_steps:
@@ -354,19 +409,38 @@ def main(cfg: Config) -> dict:
             perm = epoch_perm(cfg.seed, epoch, len(train), device)
             timer.reset()  # the next progress line times training steps, not the evaluation
 
-    if history:
-        print0(f"last epoch {history[-1]['epoch']}: instance mIoU "
-               f"{history[-1]['instance_miou']:.4f}, class mIoU {history[-1]['class_miou']:.4f}, "
-               f"acc {history[-1]['acc']:.4f} | best epoch (selected on the TEST set): instance "
-               f"mIoU {best['instance_miou']:.4f} (epoch {best['instance_miou_epoch']}), class "
-               f"mIoU {best['class_miou']:.4f} (epoch {best['class_miou_epoch']})", rank=rank)
+    last = history[-1] if history else {}
+    result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,
+              "history": history, "last": last, "best_on_test": best,
+              "best_note": "each best is selected on the TEST set (the reference's reported "
+                           "numbers); scores in %"}
+    if rank == 0:
+        write_json(out_dir / "results.json", result)
     if writer is not None:
         writer.close()
+    if history:
+        summary = (f"last epoch {last['epoch']}: {format_scores(last)} | best epoch (selected on "
+                   f"the TEST set): instance mIoU {best['instance_miou']:.2f} % (epoch "
+                   f"{best['instance_miou_epoch']}), class mIoU {best['class_miou']:.2f} % (epoch "
+                   f"{best['class_miou_epoch']})")
+    else:
+        summary = f"no evaluation (stopped at step {step}, before the first epoch ended)"
+    tiny = "--preset tiny " if cfg.data == "synthetic" else ""
+    best_ckpt = out_dir / ("ckpt-best-on-test" if history else "ckpt-last")
+    finish(summary, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
+                     "results": out_dir / "results.json",
+                     "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+           [f"python partseg.py {tiny}--eval-ckpt {best_ckpt}"]
+           + ([f"python semseg.py {tiny}--pretrained {cfg.pretrained}"] if cfg.pretrained else []),
+           rank=rank)
     dist.cleanup()
-    return {"step": step, "history": history, "last": history[-1] if history else {},
-            "best_on_test": best, "out_dir": str(out_dir), "model": model,
-            "optimizer": optimizer}
+    return {**result, "out_dir": str(out_dir), "model": model, "optimizer": optimizer}
+
+
+def format_scores(m: dict) -> str:
+    return (f"acc {m['acc']:.2f} % | class mIoU {m['class_miou']:.2f} % | instance mIoU "
+            f"{m['instance_miou']:.2f} %")
 
 
 if __name__ == "__main__":
-    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))
+    cli.run(main, Config, PRESETS, doc=__doc__.split("\n\n")[0], resolve=resolve)

@@ -1,4 +1,4 @@
-"""Point-PQAE pretraining: cross reconstruction between two decoupled views (§2).
+"""Point-PQAE pretraining: cross reconstruction between two decoupled views of every cloud.
 
     python pretrain.py --preset tiny                       # built-in data, ~1 min on a CPU
     python pretrain.py --data-path data/shapenet55.h5      # the reference recipe, one GPU
@@ -27,8 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, data, dist, syncbn
-from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
-from pqae.model import PointPQAE
+from pqae.errors import BadInput, MissingFile
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
+                      write_json)
+from pqae.model import TINY_ENCODER, PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.seeding import epoch_perm, shared_seed, step_seed
@@ -40,8 +42,10 @@ class Config:
     data: Literal["shapenet55", "airplanes", "procedural"] = "shapenet55"
     """shapenet55: the HDF5 from `python -m data_prep.shapenet55`; airplanes: the ModelNet40
     airplane slice (.npz) shipped for tests; procedural: built-in generated shapes, no files."""
-    data_path: str = "data/shapenet55.h5"
-    """the .h5 (shapenet55) or .npz (airplanes) file; unused for procedural."""
+    data_path: str = ""
+    """the .h5 (shapenet55) or .npz (airplanes) file; empty: data/shapenet55.h5 or
+    data/airplanes_2048.npz. Given without --data, the kind follows from the suffix (.h5:
+    shapenet55, .npz: airplanes); with --data procedural it is an error."""
     split: Literal["all", "train", "test"] = "all"
     """all = test + train, as the reference (its --whole flag defaults to on)."""
     num_points: int = 1024
@@ -50,31 +54,45 @@ class Config:
     """number of generated shapes when data = procedural."""
     procedural_points: int = 2048
     """points per generated shape (ShapeNet-55 clouds have 8192: use that to benchmark)."""
-    # model (§1, §2); the defaults are the reference's
+    # model; the defaults are the reference's
     dim: int = 384
+    """transformer width (channels per token), encoder and decoder."""
     depth: int = 12
+    """number of transformer blocks of the encoder."""
     heads: int = 6
+    """attention heads per transformer block."""
     decoder_depth: int = 4
+    """number of transformer blocks of the decoder."""
     num_group: int = 64
+    """patches per view (FPS centres)."""
     group_size: int = 32
+    """points per patch (kNN neighbours of its centre)."""
     drop_path_rate: float = 0.1
+    """stochastic depth rate of the last block, increasing linearly from 0 at the first block
+    (encoder and decoder each)."""
     min_crop_rate: float = 0.6
-    """crop ratio per view and batch is U[min_crop_rate, 1)."""
+    """crop ratio (fraction of the cloud's points a view keeps), drawn per view and batch from
+    U[min_crop_rate, 1); 1: no crop."""
     embed_hidden: int = 128
     """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
-    # optimisation (§2.9 - §2.11)
+    # optimisation
     batch_size: int = 128
-    """GLOBAL batch, split evenly over the processes."""
+    """GLOBAL batch in shapes, split evenly over the processes."""
     lr: float = 5e-4
+    """base learning rate of AdamW (peak of the per-epoch cosine schedule, after warm-up)."""
     weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, 1-D parameters and tokens)."""
     epochs: int = 300
-    """cosine length; the loop runs epochs 0..epochs inclusive (301), as the reference."""
+    """cosine length in epochs; the loop runs epochs 0..epochs inclusive (301), as the reference."""
     warmup_epochs: int = 10
+    """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
+    """seed of every random draw (model init, data order, views, augmentation)."""
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     amp: bool = False
     """bf16 autocast. Deviation when on: the reference trains in float32."""
     compile: bool = False
@@ -96,32 +114,57 @@ class Config:
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
     # output
     out_dir: str = "runs/pretrain"
+    """directory of the run's config.json, checkpoints and TensorBoard logs."""
     resume: bool = False
     """continue from out_dir/ckpt-last (same lr, data order and random draws)."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
     save_every: int = 0
     """also write ckpt-last every this many steps (0: at the end of each epoch only)."""
     keep_every: int = 25
+    """epoch interval (in epochs) of the kept ckpt-epoch-E checkpoints; see --keep-from."""
     keep_from: int = 250
     """also keep ckpt-epoch-E when E % keep_every == 0 and E >= keep_from (250, 275, 300)."""
     log_every: int = 50
+    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
     vis_every: int = 2000
-    """TensorBoard point clouds (a view, its target patches, its cross reconstruction)."""
+    """log TensorBoard point clouds (a view, its target patches, its cross reconstruction) every
+    this many optimizer steps (0: never)."""
 
 
 PRESETS = {
     "reference": Config(),
     "tiny": Config(
-        data="procedural", num_points=512, dim=192, depth=4, heads=3, decoder_depth=1,
-        num_group=32, group_size=16, embed_hidden=32, batch_size=32, lr=1e-3, epochs=3,
-        warmup_epochs=0, log_every=8, vis_every=64, out_dir="runs/pretrain-tiny"),
+        data="procedural", num_points=512, **TINY_ENCODER, decoder_depth=1, num_group=32,
+        group_size=16, batch_size=32, lr=1e-3, epochs=3, warmup_epochs=0, log_every=8,
+        vis_every=64, out_dir="runs/pretrain-tiny"),
 }
+
+DATA_PATHS = {"shapenet55": "data/shapenet55.h5", "airplanes": "data/airplanes_2048.npz"}
+"""The file each --data kind reads when --data-path is not given."""
+
+
+def resolve(cfg: Config, explicit: set[str]) -> Config:
+    """Command-line rules that need to know which flags were typed: --data-path alone picks
+    the data kind from its suffix; --data-path with --data procedural is an error."""
+    if "data_path" in explicit and cfg.data_path:
+        suffix = Path(cfg.data_path).suffix
+        kind = {".h5": "shapenet55", ".hdf5": "shapenet55", ".npz": "airplanes"}.get(suffix)
+        if "data" not in explicit and kind is not None:
+            cfg = dataclasses.replace(cfg, data=kind)
+        elif cfg.data == "procedural":
+            raise BadInput(f"--data-path {cfg.data_path} is not read with --data procedural (the "
+                           f"built-in shapes); give --data shapenet55 (.h5) or airplanes (.npz)")
+    return cfg
 
 
 def load_clouds(cfg: Config) -> torch.Tensor:
+    path = cfg.data_path or DATA_PATHS.get(cfg.data, "")
     if cfg.data == "shapenet55":
-        return data.load_shapenet55(cfg.data_path, cfg.split)
+        return data.load_shapenet55(path, cfg.split)
     if cfg.data == "airplanes":
-        return data.load_airplanes(cfg.data_path, cfg.split)
+        return data.load_airplanes(path, cfg.split)
     return data.procedural_shapes(cfg.procedural_shapes, cfg.procedural_points, seed=cfg.seed)
 
 
@@ -186,6 +229,9 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
     print0(header, rank=rank)
+    if not cfg.benchmark_steps:  # before anything is read or written
+        ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)
+        dist.barrier()
 
     clouds = load_clouds(cfg).to(device)  # (S, N, 3), resident on the device
     if cfg.num_points > clouds.shape[1]:
@@ -206,15 +252,17 @@ def main(cfg: Config) -> dict:
     model, train_model, optimizer = build_training(cfg, env)
     print0(f"PointPQAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters",
            rank=rank)
-    step, metrics = 0, {}
+    step, metrics, history = 0, {}, []
     if cfg.resume:
         last = ckpt.find_checkpoint(out_dir / "ckpt-last")
         if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
+                              f"without --resume")
         ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
         state = ckpt.load_resume(last)
         optimizer.load_state_dict(state["optimizer"])
         step, metrics = state["step"], ckpt.load_meta(last).get("metrics", {})
+        history = state.get("history", [])
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
                    if k in {f.name for f in dataclasses.fields(cfg)} and v != getattr(cfg, k)}
         print0(f"resumed from {last} at step {step}"
@@ -233,13 +281,13 @@ def main(cfg: Config) -> dict:
         meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
                 "metrics": metrics, "header": header}
         resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                  "config": dataclasses.asdict(cfg)}
+                  "config": dataclasses.asdict(cfg), "history": history}
         ckpt.save_checkpoint(out_dir / "ckpt-last", model, meta, resume)
         epoch_done = step % steps_per_epoch == 0
         if epoch_done and epoch % cfg.keep_every == 0 and epoch >= cfg.keep_from:
             ckpt.save_checkpoint(out_dir / f"ckpt-epoch-{epoch}", model, meta)
 
-    timer, history = Timer(device), []
+    timer = Timer(device)
     loss_sum = torch.zeros(3, device=device)  # total, view 1, view 2 since the last log line
     t_start, start_step = time.perf_counter(), step
     epoch = step // steps_per_epoch
@@ -263,8 +311,8 @@ def main(cfg: Config) -> dict:
             ckpt.stop_if_diverged(losses, step, epoch, out_dir)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
-            history.append({"step": step, "epoch": epoch, "loss": losses[0]})
             metrics = {"loss": losses[0], "loss_view1": losses[1], "loss_view2": losses[2]}
+            history.append({"step": step, "epoch": epoch, **metrics})
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {losses[0]:.4f}"
                    f" (view1 {losses[1]:.4f} view2 {losses[2]:.4f}) | lr {lr:.3g} | "
                    f"{ms:.0f} ms/step | {cfg.batch_size * 1000 / ms:.0f} shapes/s | "
@@ -280,11 +328,27 @@ def main(cfg: Config) -> dict:
             epoch += 1
             perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], device)
 
+    # The weights at the end of the schedule under one name, whatever its length: the
+    # checkpoint the downstream scripts are given (ckpt-last is the same, plus the optimizer).
+    final = out_dir / "ckpt-final"
+    result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,
+              "metrics": metrics, "history": history, "checkpoint": str(final)}
+    if rank == 0:
+        ckpt.save_checkpoint(final, model, {"config": dataclasses.asdict(cfg), "epoch": epoch,
+                                            "step": step, "metrics": metrics, "header": header})
+        write_json(out_dir / "results.json", result)
     if writer is not None:
         writer.close()
+    loss = (f"loss {metrics['loss']:.4f} (view1 {metrics['loss_view1']:.4f} view2 "
+            f"{metrics['loss_view2']:.4f})" if metrics else "no steps run")
+    tiny = "--preset tiny " if cfg.data == "procedural" else (
+        "--preset scan-hardest --data-path data/scanobjectnn_hardest.h5 ")
+    finish(f"{loss} after step {step}/{total_steps}",
+           {"checkpoint": final, "resumable": out_dir / "ckpt-last",
+            "results": out_dir / "results.json", "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+           [f"python finetune_cls.py {tiny}--pretrained {final}"], rank=rank)
     dist.cleanup()
-    return {"step": step, "history": history, "metrics": metrics, "out_dir": str(out_dir),
-            "model": model}
+    return {**result, "out_dir": str(out_dir), "model": model}
 
 
 def log_clouds(writer, out: dict, step: int) -> None:
@@ -333,4 +397,4 @@ PHASES = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "los
 
 
 if __name__ == "__main__":
-    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))
+    cli.run(main, Config, PRESETS, doc=__doc__.split("\n\n")[0], resolve=resolve)

@@ -1,10 +1,10 @@
-"""Semantic segmentation on S3DIS (§6): fine-tune the pretrained encoder on 1 m blocks, test on
+"""Semantic segmentation on S3DIS: fine-tune the pretrained encoder on 1 m blocks, test on
 one area (Area 5) with per-epoch random blocks and, optionally, whole-room sliding-window voting.
 
     python semseg.py --preset tiny                                   # synthetic rooms, CPU, minutes
     python semseg.py --pretrained runs/pretrain/ckpt-epoch-300       # the reference recipe, 1 GPU
     torchrun --nproc_per_node=4 semseg.py --pretrained ... --test-rooms   # + whole-room test
-    python semseg.py --test-checkpoint runs/semseg/ckpt-best         # whole-room test only
+    python semseg.py --eval-ckpt runs/semseg/ckpt-best               # whole-room test only
 
 Data: `python -m data_prep.s3dis` writes one HDF5 file; all rooms are held on the device and
 each batch's blocks are cut out there (`pqae.s3dis`), so there is no DataLoader. The blocks of a
@@ -30,19 +30,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist, syncbn
 from pqae import s3dis
-from pqae.log import Timer, format_eta, log_scalars, print0, run_header, tensorboard
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
+                      write_json)
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
-from pqae.segmentation import PointSegmenter, load_pretrained
+from pqae.errors import MissingFile
+from pqae.model import TINY_ENCODER
+from pqae.segmentation import PointSegmenter, feature_blocks_for, load_pretrained
 
 
 @dataclass(frozen=True)
 class Config:
-    # data (§6.1, §6.2)
+    # data
     data: Literal["s3dis", "synthetic"] = "s3dis"
     """s3dis: the HDF5 from `python -m data_prep.s3dis` (or a directory of the reference's
     Area_k_<room>.npy files); synthetic: generated rooms, no files."""
     data_path: str = "data/s3dis.h5"
+    """the HDF5 from `python -m data_prep.s3dis`, or a directory of the reference's
+    Area_k_<room>.npy files (data = s3dis)."""
     test_area: int = 5
     """the held-out area; every other area trains."""
     synthetic_rooms: int = 12
@@ -57,51 +62,70 @@ class Config:
     """training blocks per epoch = training points x sample_rate / num_points."""
     eval_blocks: int = 0
     """random test blocks per epoch evaluation (0: the reference's test points / num_points)."""
-    # model (§6.3); the defaults are the reference's
+    # model; the defaults are the reference's
     pretrained: str = ""
     """pretraining checkpoint whose encoder initialises the backbone ("" trains from scratch)."""
     dim: int = 384
+    """transformer width (channels per token)."""
     depth: int = 12
+    """number of transformer blocks of the encoder."""
     heads: int = 6
+    """attention heads per transformer block."""
     drop_path_rate: float = 0.1
+    """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
     num_group: int = 128
+    """patches per block (FPS centres)."""
     group_size: int = 32
+    """points per patch (kNN neighbours of its centre)."""
     embed_hidden: int = 128
-    feature_blocks: tuple[int, ...] = (4, 8, 12)
-    """1-based blocks whose (normed) outputs form the per-centre feature."""
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
+    feature_blocks: tuple[int, ...] = ()
+    """1-based encoder blocks whose (normed) outputs form the per-centre feature; empty: the
+    last block of each third of the encoder ((4, 8, 12) at depth 12, as the reference)."""
     fp_dims: tuple[int, ...] = (1536, 1024)
+    """output channels of the feature propagation's 1x1 conv layers, one entry per layer."""
     head_dims: tuple[int, int] = (512, 256)
+    """channels of the per-point head's two hidden 1x1 conv layers."""
     dropout: float = 0.5
-    # optimisation (§6.4)
+    """dropout probability in the per-point head (after its first hidden layer)."""
+    # optimisation
     batch_size: int = 32
-    """GLOBAL batch, split evenly over the processes."""
+    """GLOBAL batch in blocks, split evenly over the processes."""
     eval_batch_size: int = 32
-    """blocks per forward pass in evaluation and in the whole-room test."""
+    """blocks per forward pass (per process) in evaluation and in the whole-room test."""
     lr: float = 2e-4
+    """base learning rate of AdamW (peak of the per-epoch cosine schedule, after warm-up)."""
     weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, 1-D parameters and tokens)."""
     epochs: int = 60
-    """cosine length; the loop runs exactly this many epochs (§9.1.11)."""
+    """cosine length in epochs; the loop runs exactly this many epochs (0..epochs-1)."""
     warmup_epochs: int = 10
-    clip_grad: float = 10.0
-    """global gradient-norm clip."""
+    """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
+    grad_clip: float = 10.0
+    """maximum global L2 norm of the gradients (clipped before the step; see --double-step)."""
     double_step: bool = True
-    """the reference's loop (§5.4, §9.1.15): backward, AdamW step with the UNclipped
-    gradients, clip to clip_grad, AdamW step AGAIN with the clipped ones (two updates per
-    batch). False: clip, then one step."""
+    """the reference's loop (from Point-MAE): backward, AdamW step with the UNclipped gradients,
+    clip to grad_clip, AdamW step AGAIN with the clipped ones (two updates per batch). False:
+    clip, then one step."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
-    """the reference sets no seed; we always do."""
-    # whole-room test (§6.6)
+    """seed of every random draw (model init, data order, blocks, augmentation, test blocks);
+    the reference sets no seed, we always do."""
+    # whole-room test
     test_rooms: bool = False
     """after training, test the best-mIoU weights by whole-room sliding-window voting."""
-    test_checkpoint: str = ""
-    """skip training: load this fine-tuned checkpoint and run only the whole-room test."""
+    eval_ckpt: str = ""
+    """skip training: run the whole-room test of this fine-tuned checkpoint, into
+    out_dir/eval-NAME.json and out_dir/test_predictions. The model's fields come from it."""
     num_votes: int = 3
+    """sliding-window passes over every test room in the whole-room test; each pass gives every
+    point it covers one vote for its predicted label, and the most voted label wins."""
     stride: float = 0.5
     """window stride of the whole-room test (metres)."""
     # speed
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     amp: bool = False
     """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
     compile: bool = False
@@ -116,22 +140,49 @@ class Config:
     BatchNorm."""
     # output
     out_dir: str = "runs/semseg"
+    """directory of the run's config.json, checkpoints, TensorBoard logs and the whole-room
+    test's predictions (test_predictions/<room>.txt)."""
     resume: bool = False
     """continue from out_dir/ckpt-last."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
     log_every: int = 50
+    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
 
 
 PRESETS = {
     "reference": Config(),
     "tiny": Config(
         data="synthetic", num_points=512, min_block_points=256, sample_rate=0.5, eval_blocks=32,
-        dim=96, depth=4, heads=3, num_group=32, group_size=16, embed_hidden=32,
+        **TINY_ENCODER, num_group=32, group_size=16,
         feature_blocks=(2, 3, 4), fp_dims=(128, 96), head_dims=(64, 32), batch_size=16,
         # 12 epochs: BatchNorm's running variance starts at 1 while these activations' is
         # ~1e-3 (trunc-normal init); fewer steps leave eval-mode predictions meaningless.
         lr=1e-3, epochs=12, warmup_epochs=0, log_every=5, num_votes=1,
         out_dir="runs/semseg-tiny"),
 }
+
+
+MODEL_FIELDS = ckpt.ENCODER_FIELDS + ("num_group", "group_size", "feature_blocks", "fp_dims",
+                                      "head_dims", "dropout")
+"""The fields that build the segmenter: an evaluated checkpoint brings its own."""
+RUN_FIELDS = ("data", "data_path", "test_area", "synthetic_rooms", "num_points", "block_size",
+              "seed", "out_dir")
+"""What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
+
+
+def resolve(cfg: Config, explicit: set[str], run: bool = True) -> Config:
+    """The model of --eval-ckpt (and its data and run when `run`), the encoder shape of --pretrained, and --data-path only with
+    --data s3dis (`cli.from_checkpoints`)."""
+    return cli.from_checkpoints(cfg, explicit, MODEL_FIELDS, RUN_FIELDS if run else (),
+                                "synthetic")
+
+
+def percent(s: dict) -> dict:
+    """Scores of `s3dis.scores` (fractions) in %: mIoU, mAcc, OA and the per-class IoU."""
+    return {**s, **{k: 100.0 * s[k] for k in ("miou", "macc", "oa")},
+            "iou": {c: 100.0 * v for c, v in s["iou"].items()}}
 
 
 def eval_seed(seed: int, epoch: int, batch: int) -> int:
@@ -157,7 +208,8 @@ def build_model(cfg: Config) -> PointSegmenter:
     return PointSegmenter(
         s3dis.NUM_CLASSES, num_categories=0, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
         drop_path_rate=cfg.drop_path_rate, num_group=cfg.num_group, group_size=cfg.group_size,
-        embed_hidden=cfg.embed_hidden, feature_blocks=cfg.feature_blocks, fp_dims=cfg.fp_dims,
+        embed_hidden=cfg.embed_hidden,
+        feature_blocks=cfg.feature_blocks or feature_blocks_for(cfg.depth), fp_dims=cfg.fp_dims,
         head_dims=cfg.head_dims, dropout=cfg.dropout, init="trunc_normal")
 
 
@@ -216,18 +268,19 @@ def test_whole_rooms(model, rooms: s3dis.Rooms, cfg: Config, rank: int, world: i
 
 
 def format_scores(tag: str, s: dict) -> str:
-    return (f"{tag} | mIoU {s['miou']:.4f} | mAcc {s['macc']:.4f} | OA {s['oa']:.4f} | "
+    return (f"{tag} | mIoU {s['miou']:.2f} % | mAcc {s['macc']:.2f} % | OA {s['oa']:.2f} % | "
             f"{s['points']} points")
 
 
 def format_iou(s: dict) -> str:
-    return "per-class IoU: " + ", ".join(f"{c} {v:.3f}" for c, v in s["iou"].items())
+    return "per-class IoU (%): " + ", ".join(f"{c} {v:.1f}" for c, v in s["iou"].items())
 
 
 def run_test(model, test: s3dis.Rooms, cfg: Config, rank: int, world: int, device, out_dir: Path,
              writer, step: int) -> dict:
     t0 = time.perf_counter()
-    result = test_whole_rooms(model, test, cfg, rank, world, device, out_dir / "test_predictions")
+    result = percent(test_whole_rooms(model, test, cfg, rank, world, device,
+                                      out_dir / "test_predictions"))
     print0(format_scores(f"whole-room test ({len(test)} rooms, {cfg.num_votes} votes)", result)
            + f" | {time.perf_counter() - t0:.0f} s", rank=rank)
     print0(format_iou(result), rank=rank)
@@ -266,7 +319,7 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
         loss.backward()
         if cfg.double_step:
             optimizer.step()  # the reference's first step: unclipped gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         acc = (logp.argmax(dim=-1) == labels).float().mean()
@@ -276,6 +329,7 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
 
 
 def main(cfg: Config) -> dict:
+    cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
@@ -284,6 +338,9 @@ def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
     print0(header, rank=rank)
+    if not cfg.eval_ckpt:  # before anything is read or written
+        ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)
+        dist.barrier()
 
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     train, test = (rooms.to(device) for rooms in load_data(cfg))
@@ -291,18 +348,26 @@ def main(cfg: Config) -> dict:
     print0(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
            f" | train {len(train)} rooms ({len(train.xyz)} points) | test area {cfg.test_area}: "
            f"{len(test)} rooms ({len(test.xyz)} points)", rank=rank)
+    if cfg.eval_ckpt:  # whole-room test of a fine-tuned model, no training
+        if not Path(cfg.eval_ckpt).exists():
+            raise MissingFile(f"--eval-ckpt {cfg.eval_ckpt}: no such checkpoint (a run writes "
+                              f"ckpt-best and ckpt-last into its --out-dir)")
+        ckpt.load_strict(model, ckpt.load_weights(cfg.eval_ckpt), source=cfg.eval_ckpt,
+                         hint="the model's fields differ from the checkpoint's; leave them out")
+        result = run_test(model, test, cfg, rank, world, device, out_dir, None, 0)
+        path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"
+        if rank == 0:
+            write_json(path, {"config": dataclasses.asdict(cfg), "mode": "eval",
+                              "checkpoint": cfg.eval_ckpt, "test": result})
+        finish(format_scores(f"{cfg.eval_ckpt}: whole-room test", result),
+               {"results": path, "predictions": out_dir / "test_predictions"}, [], rank=rank)
+        dist.cleanup()
+        return {"test": result, "model": model, "out_dir": str(out_dir)}
+
     writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-
-    if cfg.test_checkpoint:  # whole-room test of a fine-tuned model, no training
-        ckpt.load_strict(model, ckpt.load_weights(cfg.test_checkpoint), source=cfg.test_checkpoint)
-        result = run_test(model, test, cfg, rank, world, device, out_dir, writer, 0)
-        if writer is not None:
-            writer.close()
-        dist.cleanup()
-        return {"test": result, "model": model, "out_dir": str(out_dir)}
 
     if cfg.pretrained:
         dropped = load_pretrained(model, cfg.pretrained)
@@ -336,7 +401,8 @@ def main(cfg: Config) -> dict:
     if cfg.resume:
         last = ckpt.find_checkpoint(out_dir / "ckpt-last")
         if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}")
+            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
+                              f"without --resume")
         ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
         state = ckpt.load_resume(last)
         optimizer.load_state_dict(state["optimizer"])
@@ -374,7 +440,7 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             dist.all_reduce_sum(sums)  # every rank logs at the same steps
             loss, acc, fallbacks = (sums / timer.steps).tolist()
-            acc, fallbacks = acc / world, round(fallbacks * timer.steps)
+            acc, fallbacks = 100 * acc / world, round(fallbacks * timer.steps)  # acc in %
             ckpt.stop_if_diverged(loss, step, epoch, out_dir)
             if fallbacks:
                 print0(f"note: {fallbacks} training block(s) since the last line had no candidate "
@@ -383,8 +449,8 @@ def main(cfg: Config) -> dict:
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             metrics = {"loss": loss, "train_acc": acc}
-            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
-                   f"acc {acc:.4f} | lr {lr:.3g} | {ms:.0f} ms/step | "
+            print0(f"epoch {epoch}/{cfg.epochs - 1} | step {step}/{total_steps} | loss {loss:.4f} | "
+                   f"train acc {acc:.2f} % | lr {lr:.3g} | {ms:.0f} ms/step | "
                    f"{cfg.batch_size * 1000 / ms:.0f} blocks/s | ETA {format_eta(eta)}", rank=rank)
             log_scalars(writer, step, {"train/loss": loss, "train/acc": acc, "train/lr": lr,
                                        "perf/ms_per_step": ms})
@@ -393,13 +459,13 @@ def main(cfg: Config) -> dict:
         if epoch_end:
             t0 = time.perf_counter()
             dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
-            ev = evaluate_blocks(model, test, test_slots, cfg, epoch, rank, world, device)
+            ev = percent(evaluate_blocks(model, test, test_slots, cfg, epoch, rank, world, device))
             metrics.update(miou=ev["miou"], macc=ev["macc"], oa=ev["oa"], points=ev["points"])
             history.append({"epoch": epoch, "step": step, **metrics})
             improved = ev["miou"] >= best_miou  # ">=" as the reference
             best_miou = max(best_miou, ev["miou"])
             print0(format_scores(f"eval epoch {epoch} ({len(test_slots)} blocks)", ev)
-                   + f" | best mIoU {best_miou:.4f} | {time.perf_counter() - t0:.0f} s", rank=rank)
+                   + f" | best mIoU {best_miou:.2f} % | {time.perf_counter() - t0:.0f} s", rank=rank)
             print0(format_iou(ev), rank=rank)
             log_scalars(writer, step, {**{f"eval/{k}": ev[k] for k in ("miou", "macc", "oa")},
                                        **{f"eval_iou/{c}": v for c, v in ev["iou"].items()}})
@@ -415,18 +481,38 @@ def main(cfg: Config) -> dict:
             epoch += 1
             order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
 
-    result = {"step": step, "history": history, "metrics": metrics, "best_miou": best_miou,
-              "out_dir": str(out_dir), "model": model}
+    evals = [h for h in history if "miou" in h]
+    best_epoch = max(evals, key=lambda h: h["miou"])["epoch"] if evals else None
+    result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,
+              "history": history, "metrics": metrics, "best_miou": best_miou if evals else None,
+              "best_epoch": best_epoch, "test": None,
+              "best_note": "best_miou selects the epoch on the TEST area's random blocks (the "
+                           "reference's ckpt-best); scores in %"}
     if cfg.test_rooms:
         if best_state is not None:
             model.load_state_dict(best_state)
-            print0(f"whole-room test of the best-mIoU weights (mIoU {best_miou:.4f})", rank=rank)
+            print0(f"whole-room test of the best-mIoU weights (mIoU {best_miou:.2f} %)", rank=rank)
         result["test"] = run_test(model, test, cfg, rank, world, device, out_dir, writer, step)
+    if rank == 0:
+        write_json(out_dir / "results.json", result)
     if writer is not None:
         writer.close()
+    if evals:
+        summary = (format_scores(f"last epoch {evals[-1]['epoch']}", evals[-1]) + f" | best mIoU "
+                   f"{best_miou:.2f} % (epoch {best_epoch}, selected on the test area)")
+        if result["test"] is not None:
+            summary += "\n     " + format_scores("whole-room test", result["test"])
+    else:
+        summary = f"no evaluation (stopped at step {step}, before the first epoch ended)"
+    tiny = "--preset tiny " if cfg.data == "synthetic" else ""
+    best_ckpt = out_dir / ("ckpt-best" if evals else "ckpt-last")
+    finish(summary, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
+                     "results": out_dir / "results.json",
+                     "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+           [f"python semseg.py {tiny}--eval-ckpt {best_ckpt}"], rank=rank)
     dist.cleanup()
-    return result
+    return {**result, "out_dir": str(out_dir), "model": model}
 
 
 if __name__ == "__main__":
-    main(cli.parse(Config, PRESETS, doc=__doc__.split("\n\n")[0]))
+    cli.run(main, Config, PRESETS, doc=__doc__.split("\n\n")[0], resolve=resolve)

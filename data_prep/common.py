@@ -76,9 +76,10 @@ def read_numpy_pickle(path: str | Path, what: str) -> object:
 
 
 def run(config_cls, main) -> None:
-    """`main(tyro.cli(config_cls))`; a ConversionError prints its list and exits 1."""
+    """`main(tyro.cli(config_cls))`; a ConversionError or a missing file prints its message
+    (no traceback) and exits 1."""
     try:
         main(tyro.cli(config_cls))
-    except ConversionError as e:
-        print(e, file=sys.stderr)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

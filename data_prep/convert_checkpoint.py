@@ -7,7 +7,7 @@ Two layouts, detected from the keys (or forced with --layout):
 * pretraining (`PQAE_encoder.*`, `PQ_decoder.*`, ...) -> `PointPQAE` keys;
 * fine-tuned classification (`PointTransformer` of Point-MAE / Point-PQAE, §3.3: `cls_token`,
   `encoder.first_conv.*`, `blocks.blocks.*`, `cls_head_finetune.*`) -> `PointClassifier` keys,
-  so `finetune_cls.py --eval-only --ckpt X.safetensors` evaluates released models. The head
+  so `finetune_cls.py --eval-ckpt X.safetensors` evaluates released models. The head
   type (linear or the 3-layer MLP) and the number of classes are read from the weights.
 
 The reference saves a dict whose `base_model` holds the state dict, with keys prefixed

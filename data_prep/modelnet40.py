@@ -107,7 +107,7 @@ def convert_split(cfg: Config, split: str, ids: list[str], classes: list[str],
     index = {c: i for i, c in enumerate(classes)}
     if cfg.check_counts and len(ids) != OFFICIAL_COUNTS[split]:
         problems.append(f"{split}: the list has {len(ids)} shapes, the official list "
-                        f"{OFFICIAL_COUNTS[split]}")
+                        f"{OFFICIAL_COUNTS[split]} (a subset on purpose? add --no-check-counts)")
     unknown = [s for s in ids if class_of(s) not in index]
     if unknown:
         problems.append(f"{split}: " + _listing("unknown classes", unknown))

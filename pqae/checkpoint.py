@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from pqae.errors import BadInput, CheckpointMismatch, MissingFile
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -53,28 +56,37 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFile(f"checkpoint {path} does not exist")
     return load_file(str(path))
 
 
+def listing(items: list[str], first: int = 4) -> str:
+    """The first few items, then how many more: a readable line however long the list."""
+    shown = "; ".join(items[:first])
+    return shown + (f"; ... and {len(items) - first} more" if len(items) > first else "")
+
+
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                ignore: tuple[str, ...] = ()) -> None:
-    """load_state_dict that fails with the names of missing and unexpected keys (and of shape
-    mismatches). Keys starting with a prefix in `ignore` are allowed to be missing."""
+                ignore: tuple[str, ...] = (), hint: str = "") -> None:
+    """load_state_dict that fails with a short list of the missing and unexpected keys and of
+    the shape mismatches (the first few of each, then a count), plus `hint` when shapes differ.
+    Keys starting with a prefix in `ignore` are allowed to be missing."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.startswith(ignore)]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not match the model"]
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        lines = [f"{source} does not fit the model:"]
         if shapes:
-            lines.append(f"shape mismatches: {shapes}")
-        raise KeyError("\n".join(lines))
+            lines.append(f"  {len(shapes)} shape mismatch(es), checkpoint vs model: {listing(shapes)}")
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): {listing(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s): {listing(unexpected)}")
+        if shapes and hint:
+            lines.append(f"  {hint}")
+        raise CheckpointMismatch("\n".join(lines))
     model.load_state_dict(state, strict=not ignore)
 
 
@@ -93,7 +105,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp / "model.safetensors", state,
-                 {"format": "pqae", "step": str(meta.get("step", ""))})
+                 {"format": "pqae", "step": str(meta.get("step", "")),
+                  "config": json.dumps(meta.get("config", {}), default=str)})
     if resume is not None:
         torch.save(resume, tmp / "resume.pt")
         _fsync(tmp / "resume.pt")
@@ -125,7 +138,7 @@ def load_meta(directory: str | Path) -> dict:
 def load_resume(directory: str | Path) -> dict:
     path = Path(directory) / "resume.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: {directory} is not a resumable checkpoint")
+        raise MissingFile(f"{path} missing: {directory} is not a resumable checkpoint")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -146,10 +159,15 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
     dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY) or k in drop)
     other = [k for k in state if not k.startswith(("encoder.",) + PRETRAIN_ONLY)]
     if other:
-        raise KeyError(f"{path}: unexpected keys for a pretrained encoder ({len(other)}): {other}")
+        raise CheckpointMismatch(
+            f"{path} is not a pretraining checkpoint: {len(other)} key(s) outside the encoder "
+            f"and the pretraining decoder: {listing(other)}. A fine-tuned model is evaluated "
+            f"with --eval-ckpt, not loaded with --pretrained")
     enc = {k[len("encoder."):]: v for k, v in state.items()
            if k.startswith("encoder.") and k not in drop}
-    load_strict(encoder, enc, source=f"encoder of {path}")
+    load_strict(encoder, enc, source=f"the encoder of {path}",
+                hint="the encoder's shape (--dim, --depth, --embed-hidden) differs from the "
+                     "checkpoint's; leave those flags out to take them from the checkpoint")
     return dropped
 
 
@@ -162,3 +180,70 @@ def stop_if_diverged(losses: float | list[float], step: int, epoch: int,
         raise FloatingPointError(
             f"loss is {values[0]} at step {step} (epoch {epoch}); stopping. The last good "
             f"checkpoint is {find_checkpoint(Path(out_dir) / 'ckpt-last')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint says about the model it holds
+
+ENCODER_FIELDS = ("dim", "depth", "heads", "embed_hidden")
+"""The config fields that fix the shape of a PointEncoder, named alike in every script."""
+
+
+def weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def checkpoint_config(path: str | Path) -> dict | None:
+    """The config a checkpoint of ours was written with (its meta.json, else the copy in the
+    safetensors header), or None (a converted reference checkpoint has none)."""
+    path = Path(path)
+    if path.suffix == ".pth":  # a reference checkpoint: weights only
+        return None
+    meta = path / "meta.json"
+    if path.is_dir() and meta.is_file():
+        return json.loads(meta.read_text()).get("config")
+    file = weights_file(path)
+    if not file.is_file():
+        raise MissingFile(f"checkpoint {path} does not exist")
+    with safe_open(str(file), "pt") as f:
+        header = f.metadata() or {}
+    return json.loads(header["config"]) if "config" in header else None
+
+
+def encoder_shape(path: str | Path) -> dict:
+    """dim, depth, heads, embed_hidden of the encoder in a checkpoint (pretraining or
+    fine-tuned). From the config it was written with when there is one; otherwise dim, depth
+    and embed_hidden are read off the weights' shapes and heads is None (not in the weights)."""
+    config = checkpoint_config(path)
+    if config is not None and all(k in config for k in ENCODER_FIELDS):
+        return {k: config[k] for k in ENCODER_FIELDS}
+    with safe_open(str(weights_file(path)), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    try:
+        blocks = {int(k.split(".")[2]) for k in shapes if k.startswith("encoder.blocks.")}
+        return {"dim": shapes["encoder.norm.weight"][0], "depth": len(blocks),
+                "heads": None, "embed_hidden": shapes["encoder.patch_embed.fc1.weight"][0]}
+    except KeyError:
+        raise CheckpointMismatch(f"{path} holds no point encoder (no encoder.norm.weight / "
+                                 f"encoder.patch_embed.fc1.weight)") from None
+
+
+def claim_out_dir(out_dir: str | Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
+    """A run never destroys another one: a directory that already holds a run (config.json, a
+    checkpoint or results) is refused unless --resume continues it or --overwrite deletes it
+    first. Call on every rank before anything is written; rank 0 alone deletes."""
+    out_dir = Path(out_dir)
+    found = [n for n in ("config.json", "results.json", "ckpt-last", "ckpt-last.old")
+             if (out_dir / n).exists()]
+    if resume or not found:
+        return
+    if not overwrite:
+        raise BadInput(
+            f"{out_dir} already holds a run ({', '.join(found)}). Continue it with --resume, or "
+            f"start a new one with --out-dir NEW_DIR, or delete it with --overwrite")
+    resolved = out_dir.resolve()
+    if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)):
+        raise BadInput(f"--overwrite would delete {resolved}: give a run directory as --out-dir")
+    if rank == 0:
+        shutil.rmtree(out_dir)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pqae.errors import BadInput, MissingFile
+
 SHAPENET55_POINTS = 8192
 SHAPENET55_SHAPES = 52_470
 """train + test, the reference's pretraining set (SPEC §2.1)."""
@@ -41,12 +43,12 @@ def check_finite(points: torch.Tensor, what: str) -> None:
         bad = ~torch.isfinite(points[start : start + chunk]).flatten(1).all(dim=1)  # (chunk,)
         if bad.any():
             first = start + int(bad.nonzero()[0, 0])
-            raise ValueError(f"{what}: sample {first} contains NaN or inf values")
+            raise BadInput(f"{what}: sample {first} contains NaN or inf values")
 
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise BadInput(f"split must be one of {SPLITS}, got {split!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,10 +66,10 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
     _check_split(split)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"ShapeNet-55 file not found: {path}. Create it from the official release with "
-            f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {path}`"
-        )
+            f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {path}`, "
+            f"or try the built-in data first: `python pretrain.py --preset tiny`")
     expected = (
         f"groups 'train' and 'test', each with a dataset 'points' of shape "
         f"(S, {SHAPENET55_POINTS}, 3) and dtype float32"
@@ -78,13 +80,13 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
         for g in groups:
             key = f"{g}/points"
             if key not in f:
-                raise ValueError(
+                raise BadInput(
                     f"{path}: expected {expected}; found no '{key}' (top-level keys: "
                     f"{sorted(f.keys())})"
                 )
             d = f[key]
             if d.ndim != 3 or d.shape[1:] != (SHAPENET55_POINTS, 3) or d.dtype != np.float32:
-                raise ValueError(
+                raise BadInput(
                     f"{path}: expected {expected}; found '{key}' with shape {d.shape} and "
                     f"dtype {d.dtype}"
                 )
@@ -115,17 +117,17 @@ def load_airplanes(path: str | Path, split: str = "all") -> torch.Tensor:
     _check_split(split)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"airplane slice not found: {path}. It ships with the shared data as "
-            f"shared/data/modelnet40_airplanes/airplanes_2048.npz"
-        )
+        raise MissingFile(
+            f"airplane slice not found: {path}. --data airplanes reads an .npz with 'points' "
+            f"(S, 2048, 3) float32 and 'is_test' (S,) bool; pass its path with --data-path, or "
+            f"try the built-in data first: `python pretrain.py --preset tiny`")
     expected = (
         f"keys 'points' (S, {AIRPLANES_POINTS}, 3) float32 and 'is_test' (S,) bool"
     )
     with np.load(path, allow_pickle=False) as f:
         missing = [k for k in ("points", "is_test") if k not in f.files]
         if missing:
-            raise ValueError(f"{path}: expected {expected}; missing {missing} (has {f.files})")
+            raise BadInput(f"{path}: expected {expected}; missing {missing} (has {f.files})")
         points, is_test = f["points"], f["is_test"]
     layout_ok = (
         points.ndim == 3
@@ -135,7 +137,7 @@ def load_airplanes(path: str | Path, split: str = "all") -> torch.Tensor:
         and is_test.dtype == np.bool_
     )
     if not layout_ok:
-        raise ValueError(
+        raise BadInput(
             f"{path}: expected {expected}; found 'points' {points.shape} {points.dtype} and "
             f"'is_test' {is_test.shape} {is_test.dtype}"
         )
@@ -264,7 +266,7 @@ def procedural_shapes(
     the global RNG is untouched.
     """
     if num_shapes < 1 or num_points < 2:
-        raise ValueError(f"need num_shapes >= 1, num_points >= 2; got {num_shapes}, {num_points}")
+        raise BadInput(f"need num_shapes >= 1, num_points >= 2; got {num_shapes}, {num_points}")
     g = torch.Generator().manual_seed(seed)
     s, p = num_shapes, num_points
     kind = torch.randint(0, _NUM_PRIMITIVES + 1, (s,), generator=g)  # (S,)
@@ -311,7 +313,7 @@ def sample_points(clouds: torch.Tensor, idx: torch.Tensor, num_points: int) -> t
     """
     n = clouds.shape[1]
     if num_points > n:
-        raise ValueError(f"num_points={num_points} exceeds the {n} points per cloud")
+        raise BadInput(f"num_points={num_points} exceeds the {n} points per cloud")
     idx = idx.to(clouds.device)
     keys = torch.rand(idx.shape[0], n, device=clouds.device)  # (B, N)
     # Argsort of iid uniform keys is a uniform random permutation; keep its first num_points.
@@ -349,23 +351,24 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
     import h5py
 
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise BadInput(f"split must be 'train' or 'test', got {split!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}. Create it with `{how_to_make}`")
+        raise MissingFile(f"{what} file not found: {path}. Create it with `{how_to_make}`, or "
+                          f"try the built-in data first: `python finetune_cls.py --preset tiny`")
     expected = (f"groups 'train' and 'test', each with 'points' (S, {num_points}, 3) float32 "
                 f"and 'labels' (S,) int64 in [0, {num_classes})")
     with h5py.File(path, "r") as f:
         if f"{split}/points" not in f or f"{split}/labels" not in f:
-            raise ValueError(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
+            raise BadInput(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
                              + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
         points, labels = f[f"{split}/points"][()], f[f"{split}/labels"][()]
     if (points.ndim != 3 or points.shape[1:] != (num_points, 3) or points.dtype != np.float32
             or labels.shape != (points.shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(f"{path}: expected {expected}; found '{split}/points' {points.shape} "
+        raise BadInput(f"{path}: expected {expected}; found '{split}/points' {points.shape} "
                          f"{points.dtype} and '{split}/labels' {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{path}: '{split}/labels' outside [0, {num_classes}): "
+        raise BadInput(f"{path}: '{split}/labels' outside [0, {num_classes}): "
                          f"min {labels.min()}, max {labels.max()}")
     out = torch.from_numpy(points)
     check_finite(out, f"{path} (split {split!r})")
@@ -375,9 +378,11 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
 def load_scanobjectnn(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """ScanObjectNN (one variant) from `python -m data_prep.scanobjectnn`:
     points (S, 2048, 3) as stored (the reference does not normalise, §7.2), labels (S,)."""
+    name = Path(path).name.lower()
+    variant = next((v for v in ("objonly", "hardest", "objbg") if v in name), "objbg")
     return _load_labelled_h5(path, split, SCANOBJECTNN_POINTS, SCANOBJECTNN_CLASSES, "ScanObjectNN",
-                             "python -m data_prep.scanobjectnn --root data/ScanObjectNN "
-                             "--variant objbg --out data/scanobjectnn_objbg.h5")
+                             f"python -m data_prep.scanobjectnn --root data/ScanObjectNN "
+                             f"--variant {variant} --out {path}")
 
 
 def load_modelnet40(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,8 +391,8 @@ def load_modelnet40(path: str | Path, split: str) -> tuple[torch.Tensor, torch.T
     stored point order; labels (S,)."""
     points, labels = _load_labelled_h5(
         path, split, MODELNET40_POINTS, MODELNET40_CLASSES, "ModelNet40",
-        "python -m data_prep.modelnet40 --root data/ModelNet/modelnet40_normal_resampled "
-        "--out data/modelnet40.h5")
+        f"python -m data_prep.modelnet40 --root data/ModelNet/modelnet40_normal_resampled "
+        f"--out {path}")
     return _unit_sphere(points), labels
 
 
@@ -398,7 +403,7 @@ def procedural_classes(num_shapes: int, num_points: int = 1024, num_classes: int
     anisotropically scaled, shuffled and unit-sphere normalised like `procedural_shapes`.
     Balanced labels (i % num_classes)."""
     if not 1 <= num_classes <= _NUM_PRIMITIVES:
-        raise ValueError(f"num_classes must be in 1..{_NUM_PRIMITIVES}, got {num_classes}")
+        raise BadInput(f"num_classes must be in 1..{_NUM_PRIMITIVES}, got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_shapes) % num_classes
     points = _primitives(labels, num_points, g) * _uniform(g, (num_shapes, 1, 3), 0.75, 1.25)
@@ -480,7 +485,7 @@ def draw_augmentation(kind: str, n: int, generator: torch.Generator | None = Non
         return torch.cat([scale, shift], dim=1)
     if kind == "none":
         return torch.zeros(n, 0, device=device)
-    raise ValueError(f"augmentation must be 'rotate', 'scale_translate' or 'none', got {kind!r}")
+    raise BadInput(f"augmentation must be 'rotate', 'scale_translate' or 'none', got {kind!r}")
 
 
 def apply_augmentation(kind: str, points: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

@@ -101,3 +101,9 @@ def shard(n: int, rank: int, world_size: int) -> range:
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (rank < extra))
+
+
+def barrier() -> None:
+    """All ranks meet here (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -66,3 +66,22 @@ def tensorboard(out_dir: str | Path, cfg, header: str):
     writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=2) + "\n```")
     writer.add_text("header", header)
     return writer
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (a temporary file, then a rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def finish(summary: str, outputs: dict[str, str | Path | None], next_steps: list[str],
+           rank: int = 0) -> None:
+    """The last lines of every run: its final metrics, where its outputs are, what to run next."""
+    lines = [f"done | {summary}"]
+    lines += [f"  {what:11s} {where}" for what, where in outputs.items() if where]
+    lines += [f"next: {cmd}" for cmd in next_steps]
+    print0("\n".join(lines), rank=rank)

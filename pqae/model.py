@@ -21,6 +21,11 @@ from pqae.profiling import phase
 # Shared building blocks (§1)
 
 
+TINY_ENCODER = dict(dim=96, depth=4, heads=3, embed_hidden=32)
+"""The encoder of every script's `--preset tiny` (the same in all five, so that a tiny
+pretraining checkpoint fits every tiny downstream run): dim, depth, heads, embed_hidden."""
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample: zero the whole residual branch of a sample with prob. p."""
     if p == 0.0 or not training:

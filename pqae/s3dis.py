@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pqae.errors import BadInput, MissingFile
+
 CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
            "sofa", "bookcase", "board", "clutter")
 NUM_CLASSES = len(CLASSES)
@@ -67,12 +69,12 @@ def make_rooms(arrays: dict[str, np.ndarray], source: str) -> Rooms:
     for name in names:
         a = arrays[name]
         if a.ndim != 2 or a.shape[1] < 7 or a.shape[0] == 0:
-            raise ValueError(f"{source}: room {name} has shape {a.shape}, expected (N > 0, 7)")
+            raise BadInput(f"{source}: room {name} has shape {a.shape}, expected (N > 0, 7)")
         if not np.isfinite(a[:, :3]).all():
-            raise ValueError(f"{source}: room {name} contains NaN or inf coordinates")
+            raise BadInput(f"{source}: room {name} contains NaN or inf coordinates")
         lab = a[:, 6]
         if lab.min() < 0 or lab.max() >= NUM_CLASSES or (lab != np.round(lab)).any():
-            raise ValueError(f"{source}: room {name} has labels outside 0..{NUM_CLASSES - 1}")
+            raise BadInput(f"{source}: room {name} has labels outside 0..{NUM_CLASSES - 1}")
         xyz.append(torch.from_numpy(np.ascontiguousarray(a[:, :3], dtype=np.float32)))
         labels.append(torch.from_numpy(lab.astype(np.int64)))
         offsets.append(offsets[-1] + a.shape[0])
@@ -85,8 +87,9 @@ def load_rooms(path: str | Path, areas: tuple[int, ...]) -> Rooms:
     written by the reference's `collect_indoor3d_data.py` (same columns)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"S3DIS data {path} does not exist (build it with "
-                                f"`python -m data_prep.s3dis --root ... --out {path}`)")
+        raise MissingFile(f"S3DIS data {path} does not exist. Create it with `python -m data_prep."
+                          f"s3dis --root data/Stanford3dDataset_v1.2_Aligned_Version --out {path}`,"
+                          f" or try the built-in data first: `python semseg.py --preset tiny`")
     arrays = {}
     if path.is_dir():
         for f in sorted(path.glob("Area_*.npy")):
@@ -96,12 +99,12 @@ def load_rooms(path: str | Path, areas: tuple[int, ...]) -> Rooms:
         import h5py  # only this loader needs it
         with h5py.File(path, "r") as f:
             if "rooms" not in f:
-                raise ValueError(f"{path}: no `rooms` group; not written by data_prep.s3dis")
+                raise BadInput(f"{path}: no `rooms` group; not written by data_prep.s3dis")
             for name, ds in f["rooms"].items():
                 if area_of(name) in areas:
                     arrays[name] = ds[()]
     if not arrays:
-        raise ValueError(f"{path}: no rooms of area(s) {list(areas)}")
+        raise BadInput(f"{path}: no rooms of area(s) {list(areas)}")
     return make_rooms(arrays, str(path))
 
 
@@ -185,7 +188,7 @@ def sample_block(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 
     """
     n, dev = len(xyz), xyz.device
     if n <= min_points:
-        raise ValueError(f"no block of {block_size} m can hold more than {min_points} points "
+        raise BadInput(f"no block of {block_size} m can hold more than {min_points} points "
                          f"in a room of {n} points")
     half = block_size / 2
     centres = xyz[torch.randint(n, (candidates,), device=dev)]  # (K, 3)

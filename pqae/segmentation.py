@@ -41,6 +41,12 @@ from pqae import checkpoint as ckpt
 from pqae.model import PointEncoder
 
 
+def feature_blocks_for(depth: int) -> tuple[int, ...]:
+    """The last block of each third of the encoder, 1-based: (4, 8, 12) at depth 12, the
+    reference's choice."""
+    return (max(1, depth // 3), max(1, 2 * depth // 3), depth)
+
+
 def propagate(xyz: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
               k: int = 3) -> torch.Tensor:
     """Interpolate center features to every point (§5.3, PointNet++ FP).

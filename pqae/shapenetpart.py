@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pqae.errors import BadInput, MissingFile
+
 from pqae.data import check_finite
 
 # Official category order (synsetoffset2category.txt, alphabetical) and parts per category.
@@ -135,21 +137,22 @@ def load_split(path: str | Path, split: str) -> PartSplit:
     import h5py
 
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise BadInput(f"split must be 'train' or 'test', got {split!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"ShapeNetPart file not found: {path}. Create it from the official release with "
             f"`python -m data_prep.shapenetpart --root "
-            f"data/shapenetcore_partanno_segmentation_benchmark_v0_normal --out {path}`")
+            f"data/shapenetcore_partanno_segmentation_benchmark_v0_normal --out {path}`, or try "
+            f"the built-in data first: `python partseg.py --preset tiny`")
     with h5py.File(path, "r") as f:
         if split not in f:
-            raise ValueError(f"{path}: expected {FORMAT}; found no group '{split}' "
+            raise BadInput(f"{path}: expected {FORMAT}; found no group '{split}' "
                              f"(top-level keys: {sorted(f.keys())})")
         g = f[split]
         missing = [k for k in ("points", "labels", "offsets", "category", "names") if k not in g]
         if missing:
-            raise ValueError(f"{path}: expected {FORMAT}; group '{split}' lacks {missing}")
+            raise BadInput(f"{path}: expected {FORMAT}; group '{split}' lacks {missing}")
         points, labels, offsets = g["points"][()], g["labels"][()], g["offsets"][()]
         category, names = g["category"][()], [n.decode() for n in g["names"][()]]
     S = category.shape[0]
@@ -158,18 +161,18 @@ def load_split(path: str | Path, split: str) -> PartSplit:
           and len(names) == S and S > 0 and offsets[0] == 0 and offsets[-1] == points.shape[0]
           and bool(np.all(np.diff(offsets) > 0)))
     if not ok:
-        raise ValueError(
+        raise BadInput(
             f"{path}: expected {FORMAT}; found in '{split}' points {points.shape} {points.dtype}, "
             f"labels {labels.shape}, offsets {offsets.shape} (first {offsets[:1]}, last "
             f"{offsets[-1:]}), category {category.shape}, {len(names)} names")
     if category.min() < 0 or category.max() >= len(CATEGORIES):
-        raise ValueError(f"{path}: '{split}/category' has values outside 0..15")
+        raise BadInput(f"{path}: '{split}/category' has values outside 0..15")
     seg = np.repeat(np.arange(S), np.diff(offsets))
     bad = ~part_mask().numpy()[category[seg], np.minimum(labels, NUM_CLASSES - 1)] \
         | (labels >= NUM_CLASSES)
     if bad.any():
         s = int(seg[np.argmax(bad)])
-        raise ValueError(f"{path}: shape {names[s]} ({CATEGORIES[category[s]]}) has part labels "
+        raise BadInput(f"{path}: shape {names[s]} ({CATEGORIES[category[s]]}) has part labels "
                          f"outside its parts {PART_START[category[s]]}.."
                          f"{PART_START[category[s]] + NUM_PARTS[category[s]] - 1}")
     pts, offs = torch.from_numpy(points), torch.from_numpy(offsets.astype(np.int64))

@@ -46,10 +46,13 @@ def test_full_finetune_learns_and_writes_results(tmp_path):
     assert "TEST set" in saved["best_acc_note"] and saved["config"]["head"] == "full"
     assert ckpt.load_meta(tmp_path / "run" / "ckpt-best")["epoch"] == result["best_epoch"]
     # ckpt-best evaluates to the best accuracy (same test, eval mode).
-    again = finetune_cls.main(small_config(tmp_path, eval_only=True, votes=0,
-                                           ckpt=str(tmp_path / "run" / "ckpt-best"),
-                                           out_dir=str(tmp_path / "eval")))
+    # From the checkpoint alone: its model, data and run directory come with it.
+    again = finetune_cls.main(parse(finetune_cls.Config, finetune_cls.PRESETS,
+                                    ["--eval-ckpt", str(tmp_path / "run" / "ckpt-best"), "--votes",
+                                     "0", "--device", "cpu"], resolve=finetune_cls.resolve))
     assert again["acc"] == pytest.approx(result["best_acc"]) and again["test_samples"] == 45
+    assert json.loads((tmp_path / "run" / "eval-ckpt-best.json").read_text())["acc"] == again["acc"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == saved  # untouched
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp3"])
@@ -105,8 +108,8 @@ def save_random_classifier(tmp_path: Path, cfg) -> Path:
 
 
 def test_vote_is_deterministic_with_a_fixed_seed(tmp_path):
-    cfg = small_config(tmp_path, eval_only=True, votes=10, vote_augment="scale_translate")
-    cfg = dataclasses.replace(cfg, ckpt=str(save_random_classifier(tmp_path, cfg)))
+    cfg = small_config(tmp_path, votes=10, vote_augment="scale_translate")
+    cfg = dataclasses.replace(cfg, eval_ckpt=str(save_random_classifier(tmp_path, cfg)))
     a, b = finetune_cls.main(cfg), finetune_cls.main(cfg)
     assert a["vote_acc"] == b["vote_acc"] and a["acc"] == b["acc"]
     torch.manual_seed(5)  # the global RNG does not enter the vote
@@ -115,8 +118,8 @@ def test_vote_is_deterministic_with_a_fixed_seed(tmp_path):
 
 
 def test_two_process_evaluation_counts_each_sample_once(tmp_path):
-    cfg = small_config(tmp_path, eval_only=True, votes=3, vote_augment="rotate")
-    cfg = dataclasses.replace(cfg, ckpt=str(save_random_classifier(tmp_path, cfg)))
+    cfg = small_config(tmp_path, votes=3, vote_augment="rotate")
+    cfg = dataclasses.replace(cfg, eval_ckpt=str(save_random_classifier(tmp_path, cfg)))
     single = finetune_cls.main(cfg)
     script = tmp_path / "ddp_eval.py"
     script.write_text(
@@ -125,8 +128,8 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path):
         "import finetune_cls\n"
         "from pathlib import Path\n"
         "from test_finetune_cls import small_config\n"
-        f"cfg = small_config(Path({str(tmp_path)!r}), eval_only=True, votes=3, vote_augment='rotate',\n"
-        f"                   ckpt={cfg.ckpt!r}, out_dir={str(tmp_path / 'ddp')!r})\n"
+        f"cfg = small_config(Path({str(tmp_path)!r}), votes=3, vote_augment='rotate',\n"
+        f"                   eval_ckpt={cfg.eval_ckpt!r}, out_dir={str(tmp_path / 'ddp')!r})\n"
         "finetune_cls.main(cfg)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -134,7 +137,7 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path):
          str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
-    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "eval-ckpt.json").read_text())
     assert ddp["test_samples"] == 45  # odd: shards of 23 + 22, nothing padded or dropped
     assert ddp["acc"] == pytest.approx(single["acc"])
     assert ddp["vote_acc"] == pytest.approx(single["vote_acc"])  # votes do not depend on shards
@@ -155,7 +158,7 @@ def reference_layout(model: PointClassifier) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("head", ["full", "linear"])
 def test_reference_finetuned_checkpoint_converts_and_evaluates(tmp_path, head):
-    cfg = small_config(tmp_path, head=head, eval_only=True, votes=0)
+    cfg = small_config(tmp_path, head=head, votes=0)
     torch.manual_seed(2)
     model = finetune_cls.build_model(cfg)
     ref = reference_layout(model)
@@ -173,12 +176,12 @@ def test_reference_finetuned_checkpoint_converts_and_evaluates(tmp_path, head):
     torch.save({"base_model": ref, "epoch": 7}, pth)
     convert(Args(src=str(pth), dst=str(tmp_path / "ref.safetensors")))
     ours = ckpt.save_checkpoint(tmp_path / "ours", model, {"step": 0})
-    for src in (tmp_path / "ref.safetensors", pth):  # what --eval-only --ckpt loads
+    for src in (tmp_path / "ref.safetensors", pth):  # what --eval-ckpt loads
         fresh = finetune_cls.build_model(cfg)
         finetune_cls.load_finetuned(fresh, str(src))
         for k, v in model.state_dict().items():
             assert torch.equal(fresh.state_dict()[k], v), (src, k)
-    acc = {src: finetune_cls.main(dataclasses.replace(cfg, ckpt=str(src)))["acc"]
+    acc = {src: finetune_cls.main(dataclasses.replace(cfg, eval_ckpt=str(src)))["acc"]
            for src in (ours, pth)}
     assert len(set(acc.values())) == 1, acc
     with pytest.raises(KeyError, match="module.mystery.weight"):
@@ -193,22 +196,25 @@ def test_pretrained_encoder_is_loaded_strictly(tmp_path):
     pre = small_pretrain_config(tmp_path / "pre", dim=48, depth=1, heads=2, num_group=8,
                                 embed_hidden=16, max_steps=1)
     encoder = pretrain.main(pre)["model"].encoder
-    cfg = small_config(tmp_path, ckpt=str(tmp_path / "pre" / "run" / "ckpt-last"), max_steps=1,
-                       votes=0, head="linear", dim=48)
+    cfg = small_config(tmp_path, pretrained=str(tmp_path / "pre" / "run" / "ckpt-last"),
+                       max_steps=1, votes=0, head="linear", dim=48)
     torch.manual_seed(cfg.seed)
     model = finetune_cls.build_model(cfg)
-    dropped = model.load_pretrained(cfg.ckpt)
+    dropped = model.load_pretrained(cfg.pretrained)
     assert dropped and all(k.startswith(("decoder.", "query_attn.", "head.")) for k in dropped)
     for k, v in encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[k], v), k
-    wrong = small_config(tmp_path, ckpt=cfg.ckpt, dim=36)
-    with pytest.raises(KeyError, match="shape mismatches"):
-        finetune_cls.main(wrong)
+    # The encoder's shape comes from the checkpoint; a strict load still names what differs.
+    with pytest.raises(KeyError, match=r"(?s)19 shape mismatch.*blocks\.0\.attn\.proj\.bias \(48,\) vs \(36,\).*and 15 more"):
+        small = finetune_cls.build_model(dataclasses.replace(cfg, dim=36))
+        small.load_pretrained(cfg.pretrained)
+    adopted = finetune_cls.main(dataclasses.replace(cfg, dim=36, depth=3))
+    assert adopted["config"]["dim"] == 48 and adopted["config"]["depth"] == 1
 
 
 def test_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="--eval-only needs --ckpt"):
-        finetune_cls.main(small_config(tmp_path, eval_only=True))
+    with pytest.raises(FileNotFoundError, match="no-such-ckpt"):
+        finetune_cls.main(small_config(tmp_path, eval_ckpt=str(tmp_path / "no-such-ckpt")))
     with pytest.raises(FileNotFoundError, match="no.h5"):
         finetune_cls.main(small_config(tmp_path, data="scanobjectnn", data_path=str(tmp_path / "no.h5")))
     with pytest.raises(FileNotFoundError, match="ckpt-last"):

@@ -21,6 +21,7 @@ from conftest import ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need
 from data_prep import shapenetpart as convert
 from pqae import checkpoint as ckpt
 from pqae import shapenetpart as spart
+from pqae.model import TINY_ENCODER
 from pqae.segmentation import PointSegmenter, load_pretrained, propagate
 
 CAP = SHARED_DATA / "shapenetpart_cap" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
@@ -175,7 +176,7 @@ def test_model_shapes_and_feature_propagation():
 
 def test_pretrained_encoder_loads_strictly(tmp_path):
     import pretrain
-    pcfg = pretrain.Config(dim=48, depth=3, heads=2, decoder_depth=1, embed_hidden=16)
+    pcfg = pretrain.Config(**TINY_ENCODER, decoder_depth=1)
     pre = pretrain.build_model(pcfg)
     ckpt.save_checkpoint(tmp_path / "pre", pre, {"step": 0})
     cfg = small_config(tmp_path, tmp_path / "unused.h5")
@@ -224,7 +225,7 @@ def test_end_to_end_resume_and_checkpoints(tmp_path, cap_h5):
     full = partseg.main(small_config(tmp_path / "a", cap_h5, epochs=2))
     assert full["step"] == 4 and [h["epoch"] for h in full["history"]] == [0, 1]
     for h in full["history"]:
-        assert 0 <= h["class_miou"] <= 1 and 0 <= h["acc"] <= 1
+        assert 0 <= h["class_miou"] <= 100 and 0 <= h["acc"] <= 100  # in %
         assert h["class_miou"] == pytest.approx(h["instance_miou"])  # one category: equal
     best = full["best_on_test"]
     assert best["instance_miou"] == max(h["instance_miou"] for h in full["history"])
@@ -310,8 +311,8 @@ def test_synthetic_parts_and_tiny_preset(tmp_path):
                               device="cpu")
     result = partseg.main(cfg)
     assert len(result["history"]) == 3
-    # One part everywhere scores ~0.25-0.33 instance mIoU; seen: 0.73 after 3 epochs.
-    assert result["history"][-1]["instance_miou"] > 0.55
+    # One part everywhere scores ~25-33 % instance mIoU; seen: 64 % after 3 epochs.
+    assert result["history"][-1]["instance_miou"] > 55
 
 
 def test_test_checkpoint_reproduces_the_epoch_evaluation(tmp_path, cap_h5):
@@ -319,11 +320,11 @@ def test_test_checkpoint_reproduces_the_epoch_evaluation(tmp_path, cap_h5):
     # Testing ckpt-last alone must give exactly those metrics.
     trained = partseg.main(small_config(tmp_path / "run", cap_h5, epochs=1))
     tested = partseg.main(small_config(tmp_path / "test", cap_h5,
-                                       test_checkpoint=str(tmp_path / "run" / "ckpt-last")))
+                                       eval_ckpt=str(tmp_path / "run" / "ckpt-last")))
     for k in ("acc", "class_miou", "instance_miou"):
         assert tested["test"][k] == trained["history"][0][k], k
     with pytest.raises(FileNotFoundError):
-        partseg.main(small_config(tmp_path / "x", cap_h5, test_checkpoint=str(tmp_path / "no")))
+        partseg.main(small_config(tmp_path / "x", cap_h5, eval_ckpt=str(tmp_path / "no")))
 
 
 def test_bf16_autocast_stays_close_to_float32():
@@ -348,7 +349,7 @@ def test_amp_and_compile_options_train_and_evaluate(tmp_path, cap_h5):
     result = partseg.main(small_config(tmp_path / "amp", cap_h5, epochs=2, amp=True))
     assert result["step"] == 4 and result["optimizer"].defaults["fused"] is True
     for h in result["history"]:
-        assert math.isfinite(h["instance_miou"]) and 0 <= h["instance_miou"] <= 1 and h["acc"] > 0
+        assert math.isfinite(h["instance_miou"]) and 0 <= h["instance_miou"] <= 100 and h["acc"] > 0
     compiled = partseg.main(small_config(tmp_path / "compile", cap_h5, max_steps=1, compile=True))
     assert compiled["model"].encoder._compiled_call_impl is not None
     assert compiled["step"] == 1

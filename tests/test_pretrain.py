@@ -61,9 +61,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # The resumed run logged exactly the losses of the uninterrupted one for steps 7..12.
-    tail = [h["loss"] for h in full["history"] if h["step"] > 6]
-    assert tail == [h["loss"] for h in resumed["history"]]
+    # The resumed run logged exactly the losses of the uninterrupted one for steps 7..12, and
+    # carries the history of steps 1..6 over from its checkpoint.
+    assert resumed["history"] == full["history"]
+    saved = json.loads((tmp_path / "b" / "run" / "results.json").read_text())
+    assert saved["history"] == full["history"] and saved["step"] == 12
 
 
 def test_checkpoints_kept_at_reference_epochs(tmp_path):
@@ -207,8 +209,8 @@ def test_cli_presets_and_overrides():
     cfg = parse(pretrain.Config, pretrain.PRESETS, ["--lr", "1e-3"])
     assert cfg == dataclasses.replace(pretrain.Config(), lr=1e-3)
     tiny = parse(pretrain.Config, pretrain.PRESETS, ["--preset", "tiny", "--epochs", "1"])
-    assert tiny.data == "procedural" and tiny.dim == 192 and tiny.epochs == 1
-    with pytest.raises(SystemExit):
+    assert tiny.data == "procedural" and tiny.dim == 96 and tiny.epochs == 1
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
         parse(pretrain.Config, pretrain.PRESETS, ["--preset", "nope"])
 
 

@@ -174,7 +174,7 @@ def test_semseg_end_to_end_with_whole_room_test(converted, tmp_path):
     result = semseg.main(cfg)
     # 3 train rooms x ~4000 points / 256 = 46 blocks per epoch -> 5 steps of 8, 2 epochs.
     assert result["step"] == 10 and [h["epoch"] for h in result["history"]] == [0, 1]
-    assert all(np.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in result["history"])
+    assert all(np.isfinite(h["loss"]) and 0 <= h["miou"] <= 100 for h in result["history"])
     run = tmp_path / "run"
     assert ckpt.load_meta(run / "ckpt-best")["metrics"]["miou"] == result["best_miou"]
     # The reference's double step: two AdamW updates per batch.
@@ -188,11 +188,14 @@ def test_semseg_end_to_end_with_whole_room_test(converted, tmp_path):
         assert pred.shape == (len(expected[name]),)
         conf += s3dis.confusion(torch.from_numpy(pred),
                                 torch.from_numpy(expected[name][:, 6].astype(np.int64)))
-    assert s3dis.scores(conf)["oa"] == pytest.approx(test["oa"])
-    assert s3dis.scores(conf)["miou"] == pytest.approx(test["miou"])
-    # --test-checkpoint: the whole-room test alone on the saved best weights, same votes.
+    assert 100 * s3dis.scores(conf)["oa"] == pytest.approx(test["oa"])  # reported in %
+    assert 100 * s3dis.scores(conf)["miou"] == pytest.approx(test["miou"])
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["test"]["miou"] == pytest.approx(test["miou"]) and len(saved["history"]) == 2
+    assert saved["best_miou"] == result["best_miou"] and saved["config"]["test_rooms"] is True
+    # --eval-ckpt: the whole-room test alone on the saved best weights, same votes.
     again = semseg.main(tiny_config(data_path, tmp_path / "test_only",
-                                    test_checkpoint=str(run / "ckpt-best")))
+                                    eval_ckpt=str(run / "ckpt-best")))
     assert again["test"]["miou"] == pytest.approx(test["miou"])
     assert again["test"]["oa"] == pytest.approx(test["oa"])
 
@@ -248,7 +251,7 @@ def test_two_process_run_counts_every_point_once(converted, tmp_path):
     assert ddp["test"]["points"] == test_points
     assert ddp["eval"]["points"] == 7 * 256  # 7 blocks in 4 batches of 2 over 2 ranks
     single = semseg.main(tiny_config(data_path, tmp_path / "single",
-                                     test_checkpoint=str(tmp_path / "run" / "ckpt-last")))
+                                     eval_ckpt=str(tmp_path / "run" / "ckpt-last")))
     for k in ("miou", "macc", "oa", "points"):
         assert single["test"][k] == pytest.approx(ddp["test"][k]), k
 
@@ -270,8 +273,8 @@ def test_amp_trains_and_tests_whole_rooms(converted, tmp_path):
     data_path, _, _ = converted
     result = semseg.main(tiny_config(data_path, tmp_path / "run", amp=True, test_rooms=True))
     assert result["step"] == 10
-    assert all(np.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in result["history"])
-    assert 0 < result["test"]["oa"] <= 1
+    assert all(np.isfinite(h["loss"]) and 0 <= h["miou"] <= 100 for h in result["history"])
+    assert 0 < result["test"]["oa"] <= 100
     state = ckpt.load_resume(tmp_path / "run" / "ckpt-last")["optimizer"]
     assert all(g["fused"] is True for g in state["param_groups"])
 

@@ -1,0 +1,24 @@
+"""Errors that are the user's to fix: the scripts print them in a line or two, without a
+traceback, and exit with status 2 (`pqae.cli.run`). Each also is the builtin error it stands
+for, so `except FileNotFoundError` and the like still catch it."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the command line or the input files; the message says how to fix it."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message onto one line
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or directory the run needs does not exist."""
+
+
+class BadInput(UserError, ValueError):
+    """An input has the wrong layout, shape or values, or flags contradict each other."""
+
+
+class CheckpointMismatch(UserError, KeyError):
+    """A checkpoint does not fit the model it is loaded into."""

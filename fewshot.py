@@ -22,8 +22,9 @@ The table (printed, and saved as out_dir/fewshot_table.txt and results.json) giv
 setting the mean +- SAMPLE standard deviation (n - 1 in the denominator) of both over the folds
 of this invocation, beside the paper's numbers (which do not say which std they use).
 
-Resumable: a fold whose results.json exists (with the same fine-tuning config) is read back and
-not re-run; a fold with a ckpt-last but no results resumes through finetune_cls's own --resume.
+Resumable with --resume: a fold whose results.json exists (with the same fine-tuning config) is
+read back and not re-run; a fold with a ckpt-last but no results resumes through finetune_cls's
+own --resume. Without --resume, an out_dir that holds a run is refused (--overwrite starts over).
 Under torchrun every rank walks the same fold sequence and the skip/resume decision is read
 from the same files (which only change while all ranks are inside a fold); rank 0 alone writes.
 """
@@ -143,8 +144,8 @@ def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
     diff = sorted(k for k in ours.keys() | result.get("config", {}).keys()
                   if k not in ("resume", "overwrite") and ours.get(k) != result.get("config", {}).get(k))
     if diff or "best_acc" not in result:
-        raise ValueError(f"{path} was written by a different run (config fields differ: {diff}); "
-                         f"use another --out-dir or delete it")
+        raise BadInput(f"{path} was written by a different run (config fields differ: {diff}); "
+                       f"use another --out-dir, or --overwrite to start again")
     return result
 
 

@@ -421,7 +421,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+        raise BadInput(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     local_bs, lr0 = cfg.batch_size // world, base_lr(cfg)
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
@@ -432,7 +432,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
 
     test_points, test_labels = load_split(cfg, "test")
     if cfg.num_points > test_points.shape[1]:
-        raise ValueError(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
+        raise BadInput(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
     test = TestSet(cfg, test_points, test_labels, rank, world, device)
 
     if cfg.eval_ckpt:
@@ -457,10 +457,10 @@ def main(cfg: Config, summary: bool = True) -> dict:
     train_points, train_labels = load_split(cfg, "train")
     train_points, train_labels = train_points.to(device), train_labels.to(device)
     if cfg.num_points > train_points.shape[1]:
-        raise ValueError(f"num_points {cfg.num_points} > {train_points.shape[1]} points per cloud")
+        raise BadInput(f"num_points {cfg.num_points} > {train_points.shape[1]} points per cloud")
     steps_per_epoch = train_points.shape[0] // cfg.batch_size  # drop_last, as the reference
     if steps_per_epoch == 0:
-        raise ValueError(f"{train_points.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
+        raise BadInput(f"{train_points.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
     total_steps = (cfg.epochs + 1) * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -584,7 +584,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
         finish(scores, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
                         "results": out_dir / "results.json",
                         "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
-               [f"python finetune_cls.py --eval-ckpt {best_ckpt}"]
+               [f"python finetune_cls.py {tiny}--eval-ckpt {best_ckpt}"]
                + ([f"python fewshot.py {tiny}--pretrained {cfg.pretrained}"] if cfg.pretrained
                   else []), rank=rank)
     dist.cleanup()

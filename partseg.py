@@ -36,7 +36,7 @@ from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header
                       write_json)
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
-from pqae.errors import MissingFile
+from pqae.errors import BadInput, MissingFile
 from pqae.model import TINY_ENCODER
 from pqae.segmentation import PointSegmenter, feature_blocks_for, load_pretrained
 
@@ -271,10 +271,10 @@ def main(cfg: Config) -> dict:
     env = dist.setup(cfg.device)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+        raise BadInput(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     local_bs = cfg.batch_size // world
     if local_bs < 2:
-        raise ValueError(f"{local_bs} shape(s) per process: BatchNorm needs at least 2")
+        raise BadInput(f"{local_bs} shape(s) per process: BatchNorm needs at least 2")
     out_dir = Path(cfg.out_dir)
     header = run_header(device, world)
     print0(header, rank=rank)
@@ -291,7 +291,7 @@ def main(cfg: Config) -> dict:
         test = spart.load_split(cfg.data_path, "test").to(device)
     steps_per_epoch = len(train) // cfg.batch_size  # drop_last, as the reference
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} shapes are fewer than one batch of {cfg.batch_size}")
+        raise BadInput(f"{len(train)} shapes are fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)

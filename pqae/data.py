@@ -361,15 +361,15 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
     with h5py.File(path, "r") as f:
         if f"{split}/points" not in f or f"{split}/labels" not in f:
             raise BadInput(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
-                             + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
+                           + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
         points, labels = f[f"{split}/points"][()], f[f"{split}/labels"][()]
     if (points.ndim != 3 or points.shape[1:] != (num_points, 3) or points.dtype != np.float32
             or labels.shape != (points.shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
         raise BadInput(f"{path}: expected {expected}; found '{split}/points' {points.shape} "
-                         f"{points.dtype} and '{split}/labels' {labels.shape} {labels.dtype}")
+                       f"{points.dtype} and '{split}/labels' {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise BadInput(f"{path}: '{split}/labels' outside [0, {num_classes}): "
-                         f"min {labels.min()}, max {labels.max()}")
+                       f"min {labels.min()}, max {labels.max()}")
     out = torch.from_numpy(points)
     check_finite(out, f"{path} (split {split!r})")
     return out, torch.from_numpy(labels.astype(np.int64))

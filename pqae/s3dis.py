@@ -189,7 +189,7 @@ def sample_block(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 
     n, dev = len(xyz), xyz.device
     if n <= min_points:
         raise BadInput(f"no block of {block_size} m can hold more than {min_points} points "
-                         f"in a room of {n} points")
+                       f"in a room of {n} points")
     half = block_size / 2
     centres = xyz[torch.randint(n, (candidates,), device=dev)]  # (K, 3)
     inside = ((xyz[:, None, 0] - centres[None, :, 0]).abs() <= half) \

@@ -148,7 +148,7 @@ def load_split(path: str | Path, split: str) -> PartSplit:
     with h5py.File(path, "r") as f:
         if split not in f:
             raise BadInput(f"{path}: expected {FORMAT}; found no group '{split}' "
-                             f"(top-level keys: {sorted(f.keys())})")
+                           f"(top-level keys: {sorted(f.keys())})")
         g = f[split]
         missing = [k for k in ("points", "labels", "offsets", "category", "names") if k not in g]
         if missing:
@@ -173,8 +173,8 @@ def load_split(path: str | Path, split: str) -> PartSplit:
     if bad.any():
         s = int(seg[np.argmax(bad)])
         raise BadInput(f"{path}: shape {names[s]} ({CATEGORIES[category[s]]}) has part labels "
-                         f"outside its parts {PART_START[category[s]]}.."
-                         f"{PART_START[category[s]] + NUM_PARTS[category[s]] - 1}")
+                       f"outside its parts {PART_START[category[s]]}.."
+                       f"{PART_START[category[s]] + NUM_PARTS[category[s]] - 1}")
     pts, offs = torch.from_numpy(points), torch.from_numpy(offsets.astype(np.int64))
     check_finite(pts[None], f"{path} (split {split!r})")
     return PartSplit(_unit_sphere_segments(pts, offs), torch.from_numpy(labels.astype(np.int64)),

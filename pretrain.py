@@ -26,10 +26,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, data, dist, syncbn
+from pqae import amp, bench, cli, collapse, data, dist, syncbn
 from pqae.errors import BadInput, MissingFile
 from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
                       write_json)
+from pqae.embed import PointEmbedder
 from pqae.model import TINY_ENCODER, PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
@@ -128,6 +129,13 @@ class Config:
     """also keep ckpt-epoch-E when E % keep_every == 0 and E >= keep_from (250, 275, 300)."""
     log_every: int = 50
     """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
+    probe_data: str = ""
+    """a classification HDF5 (data_prep.modelnet40 / data_prep.scanobjectnn) or `procedural`
+    (built-in classes): with --probe-every, rank 0 probes the frozen encoder on it
+    (`pqae.probe`: linear and k-NN accuracy in %)."""
+    probe_every: int = 0
+    """probe the encoder at the end of every this many epochs (0: never); the scores go to
+    TensorBoard (probe/*), the log and the checkpoint's metrics."""
     vis_every: int = 2000
     """log TensorBoard point clouds (a view, its target patches, its cross reconstruction) every
     this many optimizer steps (0: never)."""
@@ -268,6 +276,15 @@ def main(cfg: Config) -> dict:
         print0(f"resumed from {last} at step {step}"
                + (f"; config changed since: {changed}" if changed else ""), rank=rank)
     train_step = make_train_step(cfg, model, train_model, optimizer, clouds, env)
+    probe_data, probe_scores = None, {}
+    if cfg.probe_every and rank == 0:
+        from pqae import probe
+        if not cfg.probe_data:
+            raise BadInput("--probe-every needs --probe-data (a classification .h5, or procedural)")
+        probe_data = probe.load_data("procedural" if cfg.probe_data == "procedural" else "auto",
+                                     cfg.probe_data, seed=cfg.seed)
+        print0(f"probe every {cfg.probe_every} epoch(s) on {probe_data.name}: train "
+               f"{len(probe_data.train_labels)}, test {len(probe_data.test_labels)}", rank=rank)
 
     writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
     if rank == 0:
@@ -279,7 +296,7 @@ def main(cfg: Config) -> dict:
         if rank != 0:
             return
         meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
-                "metrics": metrics, "header": header}
+                "metrics": {**metrics, **probe_scores}, "header": header}
         resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                   "config": dataclasses.asdict(cfg), "history": history}
         ckpt.save_checkpoint(out_dir / "ckpt-last", model, meta, resume)
@@ -290,13 +307,16 @@ def main(cfg: Config) -> dict:
     timer = Timer(device)
     loss_sum = torch.zeros(3, device=device)  # total, view 1, view 2 since the last log line
     t_start, start_step = time.perf_counter(), step
+    t_epoch_start, warned_epoch = t_start, -1
     epoch = step // steps_per_epoch
     perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], device)
     train_model.train()
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
         vis = writer is not None and cfg.vis_every and step % cfg.vis_every == 0
-        out = train_step(step, perm, return_outputs=vis)
+        log_now = ((step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
+                   or step + 1 == total_steps)
+        out = train_step(step, perm, return_outputs=vis or (log_now and rank == 0))
         loss_sum += torch.stack([out["loss"], out["loss_view1"], out["loss_view2"]]).detach()
         step += 1
         timer.steps += 1
@@ -312,16 +332,44 @@ def main(cfg: Config) -> dict:
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             metrics = {"loss": losses[0], "loss_view1": losses[1], "loss_view2": losses[2]}
+            stuck = ""
+            if rank == 0:  # this step's batch on rank 0: is the decoder at the constant solution?
+                c = collapse.stats(out)
+                metrics.update(constant_loss=c["constant_loss"], spread_ratio=c["spread_ratio"])
+                stuck = (f" | const {c['constant_loss']:.4f} (model {c['loss_sample']:.4f}) | "
+                         f"spread {c['spread_ratio']:.2g}")
             history.append({"step": step, "epoch": epoch, **metrics})
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {losses[0]:.4f}"
-                   f" (view1 {losses[1]:.4f} view2 {losses[2]:.4f}) | lr {lr:.3g} | "
+                   f" (view1 {losses[1]:.4f} view2 {losses[2]:.4f}){stuck} | lr {lr:.3g} | "
                    f"{ms:.0f} ms/step | {cfg.batch_size * 1000 / ms:.0f} shapes/s | "
                    f"ETA {format_eta(eta)}", rank=rank)
+            if rank == 0 and epoch >= max(1, cfg.warmup_epochs) and collapse.collapsed(c) \
+                    and warned_epoch != epoch:
+                warned_epoch = epoch
+                print0(f"warning: the decoder predicts one patch everywhere (its spread across "
+                       f"patches is {c['spread_ratio']:.2g} of the targets') and its loss "
+                       f"{c['loss_sample']:.4f} is no better than the best constant patch's "
+                       f"{c['constant_loss']:.4f}: the run sits at the constant solution (see "
+                       f"pqae/collapse.py)", rank=rank)
             log_scalars(writer, step, {**{f"train/{k}": v for k, v in metrics.items()},
                                        "train/lr": lr, "perf/ms_per_step": ms,
                                        "perf/shapes_per_s": cfg.batch_size * 1000 / ms})
             loss_sum.zero_()
             timer.reset()
+        if epoch_end and probe_data is not None and epoch % cfg.probe_every == 0:
+            t_epoch = time.perf_counter() - t_epoch_start
+            probe_scores = probe_encoder(cfg, model, probe_data, device)
+            history.append({"step": step, "epoch": epoch, **probe_scores})
+            print0(f"probe epoch {epoch} | linear {probe_scores['probe_linear_acc']:.2f} % | "
+                   f"k-NN {probe_scores['probe_knn_acc']:.2f} % | {probe_scores['probe_s']:.1f} s "
+                   f"({100 * probe_scores['probe_s'] / max(t_epoch, 1e-9):.0f} % of the epoch's "
+                   f"{t_epoch:.1f} s)", rank=rank)
+            log_scalars(writer, step, {"probe/linear_acc": probe_scores["probe_linear_acc"],
+                                       "probe/knn_acc": probe_scores["probe_knn_acc"],
+                                       "probe/seconds": probe_scores["probe_s"]})
+            timer.reset()  # the next progress line times training steps, not the probe
+        if epoch_end:
+            t_epoch_start = time.perf_counter()
         if epoch_end or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
             save(epoch, step)
         if epoch_end:
@@ -332,15 +380,19 @@ def main(cfg: Config) -> dict:
     # checkpoint the downstream scripts are given (ckpt-last is the same, plus the optimizer).
     final = out_dir / "ckpt-final"
     result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,
-              "metrics": metrics, "history": history, "checkpoint": str(final)}
+              "metrics": {**metrics, **probe_scores}, "history": history, "checkpoint": str(final)}
     if rank == 0:
         ckpt.save_checkpoint(final, model, {"config": dataclasses.asdict(cfg), "epoch": epoch,
-                                            "step": step, "metrics": metrics, "header": header})
+                                            "step": step, "metrics": result["metrics"],
+                                            "header": header})
         write_json(out_dir / "results.json", result)
     if writer is not None:
         writer.close()
     loss = (f"loss {metrics['loss']:.4f} (view1 {metrics['loss_view1']:.4f} view2 "
             f"{metrics['loss_view2']:.4f})" if metrics else "no steps run")
+    if probe_scores:
+        loss += (f" | probe: linear {probe_scores['probe_linear_acc']:.2f} %, k-NN "
+                 f"{probe_scores['probe_knn_acc']:.2f} %")
     tiny = "--preset tiny " if cfg.data == "procedural" else (
         "--preset scan-hardest --data-path data/scanobjectnn_hardest.h5 ")
     finish(f"{loss} after step {step}/{total_steps}",
@@ -349,6 +401,19 @@ def main(cfg: Config) -> dict:
            [f"python finetune_cls.py {tiny}--pretrained {final}"], rank=rank)
     dist.cleanup()
     return {**result, "out_dir": str(out_dir), "model": model}
+
+
+def probe_encoder(cfg: Config, model: PointPQAE, probe_data, device: torch.device) -> dict:
+    """Linear and k-NN probe (in %) of a frozen copy of the encoder as it is now, in eval mode,
+    with this run's grouping and point count (`pqae.probe`)."""
+    from pqae import probe
+    embedder = PointEmbedder(cfg.dim, cfg.depth, cfg.heads, cfg.embed_hidden, cfg.num_group,
+                             cfg.group_size, cfg.num_points).to(device)
+    embedder.encoder.load_state_dict(ckpt.unwrap(model).encoder.state_dict())
+    result = probe.probe(embedder.eval(), probe_data, seed=cfg.seed)
+    knn = max(k for k in result if k.startswith("knn"))  # the largest k
+    return {"probe_linear_acc": result["linear_acc"], "probe_knn_acc": result[knn],
+            "probe_knn1_acc": result.get("knn1_acc"), "probe_s": result["embed_s"] + result["probe_s"]}
 
 
 def log_clouds(writer, out: dict, step: int) -> None:

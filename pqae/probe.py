@@ -50,6 +50,8 @@ class Config:
     """training shapes with --data procedural."""
     procedural_test: int = 100
     """test shapes with --data procedural."""
+    procedural_points: int = 1024
+    """points per shape with --data procedural (ModelNet40 files hold 8192)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available, else cpu."""
     batch_size: int = 256
@@ -86,12 +88,12 @@ class ProbeData:
 
 
 def load_data(kind: str, path: str, procedural_train: int = 200, procedural_test: int = 100,
-              seed: int = 0) -> ProbeData:
+              seed: int = 0, procedural_points: int = 1024) -> ProbeData:
     """The probe set: a data_prep classification file (kind auto / scanobjectnn / modelnet40)
     or the built-in procedural classes."""
     if kind == "procedural":
-        tr = data.procedural_classes(procedural_train, 1024, seed=2 * seed)
-        te = data.procedural_classes(procedural_test, 1024, seed=2 * seed + 1)
+        tr = data.procedural_classes(procedural_train, procedural_points, seed=2 * seed)
+        te = data.procedural_classes(procedural_test, procedural_points, seed=2 * seed + 1)
         return ProbeData("procedural", *tr, *te)
     import h5py
     if not Path(path).is_file():
@@ -231,7 +233,7 @@ def main(cfg: Config) -> dict:
         embedder = load_encoder(cfg.ckpt, device)
         what = cfg.ckpt
     probe_data = load_data(cfg.data, cfg.data_path, cfg.procedural_train, cfg.procedural_test,
-                           cfg.seed)
+                           cfg.seed, cfg.procedural_points)
     result = probe(embedder, probe_data, cfg.batch_size, cfg.l2, cfg.folds, cfg.knn, cfg.seed)
     train_x, test_x = result.pop("train_features"), result.pop("test_features")
     if cfg.out:

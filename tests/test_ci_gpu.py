@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["tests", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
-         "pretrain.resume", "kernels.static"]
+         "pretrain.resume", "probe", "kernels.static"]
 
 
 def _gpu_check(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
@@ -38,6 +38,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["pretrain.resume"]["figures"]["steps"][-1] > real["steps"][-1]
     assert {r["op"] for r in by["kernels.bench"]["figures"]["rows"]} >= {"fps", "knn", "group (2 views)"}
     assert by["kernels.static"]["figures"]["rows"][0]["estimate_us"] > 0
+    assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
     assert (tmp_path / "gpu-check.log").stat().st_size > 0

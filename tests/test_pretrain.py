@@ -98,7 +98,9 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
         "from pathlib import Path\n"
         "from conftest import small_pretrain_config\n"
         "from pqae.checkpoint import save_weights\n"
-        f"cfg = small_pretrain_config(Path({str(tmp_path)!r}), max_steps=5)\n"
+        # a probe after epoch 0 on rank 0 only; rank 1 waits for it at the next step
+        f"cfg = small_pretrain_config(Path({str(tmp_path)!r}), max_steps=5, probe_data='procedural',"
+        f" probe_every=1)\n"
         "rank = int(os.environ['RANK'])\n"
         "model = pretrain.main(cfg)['model']\n"
         "params = {k: p.detach() for k, p in model.named_parameters()}\n"
@@ -112,6 +114,7 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
          str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout and "(8 per process)" in proc.stdout
+    assert proc.stdout.count("probe epoch 0 | linear") == 1
     assert "benchmark: global batch 16 on 2 process(es)" in proc.stdout
     assert proc.stdout.count("speed-up of this config") == 1  # printed by rank 0 only
     r0 = ckpt.load_weights(tmp_path / "rank0.safetensors")

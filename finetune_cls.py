@@ -121,6 +121,9 @@ class Config:
     """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
     grad_clip: float = 10.0
     """maximum global L2 norm of the gradients, clipped before every optimizer step."""
+    max_loss: float = 1000.0
+    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
+    for a NaN loss: the last confirmed checkpoint is kept and named."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
@@ -477,13 +480,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
 
     step, history, best = 0, [], {"acc": -1.0, "epoch": -1}
     if cfg.resume:
-        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
-        if last is None:
-            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
-                              f"without --resume")
-        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
-        state = ckpt.load_resume(last)
-        optimizer.load_state_dict(state["optimizer"])
+        last, state, meta = ckpt.resume_from(out_dir, model, optimizer, rank)
         step, history, best = state["step"], state["history"], state["best"]
         print0(f"resumed from {last} at step {step}", rank=rank)
 
@@ -525,7 +522,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
         if step % cfg.log_every == 0 or epoch_end or step == total_steps:
             sums = dist.all_reduce_sum(sums)  # the global batch; every rank decides alike
             loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
+            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir, cfg.max_loss, rank)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "
@@ -558,6 +555,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
         elif step == total_steps:
             save("ckpt-last", epoch, step, resumable=True)  # --max-steps stop, mid-epoch
 
+    ckpt.confirm(out_dir / "ckpt-last", rank)  # the run ended normally
     accs = [h for h in history if h["acc"] is not None]
     dist.broadcast_buffers(model)
     vote_acc = evaluate(model, test, cfg, cfg.votes)[0] if cfg.votes else None

@@ -101,6 +101,9 @@ class Config:
     double_step: bool = True
     """the reference (from Point-MAE) steps AdamW with the unclipped gradients, clips, and steps
     again: two updates per batch. False: clip, then one step."""
+    max_loss: float = 1000.0
+    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
+    for a NaN loss: the last confirmed checkpoint is kept and named."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     eval_ckpt: str = ""
@@ -330,13 +333,7 @@ def main(cfg: Config) -> dict:
 
     step, history, best = 0, [], {}
     if cfg.resume:
-        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
-        if last is None:
-            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
-                              f"without --resume")
-        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
-        state = ckpt.load_resume(last)
-        optimizer.load_state_dict(state["optimizer"])
+        last, state, meta = ckpt.resume_from(out_dir, model, optimizer, rank)
         step, history, best = state["step"], state["history"], state["best"]
         print0(f"resumed from {last} at step {step}", rank=rank)
 
@@ -377,7 +374,7 @@ def main(cfg: Config) -> dict:
             sums = dist.all_reduce_sum(sums)
             loss_avg = (sums[0] / (timer.steps * world)).item()
             acc = 100 * (sums[1] / sums[2]).item()  # %
-            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir)
+            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir, cfg.max_loss, rank)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             print0(f"epoch {epoch}/{cfg.epochs - 1} | step {step}/{total_steps} | loss "
@@ -409,6 +406,7 @@ def main(cfg: Config) -> dict:
             perm = epoch_perm(cfg.seed, epoch, len(train), device)
             timer.reset()  # the next progress line times training steps, not the evaluation
 
+    ckpt.confirm(out_dir / "ckpt-last", rank)  # the run ended normally
     last = history[-1] if history else {}
     result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,
               "history": history, "last": last, "best_on_test": best,

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, collapse, data, dist, syncbn
-from pqae.errors import BadInput, MissingFile
+from pqae.errors import BadInput
 from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
                       write_json)
 from pqae.embed import PointEmbedder
@@ -87,6 +87,9 @@ class Config:
     """cosine length in epochs; the loop runs epochs 0..epochs inclusive (301), as the reference."""
     warmup_epochs: int = 10
     """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
+    max_loss: float = 1000.0
+    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
+    for a NaN loss: the last confirmed checkpoint is kept and named."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
@@ -262,14 +265,8 @@ def main(cfg: Config) -> dict:
            rank=rank)
     step, metrics, history = 0, {}, []
     if cfg.resume:
-        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
-        if last is None:
-            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
-                              f"without --resume")
-        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
-        state = ckpt.load_resume(last)
-        optimizer.load_state_dict(state["optimizer"])
-        step, metrics = state["step"], ckpt.load_meta(last).get("metrics", {})
+        last, state, meta = ckpt.resume_from(out_dir, model, optimizer, rank)
+        step, metrics = state["step"], meta.get("metrics", {})
         history = state.get("history", [])
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
                    if k in {f.name for f in dataclasses.fields(cfg)} and v != getattr(cfg, k)}
@@ -328,7 +325,7 @@ def main(cfg: Config) -> dict:
             # Averaged over ranks: the line shows the global batch, and every rank takes the
             # same stop decision below.
             losses = (dist.all_reduce_sum(loss_sum) / (timer.steps * world)).tolist()
-            ckpt.stop_if_diverged(losses, step, epoch, out_dir)
+            ckpt.stop_if_diverged(losses, step, epoch, out_dir, cfg.max_loss, rank)
             ms = timer.ms_per_step()
             eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
             metrics = {"loss": losses[0], "loss_view1": losses[1], "loss_view2": losses[2]}
@@ -376,6 +373,7 @@ def main(cfg: Config) -> dict:
             epoch += 1
             perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], device)
 
+    ckpt.confirm(out_dir / "ckpt-last", rank)  # the run ended normally
     # The weights at the end of the schedule under one name, whatever its length: the
     # checkpoint the downstream scripts are given (ckpt-last is the same, plus the optimizer).
     final = out_dir / "ckpt-final"

@@ -107,6 +107,9 @@ class Config:
     """the reference's loop (from Point-MAE): backward, AdamW step with the UNclipped gradients,
     clip to grad_clip, AdamW step AGAIN with the clipped ones (two updates per batch). False:
     clip, then one step."""
+    max_loss: float = 1000.0
+    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
+    for a NaN loss: the last confirmed checkpoint is kept and named."""
     max_steps: int = 0
     """stop after this many optimizer steps (0: the whole schedule). For debugging."""
     seed: int = 0
@@ -399,15 +402,9 @@ def main(cfg: Config) -> dict:
 
     step, best_miou, history, best_state = 0, -1.0, [], None
     if cfg.resume:
-        last = ckpt.find_checkpoint(out_dir / "ckpt-last")
-        if last is None:
-            raise MissingFile(f"--resume: no checkpoint in {out_dir / 'ckpt-last'}; start the run "
-                              f"without --resume")
-        ckpt.load_strict(model, ckpt.load_weights(last), source=str(last))
-        state = ckpt.load_resume(last)
-        optimizer.load_state_dict(state["optimizer"])
+        last, state, meta = ckpt.resume_from(out_dir, model, optimizer, rank)
         step, best_miou = state["step"], state["best_miou"]
-        history = ckpt.load_meta(last).get("history", [])
+        history = meta.get("history", [])
         best = ckpt.find_checkpoint(out_dir / "ckpt-best")  # written before that run ended
         best_state = ckpt.load_weights(best) if best is not None else None
         print0(f"resumed from {last} at step {step} (best mIoU {best_miou:.4f})", rank=rank)
@@ -441,7 +438,7 @@ def main(cfg: Config) -> dict:
             dist.all_reduce_sum(sums)  # every rank logs at the same steps
             loss, acc, fallbacks = (sums / timer.steps).tolist()
             acc, fallbacks = 100 * acc / world, round(fallbacks * timer.steps)  # acc in %
-            ckpt.stop_if_diverged(loss, step, epoch, out_dir)
+            ckpt.stop_if_diverged(loss, step, epoch, out_dir, cfg.max_loss, rank)
             if fallbacks:
                 print0(f"note: {fallbacks} training block(s) since the last line had no candidate "
                        f"centre with more than {cfg.min_block_points} points; the fullest "
@@ -481,6 +478,7 @@ def main(cfg: Config) -> dict:
             epoch += 1
             order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
 
+    ckpt.confirm(out_dir / "ckpt-last", rank)  # the run ended normally
     evals = [h for h in history if "miou" in h]
     best_epoch = max(evals, key=lambda h: h["miou"])["epoch"] if evals else None
     result = {"config": dataclasses.asdict(cfg), "step": step, "total_steps": total_steps,

@@ -2,18 +2,32 @@
 
 A checkpoint is a directory:
     model.safetensors   unwrapped weights, our own key names (no `module.` / `_orig_mod.`)
-    meta.json           config, epoch, step, metrics
     resume.pt           (only for the "last" checkpoint) optimizer state, epoch, step
-Directories are written complete under `<name>.tmp` and then swapped in by rename, so a run
-killed at any moment leaves either the previous or the new checkpoint, never a torn one.
+    meta.json           config, epoch, step, metrics, and the size of each file above; written
+                        last, so a directory with a meta.json whose sizes match is complete
+What is guaranteed (tests/test_faults.py kills and corrupts at every point):
+* A checkpoint is written complete under a fresh `<name>.tmp-*` name, fsynced, and swapped in
+  by renames; at every moment of a write the newest complete checkpoint exists as `<name>`,
+  `<name>.old` or a `<name>.tmp-*`, and `find_checkpoint` picks it by its recorded step,
+  skipping (and naming) incomplete or corrupt ones. Kills in a row lose nothing.
+* A resumable checkpoint keeps its predecessor (`<name>.old`) until the training loop has seen
+  a finite loss from the weights it holds (`stop_if_diverged` confirms it). If the next check
+  fails, the unconfirmed one is set aside as `<name>.diverged` and the predecessor is put back:
+  the last good checkpoint named in the message is one whose weights gave a checked loss.
+* Loading refuses, naming the file and the cause, anything truncated or corrupt, weights that
+  are not finite float32, and an optimizer state that does not fit the model.
+Not guaranteed: the weights after the very last step of a run are saved without a following
+loss (they are checked to be finite); a disk that lies about fsync.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -40,24 +54,80 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make renames and new entries in a directory durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_weights(path: str | Path, state: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write of a state dict (tensors made contiguous and unshared)."""
+    """Atomic safetensors write of a state dict (tensors made contiguous and unshared). A failed
+    write (a full disk) removes its temporary file and says where and why."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp),
-              metadata=metadata)
-    _fsync(tmp)
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp),
+                  metadata=metadata)
+        _fsync(tmp)
+    except Exception as e:  # a full disk, an unwritable directory
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {e}; nothing was replaced") from e
     os.replace(tmp, path)
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (None when it is): its header is read and the
+    file size checked against the data it describes, without reading the tensors."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8:
+                return f"header of {n} bytes in a file of {size}"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        return f"not a safetensors file ({type(e).__name__}: {e})"
+    if size != 8 + n + end:
+        return f"truncated or padded: {size} bytes, the header describes {8 + n + end}"
+    return None
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (or a checkpoint directory's model.safetensors). A missing,
+    truncated or corrupt file, or weights that are not finite float32, are refused with the
+    file's name and what is wrong."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.exists():
         raise MissingFile(f"checkpoint {path} does not exist")
-    return load_file(str(path))
+    problem = safetensors_problem(path)
+    if problem is None:
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors' own errors carry no path
+            problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise CheckpointMismatch(f"{path} cannot be read: {problem}")
+    wrong = [f"{k} ({v.dtype})" for k, v in state.items()
+             if v.is_floating_point() and v.dtype != torch.float32]
+    if wrong:
+        raise CheckpointMismatch(f"{path}: weights must be float32; found {listing(wrong)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointMismatch(f"{path}: non-finite weights (NaN or inf) in {listing(bad)}")
+    return state
 
 
 def listing(items: list[str], first: int = 4) -> str:
@@ -90,10 +160,16 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(state, strict=not ignore)
 
 
+_counter = itertools.count()
+
+
 def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
                     resume: dict | None = None) -> Path:
-    """Write model.safetensors + meta.json (+ resume.pt) into `directory`, atomically.
-    Non-finite weights raise FloatingPointError instead: the previous checkpoint stays."""
+    """Write model.safetensors (+ resume.pt) + meta.json into `directory`, atomically (see the
+    module docstring). A resumable checkpoint (`resume` given) keeps its predecessor as
+    `<name>.old` until `stop_if_diverged` confirms it. Non-finite weights raise
+    FloatingPointError instead, and a failed write (a full disk) an OSError naming the
+    directory and the cause; either way the previous checkpoint stays."""
     final = Path(directory)
     state = unwrap(model).state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -101,34 +177,88 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
         raise FloatingPointError(
             f"refusing to write {final}: non-finite weights in {bad[:5]}"
             f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint is {find_checkpoint(final)}")
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(tmp / "model.safetensors", state,
-                 {"format": "pqae", "step": str(meta.get("step", "")),
-                  "config": json.dumps(meta.get("config", {}), default=str)})
-    if resume is not None:
-        torch.save(resume, tmp / "resume.pt")
-        _fsync(tmp / "resume.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    _fsync(tmp / "meta.json")
-    # Swap: the old checkpoint stays readable (as <name>.old) until the new one is in place.
-    shutil.rmtree(old, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{next(_counter)}")
+    try:
+        tmp.mkdir()
+        save_weights(tmp / "model.safetensors", state,
+                     {"format": "pqae", "step": str(meta.get("step", "")),
+                      "config": json.dumps(meta.get("config", {}), default=str)})
+        if resume is not None:
+            torch.save(resume, tmp / "resume.pt")
+            _fsync(tmp / "resume.pt")
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
+        _fsync(tmp / "meta.json")
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final}: {e}. The previous checkpoint "
+                      f"{find_checkpoint(final)} is intact") from e
+    # Swap. At every moment the newest complete checkpoint is <name>, <name>.old or the new
+    # .tmp-*: <name> becomes .old only when it is complete and .old is not the confirmed
+    # predecessor of an unconfirmed <name> (which the new one then supersedes).
+    old = final.with_name(final.name + ".old")
     if final.exists():
-        os.replace(final, old)
+        keep_old = resume is not None and old.is_dir() and checkpoint_problem(old) is None
+        if checkpoint_problem(final) is not None or keep_old:
+            shutil.rmtree(final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+    if resume is None:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(final.name + ".tmp-*"):  # interrupted writes: all older
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def find_checkpoint(directory: str | Path) -> Path | None:
-    """The complete checkpoint at `directory`, or its `.old` twin if a run was killed during the
-    swap; None if neither exists."""
+def checkpoint_problem(cand: Path) -> str | None:
+    """Why `cand` is not a complete checkpoint directory (None when it is)."""
+    meta_path = cand / "meta.json"
+    if not meta_path.is_file():
+        return "no meta.json (written last: the write did not finish)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e})"
+    files = meta.get("files", {"model.safetensors": None})
+    for name, size in files.items():
+        f = cand / name
+        if not f.is_file():
+            return f"{name} missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return safetensors_problem(cand / "model.safetensors")
+
+
+def _step(cand: Path) -> int:
+    try:
+        return int(json.loads((cand / "meta.json").read_text()).get("step") or 0)
+    except (OSError, ValueError, TypeError):
+        return -1
+
+
+def find_checkpoint(directory: str | Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest complete checkpoint among `directory`, `<directory>.old` and any
+    `<directory>.tmp-*` left by an interrupted write, by recorded step (ties: the final name
+    first); None if there is none. Incomplete or corrupt candidates are skipped, and why is
+    appended to `skipped`."""
     final = Path(directory)
-    for cand in (final, final.with_name(final.name + ".old")):
-        if (cand / "meta.json").exists() and (cand / "model.safetensors").exists():
-            return cand
-    return None
+    cands = [final, final.with_name(final.name + ".old"),
+             *sorted(final.parent.glob(final.name + ".tmp-*"))] if final.parent.is_dir() else []
+    good = []
+    for order, cand in enumerate(cands):
+        if not cand.is_dir():
+            continue
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            good.append((_step(cand), -order, cand))
+        elif skipped is not None:
+            skipped.append(f"{cand}: {problem}")
+    return max(good)[2] if good else None
 
 
 def load_meta(directory: str | Path) -> dict:
@@ -139,7 +269,51 @@ def load_resume(directory: str | Path) -> dict:
     path = Path(directory) / "resume.pt"
     if not path.exists():
         raise MissingFile(f"{path} missing: {directory} is not a resumable checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message names no file
+        raise CheckpointMismatch(f"{path} cannot be read: {type(e).__name__}: {e}") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str) -> None:
+    """optimizer.load_state_dict, after checking that every saved per-parameter state tensor
+    has its parameter's shape (torch accepts a misfit that crashes the fused step later)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointMismatch(f"{source}: its optimizer state has parameter groups of sizes "
+                                 f"{[len(g['params']) for g in saved_groups]}, this model "
+                                 f"{[len(g['params']) for g in optimizer.param_groups]}")
+    ids = [i for g in saved_groups for i in g["params"]]
+    wrong = []
+    for pid, param in zip(ids, params):
+        for key, value in state.get("state", {}).get(pid, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                wrong.append(f"{key} {tuple(value.shape)} vs {tuple(param.shape)}")
+    if wrong:
+        raise CheckpointMismatch(f"{source}: its optimizer state does not fit this model "
+                                 f"({len(wrong)} tensors, saved vs model: {listing(wrong)}); was it "
+                                 f"written by another configuration?")
+    optimizer.load_state_dict(state)
+
+
+def resume_from(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                rank: int = 0) -> tuple[Path, dict, dict]:
+    """--resume: the newest complete out_dir/ckpt-last (or its twins), loaded strictly into the
+    model and the optimizer before any step runs. Returns (path, resume state, meta)."""
+    skipped: list[str] = []
+    last = find_checkpoint(Path(out_dir) / "ckpt-last", skipped)
+    if rank == 0:
+        for s in skipped:
+            print(f"note: skipped {s}", flush=True)
+    if last is None:
+        raise MissingFile(f"--resume: no complete checkpoint in {Path(out_dir) / 'ckpt-last'}"
+                          + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+                          + "; start the run without --resume")
+    load_strict(model, load_weights(last), source=str(last))
+    state = load_resume(last)
+    load_optimizer(optimizer, state["optimizer"], str(last / "resume.pt"))
+    return last, state, load_meta(last)
 
 
 # Keys of a pretraining checkpoint that no downstream task uses (§3.3): the decoder side.
@@ -171,15 +345,40 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
     return dropped
 
 
+def confirm(directory: str | Path, rank: int = 0) -> None:
+    """A run that ended normally: its last resumable checkpoint needs no predecessor kept for
+    a divergence any more (`<name>.old` is removed)."""
+    if rank == 0:
+        shutil.rmtree(Path(directory).with_name(Path(directory).name + ".old"), ignore_errors=True)
+
+
 def stop_if_diverged(losses: float | list[float], step: int, epoch: int,
-                     out_dir: str | Path) -> None:
-    """Training that goes NaN/inf stops here, naming the last good checkpoint: checkpoints are
-    only written after this check has passed, so `ckpt-last` holds finite weights."""
+                     out_dir: str | Path, max_loss: float = math.inf, rank: int = 0) -> None:
+    """The loss check of a log line. Passing it confirms out_dir/ckpt-last if it was saved
+    before this step (its weights gave these losses): its predecessor `.old` is removed.
+    Failing it (a NaN or inf loss, or one above `max_loss`: a run exploding without NaN)
+    sets an unconfirmed ckpt-last aside as `ckpt-last.diverged`, puts the predecessor back,
+    and stops with FloatingPointError naming that last good checkpoint. Rank 0 alone touches
+    the files."""
     values = losses if isinstance(losses, list) else [losses]
-    if not all(math.isfinite(v) for v in values):
-        raise FloatingPointError(
-            f"loss is {values[0]} at step {step} (epoch {epoch}); stopping. The last good "
-            f"checkpoint is {find_checkpoint(Path(out_dir) / 'ckpt-last')}")
+    last = Path(out_dir) / "ckpt-last"
+    old = last.with_name(last.name + ".old")
+    if all(math.isfinite(v) and v <= max_loss for v in values):
+        if rank == 0 and old.is_dir() and last.is_dir() and _step(last) < step:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    if rank == 0 and old.is_dir() and checkpoint_problem(old) is None:
+        # ckpt-last was saved after the last passing check: its weights may be the bad ones.
+        aside = last.with_name(last.name + ".diverged")
+        shutil.rmtree(aside, ignore_errors=True)
+        if last.exists():
+            os.replace(last, aside)
+        os.replace(old, last)
+        _fsync_dir(last.parent)
+    why = "not finite" if not all(math.isfinite(v) for v in values) else f"above --max-loss {max_loss:g}"
+    raise FloatingPointError(
+        f"loss is {values[0]} at step {step} (epoch {epoch}), {why}; stopping. The last good "
+        f"checkpoint is {find_checkpoint(last)} (resume from it with --resume)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import fewshot
 from conftest import ROOT
 from data_prep import modelnet_fewshot as mf
+from pqae import checkpoint as ckpt
 from pqae import data
 
 
@@ -229,8 +230,8 @@ def test_finished_folds_are_skipped_and_killed_folds_resume(tmp_path, monkeypatc
     run_dir = fewshot.fold_dir(cfg.out_dir, 5, 20, 2)
     (run_dir / "results.json").unlink()
     (run_dir / "ckpt-last").mkdir()
-    for name in ("meta.json", "model.safetensors"):
-        (run_dir / "ckpt-last" / name).touch()
+    (run_dir / "ckpt-last" / "meta.json").write_text('{"step": 3}')
+    ckpt.save_weights(run_dir / "ckpt-last" / "model.safetensors", {"w": torch.zeros(2)})
     fewshot.main(cfg)
     assert calls[4:] == [(str(mf.episode_path(cfg.data_dir, 5, 20, 2)), True)]
     assert not (run_dir / "ckpt-last").exists()  # removed once finished (keep_checkpoints off)

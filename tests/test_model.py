@@ -165,12 +165,12 @@ def test_killed_during_swap_falls_back_to_previous(tmp_path):
     ckpt.save_checkpoint(tmp_path / "ckpt-last", model, {"step": 1})
     # A kill between the two renames leaves only the previous checkpoint, as `.old`.
     (tmp_path / "ckpt-last").rename(tmp_path / "ckpt-last.old")
-    (tmp_path / "ckpt-last.tmp").mkdir()  # and a half-written new one
+    (tmp_path / "ckpt-last.tmp-1-0").mkdir()  # and a half-written new one
     found = ckpt.find_checkpoint(tmp_path / "ckpt-last")
     assert found == tmp_path / "ckpt-last.old" and ckpt.load_meta(found)["step"] == 1
     ckpt.save_checkpoint(tmp_path / "ckpt-last", model, {"step": 2})
     assert ckpt.load_meta(ckpt.find_checkpoint(tmp_path / "ckpt-last"))["step"] == 2
-    assert not (tmp_path / "ckpt-last.tmp").exists()
+    assert not (tmp_path / "ckpt-last.tmp-1-0").exists()
 
 
 def reference_layout(model: PointPQAE) -> dict[str, torch.Tensor]:

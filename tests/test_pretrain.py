@@ -85,7 +85,11 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         pretrain.main(cfg)
     last = tmp_path / "run" / "ckpt-last"
-    assert ckpt.load_meta(last)["step"] == 8  # end of epoch 1, before the divergence
+    # The step-8 checkpoint (end of epoch 1) was saved after the check at step 8 and is followed
+    # by the failing check at step 12: unconfirmed, it is set aside, and the confirmed one of
+    # step 4 is ckpt-last again.
+    assert ckpt.load_meta(last)["step"] == 4
+    assert ckpt.load_meta(last.with_name("ckpt-last.diverged"))["step"] == 8
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
 
 

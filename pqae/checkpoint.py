@@ -174,6 +174,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
     state = unwrap(model).state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # a diverged model never replaces a good checkpoint
+        if resume is not None:
+            fall_back(final)
         raise FloatingPointError(
             f"refusing to write {final}: non-finite weights in {bad[:5]}"
             f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint is {find_checkpoint(final)}")
@@ -345,6 +347,21 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
     return dropped
 
 
+def fall_back(directory: str | Path) -> None:
+    """A run diverged: a resumable checkpoint saved since the last passing loss check (its
+    confirmed predecessor `.old` still exists) is set aside as `<name>.diverged`, and the
+    predecessor becomes `<name>` again."""
+    last = Path(directory)
+    old = last.with_name(last.name + ".old")
+    if old.is_dir() and checkpoint_problem(old) is None:
+        aside = last.with_name(last.name + ".diverged")
+        shutil.rmtree(aside, ignore_errors=True)
+        if last.exists():
+            os.replace(last, aside)
+        os.replace(old, last)
+        _fsync_dir(last.parent)
+
+
 def confirm(directory: str | Path, rank: int = 0) -> None:
     """A run that ended normally: its last resumable checkpoint needs no predecessor kept for
     a divergence any more (`<name>.old` is removed)."""
@@ -367,14 +384,8 @@ def stop_if_diverged(losses: float | list[float], step: int, epoch: int,
         if rank == 0 and old.is_dir() and last.is_dir() and _step(last) < step:
             shutil.rmtree(old, ignore_errors=True)
         return
-    if rank == 0 and old.is_dir() and checkpoint_problem(old) is None:
-        # ckpt-last was saved after the last passing check: its weights may be the bad ones.
-        aside = last.with_name(last.name + ".diverged")
-        shutil.rmtree(aside, ignore_errors=True)
-        if last.exists():
-            os.replace(last, aside)
-        os.replace(old, last)
-        _fsync_dir(last.parent)
+    if rank == 0:
+        fall_back(last)
     why = "not finite" if not all(math.isfinite(v) for v in values) else f"above --max-loss {max_loss:g}"
     raise FloatingPointError(
         f"loss is {values[0]} at step {step} (epoch {epoch}), {why}; stopping. The last good "

@@ -1,0 +1,195 @@
+"""Faults that must not lose, hang or corrupt a run: kills at every point of checkpoint writes
+(also twice in a row), corrupt and foreign checkpoints, runs that explode, full disks, frozen
+ranks, and converters given values that do not survive their storage dtype."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pretrain
+from conftest import ROOT, small_pretrain_config
+from pqae import checkpoint as ckpt
+from pqae.errors import UserError
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs, no cleanup (not an Exception)."""
+
+
+def model_at(step: int) -> nn.Module:
+    """A model whose every weight records the step it was saved at."""
+    m = nn.Linear(4, 3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(step))
+    return m
+
+
+def save(directory: Path, step: int) -> None:
+    opt = torch.optim.AdamW(model_at(step).parameters())
+    ckpt.save_checkpoint(directory, model_at(step), {"step": step},
+                         {"optimizer": opt.state_dict(), "step": step})
+
+
+def killed_save(monkeypatch, directory: Path, step: int, at: int) -> bool:
+    """save() killed at its `at`-th file-system operation (a rename, a removal, a file write);
+    True if the kill happened (False: the save finished before reaching it)."""
+    count = itertools.count(1)
+    originals = {"replace": os.replace, "rmtree": shutil.rmtree, "torch_save": torch.save,
+                 "write_text": Path.write_text}
+
+    def hook(name):
+        def wrapped(*args, **kwargs):
+            if next(count) == at:
+                raise Killed(name)
+            return originals[name](*args, **kwargs)
+        return wrapped
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", hook("replace"))
+        m.setattr(shutil, "rmtree", hook("rmtree"))
+        m.setattr(torch, "save", hook("torch_save"))
+        m.setattr(Path, "write_text", hook("write_text"))
+        try:
+            save(directory, step)
+        except Killed:
+            return True
+    return False
+
+
+def newest(directory: Path) -> int:
+    found = ckpt.find_checkpoint(directory)
+    assert found is not None, sorted(p.name for p in directory.parent.iterdir())
+    weights = ckpt.load_weights(found)
+    step = ckpt.load_meta(found)["step"]
+    assert all(torch.equal(v, torch.full_like(v, float(step))) for v in weights.values())
+    assert ckpt.load_resume(found)["step"] == step  # and its resume state is whole
+    return step
+
+
+def test_kills_at_every_point_of_two_writes_in_a_row_lose_nothing(monkeypatch, tmp_path):
+    """Checkpoint 1 is in place. Writing 2 is killed at its a-th operation, then writing 3 at its
+    b-th, for every (a, b): afterwards the newest complete checkpoint is always found, with its
+    weights and resume state, and its step is the newest that was completed."""
+    cases = 0
+    for a in itertools.count(1):
+        run = tmp_path / f"a{a}"
+        save(run / "ckpt-last", 1)
+        if not killed_save(monkeypatch, run / "ckpt-last", 2, a):
+            break
+        after_first = newest(run / "ckpt-last")
+        assert after_first in (1, 2)
+        for b in itertools.count(1):
+            again = tmp_path / f"a{a}b{b}"
+            shutil.copytree(run, again)
+            done = not killed_save(monkeypatch, again / "ckpt-last", 3, b)
+            step = newest(again / "ckpt-last")
+            assert step >= after_first and (step == 3 if done else step in (after_first, 3))
+            cases += 1
+            if done:  # the write went through: a clean directory again
+                names = sorted(p.name for p in again.iterdir())
+                assert names in (["ckpt-last"], ["ckpt-last", "ckpt-last.old"]), names
+                break
+    assert cases > 30
+
+
+def test_the_reported_double_kill_case(tmp_path):
+    """A kill between the two renames of a swap, then a second one after the next write's
+    removal of `.old`: only a complete `.tmp-*` remains, and it is found."""
+    save(tmp_path / "ckpt-last", 1)
+    save(tmp_path / "ckpt-last", 2)  # ckpt-last (2), ckpt-last.old (1, kept until confirmed)
+    (tmp_path / "ckpt-last").rename(tmp_path / "ckpt-last.tmp-7-0")
+    shutil.rmtree(tmp_path / "ckpt-last.old")
+    assert newest(tmp_path / "ckpt-last") == 2
+
+
+def test_a_corrupt_checkpoint_is_skipped_for_its_intact_predecessor(tmp_path, capsys):
+    save(tmp_path / "ckpt-last", 1)
+    save(tmp_path / "ckpt-last", 2)
+    weights = tmp_path / "ckpt-last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated
+    skipped: list[str] = []
+    assert ckpt.find_checkpoint(tmp_path / "ckpt-last", skipped) == tmp_path / "ckpt-last.old"
+    assert "model.safetensors has" in skipped[0]
+    with pytest.raises(UserError, match=r"model\.safetensors cannot be read: truncated"):
+        ckpt.load_weights(weights)
+
+
+def test_a_foreign_or_corrupt_resume_state_is_refused_before_any_step(tmp_path):
+    run = tmp_path / "run"
+    pretrain.main(small_pretrain_config(tmp_path, max_steps=2))
+    # resume.pt of a run with another width, beside weights that fit: refused, no crash.
+    other = small_pretrain_config(tmp_path / "o", max_steps=2, dim=36)
+    pretrain.main(other)
+    shutil.copy(tmp_path / "o" / "run" / "ckpt-last" / "resume.pt", run / "ckpt-last" / "resume.pt")
+    meta = ckpt.load_meta(run / "ckpt-last")
+    meta["files"]["resume.pt"] = (run / "ckpt-last" / "resume.pt").stat().st_size
+    (run / "ckpt-last" / "meta.json").write_text(__import__("json").dumps(meta))
+    cfg = small_pretrain_config(tmp_path, resume=True, max_steps=4)
+    with pytest.raises(UserError, match=r"resume\.pt: its optimizer state does not fit this model"):
+        pretrain.main(cfg)
+    # A truncated resume.pt (its recorded size no longer matches): no complete checkpoint.
+    state = run / "ckpt-last" / "resume.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"no complete checkpoint .*resume\.pt has 100 bytes"):
+        pretrain.main(cfg)
+
+
+def test_weights_that_are_not_finite_float32_are_refused(tmp_path):
+    ckpt.save_weights(tmp_path / "nan.safetensors", {"w": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(UserError, match=r"nan\.safetensors: non-finite weights .* w"):
+        ckpt.load_weights(tmp_path / "nan.safetensors")
+    ckpt.save_weights(tmp_path / "half.safetensors", {"w": torch.ones(2, dtype=torch.float16)})
+    with pytest.raises(UserError, match=r"must be float32; found w \(torch\.float16\)"):
+        ckpt.load_weights(tmp_path / "half.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match=r"junk\.safetensors cannot be read"):
+        ckpt.load_weights(tmp_path / "junk.safetensors")
+
+
+def test_a_full_disk_names_the_cause_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path / "ckpt-last", 1)
+
+    def full(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt-last.*No space left"):
+        save(tmp_path / "ckpt-last", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-last"]  # no partial .tmp left
+    assert newest(tmp_path / "ckpt-last") == 1
+
+
+def test_a_run_that_explodes_without_nan_stops_and_keeps_the_confirmed_checkpoint(tmp_path):
+    # Epochs 0-1 warm up at ~1e-6; epoch 2 at an absurd lr. Saved every step; checked every 4.
+    cfg = small_pretrain_config(tmp_path, lr=1e30, warmup_epochs=2, epochs=3, log_every=4,
+                                save_every=1)
+    with pytest.raises(FloatingPointError, match="last good checkpoint is .*ckpt-last"):
+        pretrain.main(cfg)
+    last = tmp_path / "run" / "ckpt-last"
+    step = ckpt.load_meta(last)["step"]
+    assert step <= 8  # confirmed by the passing check at step 8
+    assert ckpt.load_meta(last.with_name("ckpt-last.diverged"))["step"] > 8
+    weights = ckpt.load_weights(last)
+    assert max(v.abs().max().item() for v in weights.values()) < 100  # not exploded
+    # Resuming from it starts from sane weights: its first logged loss is finite and small.
+    resumed = pretrain.main(small_pretrain_config(tmp_path, resume=True, max_steps=step + 1,
+                                                  log_every=1, lr=1e-3))
+    assert 0 < resumed["history"][-1]["loss"] < 1
+    # A loss above --max-loss stops a run that never goes NaN.
+    with pytest.raises(FloatingPointError, match="above --max-loss 1e-06"):
+        pretrain.main(small_pretrain_config(tmp_path / "m", max_loss=1e-6))

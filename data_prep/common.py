@@ -36,7 +36,19 @@ def atomic_output(path: Path):
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
 _SCALAR = np.float32(0).__reduce__()[0]
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """Protocol 2 stores an array's raw bytes as `_codecs.encode(text, 'latin1')`: allowed for
+    exactly that (a str, latin-1), nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, "
+                                     f"{encoding!r}): only latin-1 text is allowed")
+    return text.encode("latin-1")
+
+
 _NUMPY_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     **{(m, "_reconstruct"): _RECONSTRUCT for m in ("numpy.core.multiarray", "numpy._core.multiarray")},

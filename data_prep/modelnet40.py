@@ -121,7 +121,8 @@ def convert_split(cfg: Config, split: str, ids: list[str], classes: list[str],
         bad, wrong = [], []
         for i, (cloud, lab) in enumerate(zip(clouds, dat_labels)):
             ok = (isinstance(cloud, np.ndarray) and cloud.ndim == 2 and cloud.shape[0] == MODELNET40_POINTS
-                  and cloud.shape[1] >= 3 and np.isfinite(cloud[:, :3]).all())
+                  and cloud.shape[1] >= 3
+                  and np.isfinite(cloud[:, :3].astype(np.float32)).all())  # as stored
             if not ok:
                 bad.append(f"{ids[i]} ({getattr(cloud, 'shape', type(cloud).__name__)})")
                 continue

@@ -32,6 +32,8 @@ without replacement, and finally shuffles the training and the test list, as SPE
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -204,19 +206,31 @@ def generate(modelnet: Path, out: Path, ways=WAYS, shots=SHOTS, folds=FOLDS, see
 
 def convert(root: Path, out: Path, ways=WAYS, shots=SHOTS, folds=FOLDS,
             test_per_class: int = TEST_PER_CLASS) -> list[Path]:
-    """Validate and convert the released `{way}way_{shot}shot/{fold}.pkl` files."""
-    written = []
-    for way in ways:
-        for shot in shots:
-            for fold in folds:
-                src = episode_path(root, way, shot, fold, ".pkl")
-                if not src.is_file():
-                    raise FileNotFoundError(f"{src} not found (expected the released few-shot "
-                                            f"episodes under {root})")
-                splits = read_episode(src, way, shot, test_per_class)
-                path = episode_path(out, way, shot, fold)
-                write_episode(path, splits, way, shot, fold, f"converted from {src}")
-                written.append(path)
+    """Validate and convert the released `{way}way_{shot}shot/{fold}.pkl` files. Nothing is
+    written unless every episode passes: they are staged in a temporary directory and moved
+    into `out` at the end."""
+    out = Path(out)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staged = []
+    try:
+        for way in ways:
+            for shot in shots:
+                for fold in folds:
+                    src = episode_path(root, way, shot, fold, ".pkl")
+                    if not src.is_file():
+                        raise FileNotFoundError(f"{src} not found (expected the released "
+                                                f"few-shot episodes under {root})")
+                    splits = read_episode(src, way, shot, test_per_class)
+                    tmp = episode_path(staging, way, shot, fold)
+                    write_episode(tmp, splits, way, shot, fold, f"converted from {src}")
+                    staged.append((tmp, episode_path(out, way, shot, fold)))
+        for tmp, path in staged:  # every episode passed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    written = [path for _, path in staged]
     print(f"converted {len(written)} episodes from {root} into {out}")
     return written
 

@@ -103,7 +103,12 @@ def convert_room(room_dir: Path) -> tuple[np.ndarray | None, list[str], list[str
     if len(room) == 0:
         return None, [f"{room_dir}: no points"], notes, unknown
     room[:, :3] -= room[:, :3].min(axis=0)  # room minimum at the origin (in float64)
-    return room.astype(np.float32), [], notes, unknown
+    stored = room.astype(np.float32)
+    if not np.isfinite(stored).all():  # finite in float64 is not enough: 1e300 becomes inf
+        row = int(np.argmax(~np.isfinite(stored).all(1)))
+        return None, [f"{room_dir}: values beyond float32 (point {row}: {room[row, :6].tolist()}), "
+                      f"which the file stores"], notes, unknown
+    return stored, [], notes, unknown
 
 
 def list_rooms(cfg: Config) -> list[tuple[str, Path]]:

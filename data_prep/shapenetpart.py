@@ -103,9 +103,10 @@ def read_shape(path: Path, category: int) -> tuple[np.ndarray | None, np.ndarray
                 return None, None, (f"{path} line {n}: expected 7 numeric columns "
                                     f"(x y z nx ny nz part_label); found {line[:80]!r}")
         return None, None, f"{path}: no rows (expected 7 numeric columns per line)"
-    if not np.isfinite(rows[:, :6]).all():
-        n = int(np.argmax(~np.isfinite(rows[:, :6]).all(1))) + 1
-        return None, None, f"{path} line {n}: NaN or inf coordinates"
+    # Checked as stored (float32): a value finite in float64 can overflow to inf there.
+    if not np.isfinite(rows[:, :6].astype(np.float32)).all():
+        n = int(np.argmax(~np.isfinite(rows[:, :6].astype(np.float32)).all(1))) + 1
+        return None, None, f"{path} line {n}: NaN, inf or beyond float32 coordinates"
     labels = rows[:, 6]
     lo, hi = PART_START[category], PART_START[category] + NUM_PARTS[category] - 1
     bad = (labels != np.round(labels)) | (labels < lo) | (labels > hi)

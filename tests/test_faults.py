@@ -193,3 +193,72 @@ def test_a_run_that_explodes_without_nan_stops_and_keeps_the_confirmed_checkpoin
     # A loss above --max-loss stops a run that never goes NaN.
     with pytest.raises(FloatingPointError, match="above --max-loss 1e-06"):
         pretrain.main(small_pretrain_config(tmp_path / "m", max_loss=1e-6))
+
+
+# --------------------------------------------------------------------------------------------
+# Converters: values checked in the dtype they are stored in; nothing written on bad input
+
+
+def test_s3dis_converter_refuses_values_beyond_float32(tmp_path):
+    from data_prep import s3dis as prep
+    ann = tmp_path / "raw" / "Area_1" / "office_1" / "Annotations"
+    ann.mkdir(parents=True)
+    lines = [f"{i * 0.01:.3f} 0.5 0.5 10 20 30" for i in range(50)] + ["1e300 0.5 0.5 10 20 30"]
+    (ann / "chair_1.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "s3dis.h5"
+    with pytest.raises(prep.ConversionError, match="office_1: values beyond float32"):
+        prep.main(prep.Config(root=tmp_path / "raw", out=out, areas=(1,), workers=1))
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_shapenetpart_reader_refuses_values_beyond_float32(tmp_path):
+    from data_prep import shapenetpart as prep
+    f = tmp_path / "shape.txt"
+    f.write_text("0.1 0.2 0.3 0 0 1 0\n0.1 1e300 0.3 0 0 1 1\n")
+    xyz, labels, problem = prep.read_shape(f, 0)
+    assert xyz is None and "line 2: NaN, inf or beyond float32" in problem
+
+
+def test_modelnet_dat_refuses_values_beyond_float32_and_reads_protocol_2(tmp_path):
+    import pickle
+    from data_prep.common import ConversionError, read_numpy_pickle
+    arrays = [np.zeros((4, 6), np.float32), np.array([1e300, 0.0])]
+    (tmp_path / "p2.pkl").write_bytes(pickle.dumps(arrays, protocol=2))
+    back = read_numpy_pickle(tmp_path / "p2.pkl", "a test pickle")  # _codecs.encode, latin-1
+    assert np.array_equal(back[0], arrays[0]) and back[1][0] == 1e300
+    evil = pickle.dumps(arrays, protocol=2).replace(b"latin1", b"utf_16")  # another codec
+    (tmp_path / "evil.pkl").write_bytes(evil)
+    with pytest.raises(ConversionError, match="only latin-1 text"):
+        read_numpy_pickle(tmp_path / "evil.pkl", "a test pickle")
+    # A .dat cache whose float64 cloud holds 1e300: finite as read, inf as stored: refused.
+    from data_prep import modelnet40
+    from test_cls_data import make_dat_root
+    clouds = {s: [np.zeros((8192, 6)) + 0.1 for _ in range(2)] for s in ("train", "test")}
+    clouds["train"][1][5, 1] = 1e300
+    labels = {s: [np.array([0], np.int32), np.array([1], np.int32)] for s in ("train", "test")}
+    root = make_dat_root(tmp_path, clouds, labels)
+    with pytest.raises(ConversionError, match="bad clouds"):
+        modelnet40.main(modelnet40.Config(root=root, out=tmp_path / "o.h5", source="dat",
+                                          check_counts=False))
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_fewshot_convert_writes_nothing_unless_every_episode_passes(tmp_path):
+    import pickle
+    from data_prep import modelnet_fewshot as mf
+    from test_fewshot import release_episode
+    for fold in (0, 1, 2):
+        src = tmp_path / "release" / "2way_3shot" / f"{fold}.pkl"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        ep = release_episode(seed=fold)
+        if fold == 2:
+            ep["test"][0] = (ep["test"][0][0], 0, np.array([31], np.int32))  # bad mapping
+        src.write_bytes(pickle.dumps(ep, protocol=2))  # the released files' protocol
+    with pytest.raises(ValueError, match="one-to-one"):
+        mf.convert(tmp_path / "release", tmp_path / "out", ways=(2,), shots=(3,), folds=(0, 1, 2),
+                   test_per_class=2)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # episodes 0, 1 neither
+    written = mf.convert(tmp_path / "release", tmp_path / "out", ways=(2,), shots=(3,),
+                         folds=(0, 1), test_per_class=2)
+    assert [p.name for p in written] == ["0.h5", "1.h5"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2way_3shot"]

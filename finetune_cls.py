@@ -223,11 +223,16 @@ def base_lr(cfg: Config) -> float:
 
 
 def load_split(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(points (S, N, 3), labels (S,)) of a split, normalised as the reference (§7.7)."""
-    if cfg.data == "scanobjectnn":
-        return data.load_scanobjectnn(cfg.data_path, split)
-    if cfg.data == "modelnet40":
-        return data.load_modelnet40(cfg.data_path, split)
+    """(points (S, N, 3), labels (S,)) of a split, normalised as the reference (§7.7). Labels
+    outside 0..num_classes-1 are refused here, naming the file, not in the first step."""
+    if cfg.data in ("scanobjectnn", "modelnet40"):
+        load = data.load_scanobjectnn if cfg.data == "scanobjectnn" else data.load_modelnet40
+        points, labels = load(cfg.data_path, split)
+        if len(labels) and int(labels.max()) >= cfg.num_classes:
+            raise BadInput(f"{cfg.data_path}: '{split}' labels span {int(labels.min())}.."
+                           f"{int(labels.max())}, beyond --num-classes {cfg.num_classes}; give "
+                           f"--num-classes {int(labels.max()) + 1} or the file of this task")
+        return points, labels
     n = cfg.procedural_train if split == "train" else cfg.procedural_test
     return data.procedural_classes(n, cfg.procedural_points, cfg.num_classes,
                                    seed=cfg.seed * 2 + (split == "test"))

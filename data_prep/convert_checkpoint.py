@@ -28,7 +28,8 @@ import torch
 import tyro
 
 from pqae import PointClassifier, PointPQAE
-from pqae.checkpoint import load_strict, save_weights
+from pqae.checkpoint import load_strict, safetensors_problem, save_weights
+from pqae.errors import BadInput, CheckpointMismatch, MissingFile, UserError
 
 # (reference prefix, our prefix), first match wins; applied after removing every "module.".
 PRETRAIN_PREFIXES = [
@@ -95,7 +96,7 @@ def convert_state(state: dict[str, torch.Tensor], prefixes=PRETRAIN_PREFIXES,
             value = value[..., 0]  # Conv1d kernel size 1 -> Linear
         out[new] = value
     if unknown:
-        raise KeyError(f"unknown keys in the reference checkpoint ({len(unknown)}): {unknown}")
+        raise CheckpointMismatch(f"unknown keys in the reference checkpoint ({len(unknown)}): {unknown}")
     return out, dropped_keys
 
 
@@ -106,7 +107,7 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
         return "pretrain"
     if any(n.startswith("cls_head_finetune") for n in names):
         return "finetune-cls"
-    raise ValueError(f"cannot tell the checkpoint layout: no `PQAE_encoder.*` (pretraining) and "
+    raise BadInput(f"cannot tell the checkpoint layout: no `PQAE_encoder.*` (pretraining) and "
                      f"no `cls_head_finetune.*` (fine-tuned classifier) key; first keys {names[:8]}")
 
 
@@ -137,14 +138,23 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict of a reference checkpoint (`base_model`, or `model`, or the dict)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingFile(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[8:9] == b"{" and safetensors_problem(path) is None:
+        raise BadInput(f"{path} is a safetensors file, not a reference .pth: it needs no "
+                       f"conversion (give it to the scripts directly)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message names no file; weights_only refuses any code
+        raise BadInput(f"{path} is not a readable reference checkpoint (.pth saved by torch.save"
+                       f" with tensors only): {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     for key in ("base_model", "model"):
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict with `base_model` (a state dict of tensors), "
+        raise BadInput(f"{path}: expected a dict with `base_model` (a state dict of tensors), "
                          f"found {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, dict) else ''}")
     return obj
 
@@ -172,4 +182,8 @@ def main(args: Args) -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        raise SystemExit(2) from None

@@ -262,3 +262,41 @@ def test_fewshot_convert_writes_nothing_unless_every_episode_passes(tmp_path):
                          folds=(0, 1), test_per_class=2)
     assert [p.name for p in written] == ["0.h5", "1.h5"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2way_3shot"]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that name the file and the cause
+
+
+def test_labels_beyond_num_classes_are_refused_at_load_time(tmp_path):
+    import finetune_cls
+    from pqae import data as pdata
+    import h5py
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f.create_dataset(f"{split}/points", data=np.zeros((4, pdata.SCANOBJECTNN_POINTS, 3),
+                                                              np.float32) + 0.1)
+            f.create_dataset(f"{split}/labels", data=np.array([0, 3, 12, 1], np.int64))
+    cfg = finetune_cls.Config(data="scanobjectnn", data_path=str(path), num_classes=10,
+                              device="cpu", out_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"scan\.h5: 'test' labels span 0\.\.12, beyond "
+                                        r"--num-classes 10; give --num-classes 13"):
+        finetune_cls.main(cfg)
+
+
+def test_reference_converter_names_the_file_and_what_it_is(tmp_path):
+    from data_prep.convert_checkpoint import read_reference
+    ckpt.save_weights(tmp_path / "ours.safetensors", {"w": torch.zeros(2)})
+    with pytest.raises(UserError, match=r"ours\.safetensors is a safetensors file, not a reference"):
+        read_reference(tmp_path / "ours.safetensors")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(UserError, match=r"cut\.pth is not a readable reference checkpoint"):
+        read_reference(tmp_path / "cut.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"base_model": {"w": torch.zeros(1)}, "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=r"evil\.pth is not a readable reference checkpoint"):
+        read_reference(tmp_path / "evil.pth")

@@ -205,7 +205,7 @@ def write_procedural_episodes(data_dir: str, plan: list, rank: int, timeout_s: f
 
 def main(cfg: Config) -> dict:
     cfg = resolve(cfg, set())  # the encoder shape of --pretrained
-    env = dist.setup(cfg.finetune.device)
+    env = dist.setup(cfg.finetune.device, cfg.finetune.collective_timeout)
     rank = env.rank
     out_dir = Path(cfg.out_dir)
     ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)  # before anything is written

@@ -166,6 +166,10 @@ class Config:
     amp, no compile, for-each AdamW) and print the ratio."""
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
+    collective_timeout: float = 600.0
+    """seconds a process waits for the others at a collective (torchrun) before the job stops,
+    naming the ranks that did not answer (a stopped, hung or dead peer); torch's default is
+    30 minutes."""
     sync_bn: bool = True
     """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
     statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
@@ -426,7 +430,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
     """Train (or, with eval_ckpt, evaluate) one classifier. `summary`: end with what the run
     made and the next command (fewshot.py's folds, which it deletes, leave that out)."""
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
-    env = dist.setup(cfg.device)
+    env = dist.setup(cfg.device, cfg.collective_timeout)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
         raise BadInput(f"batch_size {cfg.batch_size} is not divisible by {world} processes")

@@ -105,6 +105,10 @@ class Config:
     fused_adamw: bool = True
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
+    collective_timeout: float = 600.0
+    """seconds a process waits for the others at a collective (torchrun) before the job stops,
+    naming the ranks that did not answer (a stopped, hung or dead peer); torch's default is
+    30 minutes."""
     sync_bn: bool = True
     """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
     statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
@@ -232,7 +236,7 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
 
 
 def main(cfg: Config) -> dict:
-    env = dist.setup(cfg.device)
+    env = dist.setup(cfg.device, cfg.collective_timeout)
     rank, world, device = env.rank, env.world_size, env.device
     if cfg.batch_size % world:
         raise BadInput(f"batch_size {cfg.batch_size} is not divisible by {world} processes")

@@ -23,6 +23,7 @@ from typing import Callable, TypeVar
 import tyro
 
 from pqae import checkpoint as ckpt
+from pqae import dist
 from pqae.errors import BadInput, MissingFile, UserError
 
 T = TypeVar("T")
@@ -101,12 +102,17 @@ def parse(config_cls: type[T], presets: dict[str, T], args: list[str] | None = N
 def run(main: Callable[[T], object], config_cls: type[T], presets: dict[str, T],
         doc: str | None = None, resolve: Callable[[T, set[str]], T] | None = None) -> None:
     """A script's entry point: parse, run `main`, and turn a UserError (a missing file, a
-    wrong flag, a checkpoint that does not fit) into `error: ...` and exit status 2."""
+    wrong flag, a checkpoint that does not fit) into `error: ...` and exit status 2, and a
+    collective that timed out on a stopped peer into a message naming it and exit status 3."""
     try:
         main(parse(config_cls, presets, doc=doc, resolve=resolve))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Exception as e:
+        if dist.handle_timeout(e):  # a peer stopped answering: name it, end the job
+            raise SystemExit(3) from None
+        raise
 
 
 def adopt(cfg: T, values: dict, explicit: set[str], source: str, prefix: str = "",

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
+import signal
+import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +31,13 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> Dist:
+def setup(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     """Initialise the process group when launched by torchrun (RANK set), else single process.
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". NCCL on CUDA, gloo on CPU.
+    timeout_s: how long a collective waits for the other processes before it fails (torch's
+    default is 30 minutes); `cli.run` then names the ranks that did not answer
+    (`handle_timeout`). With NCCL, torch's watchdog ends the process at that timeout.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +50,11 @@ def setup(device: str = "auto") -> Dist:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        global _timeout_s
+        _timeout_s = timeout_s
+        _store().set(f"pqae/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
         # One group for the life of the process: a group re-created after a destroy would read
         # the old group's stale addresses from torchrun's store and hang, so a script's main()
         # run twice in one job (fewshot.py's folds) reuses this one instead.
@@ -107,3 +119,56 @@ def barrier() -> None:
     """All ranks meet here (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+_timeout_s = 600.0
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def is_timeout(e: BaseException) -> bool:
+    """An exception from a collective that waited for a peer past the timeout."""
+    text = f"{type(e).__name__} {e}".lower()
+    return dist.is_initialized() and ("timed out" in text or "timeout" in text)
+
+
+def unresponsive_ranks(grace_s: float = 5.0) -> list[int]:
+    """Roll call through the rendezvous store (hosted by torchrun's agent, not by a rank): each
+    rank that can still run answers; those that have not answered after `grace_s` are
+    stopped, hung or dead."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = _store()
+    store.set(f"pqae/alive/{rank}", "1")
+    deadline = time.monotonic() + grace_s
+    keys = [f"pqae/alive/{r}" for r in range(world)]
+    while time.monotonic() < deadline and not store.check(keys):
+        time.sleep(0.1)
+    return [r for r in range(world) if not store.check([f"pqae/alive/{r}"])]
+
+
+def handle_timeout(e: BaseException) -> bool:
+    """If `e` is a collective's timeout: name the ranks that did not answer, stop (SIGKILL)
+    those that run on this host so that the job ends now (torchrun would wait 30 s more for a
+    stopped process), and return True; else False."""
+    if not is_timeout(e):
+        return False
+    try:
+        missing = unresponsive_ranks()
+    except Exception:  # the store itself is gone: say what we know
+        missing = []
+    me = dist.get_rank()
+    who = (f"rank(s) {missing} did not answer (stopped, hung or dead)" if missing else
+           "the rank that failed to answer could not be determined")
+    print(f"error: rank {me}: a collective waited {_timeout_s:g} s (--collective-timeout) for "
+          f"the other processes; {who}. Stopping the job; `--resume` continues from the last "
+          f"checkpoint.", file=sys.stderr, flush=True)
+    for r in missing:
+        try:
+            host, pid = _store().get(f"pqae/proc/{r}").decode().split()
+            if host == socket.gethostname():
+                os.kill(int(pid), signal.SIGKILL)
+        except Exception:
+            pass
+    return True

@@ -300,3 +300,40 @@ def test_reference_converter_names_the_file_and_what_it_is(tmp_path):
     torch.save({"base_model": {"w": torch.zeros(1)}, "x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match=r"evil\.pth is not a readable reference checkpoint"):
         read_reference(tmp_path / "evil.pth")
+
+
+# --------------------------------------------------------------------------------------------
+# A frozen peer under torchrun
+
+
+def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
+    script = tmp_path / "frozen.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import pretrain\n"
+        "from pathlib import Path\n"
+        "from conftest import small_pretrain_config\n"
+        "from pqae import cli\n"
+        "real = pretrain.make_train_step\n"
+        "def make(*a, **k):\n"
+        "    step_fn = real(*a, **k)\n"
+        "    def step(i, perm, return_outputs=False):\n"
+        "        if i == 3 and os.environ['RANK'] == '1':\n"
+        "            os.kill(os.getpid(), signal.SIGSTOP)  # SIGSTOP: frozen, not dead\n"
+        "        return step_fn(i, perm, return_outputs)\n"
+        "    return step\n"
+        "pretrain.make_train_step = make\n"
+        f"cfg = small_pretrain_config(Path({str(tmp_path)!r}), collective_timeout=4.0)\n"
+        "sys.argv = sys.argv[:1]\n"
+        "cli.run(lambda _: pretrain.main(cfg), pretrain.Config, pretrain.PRESETS)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert ("error: rank 0: a collective waited 4 s (--collective-timeout) for the other "
+            "processes; rank(s) [1] did not answer") in proc.stderr, proc.stderr[-3000:]
+    assert took < 60, took  # torch's default would have waited 30 minutes

@@ -49,7 +49,7 @@ def test_a_failing_step_fails_the_check_with_its_log(tmp_path):
     rc, report, md = _gpu_check(tmp_path, "--only", "pretrain.resume")
     assert rc == 1 and report["failed"] == ["pretrain.resume"]
     (step,) = report["steps"]
-    assert step["status"] == "failed" and "no checkpoint" in step["log_tail"]
+    assert step["status"] == "failed" and "no complete checkpoint" in step["log_tail"]
     assert "## pretrain.resume: log tail" in md
 
 

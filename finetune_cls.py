@@ -47,8 +47,8 @@ from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, data, dist, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError
-from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
-                      write_json)
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header,
+                      run_outputs, tensorboard, write_json)
 from pqae.model import TINY_ENCODER
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
@@ -588,9 +588,7 @@ def main(cfg: Config, summary: bool = True) -> dict:
     if summary:
         tiny = "--preset tiny " if cfg.data == "procedural" else ""
         best_ckpt = out_dir / "ckpt-best" if accs else out_dir / "ckpt-last"
-        finish(scores, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
-                        "results": out_dir / "results.json",
-                        "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+        finish(scores, run_outputs(out_dir, best_ckpt),
                [f"python finetune_cls.py {tiny}--eval-ckpt {best_ckpt}"]
                + ([f"python fewshot.py {tiny}--pretrained {cfg.pretrained}"] if cfg.pretrained
                   else []), rank=rank)

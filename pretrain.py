@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, collapse, data, dist, syncbn
 from pqae.errors import BadInput
-from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
-                      write_json)
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header,
+                      run_outputs, tensorboard, write_json)
 from pqae.embed import PointEmbedder
 from pqae.model import TINY_ENCODER, PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
@@ -398,8 +398,7 @@ def main(cfg: Config) -> dict:
     tiny = "--preset tiny " if cfg.data == "procedural" else (
         "--preset scan-hardest --data-path data/scanobjectnn_hardest.h5 ")
     finish(f"{loss} after step {step}/{total_steps}",
-           {"checkpoint": final, "resumable": out_dir / "ckpt-last",
-            "results": out_dir / "results.json", "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+           run_outputs(out_dir, final),
            [f"python finetune_cls.py {tiny}--pretrained {final}"], rank=rank)
     dist.cleanup()
     return {**result, "out_dir": str(out_dir), "model": model}

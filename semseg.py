@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist, syncbn
 from pqae import s3dis
-from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header, tensorboard,
-                      write_json)
+from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header,
+                      run_outputs, tensorboard, write_json)
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
 from pqae.errors import BadInput, MissingFile
@@ -508,9 +508,7 @@ def main(cfg: Config) -> dict:
         summary = f"no evaluation (stopped at step {step}, before the first epoch ended)"
     tiny = "--preset tiny " if cfg.data == "synthetic" else ""
     best_ckpt = out_dir / ("ckpt-best" if evals else "ckpt-last")
-    finish(summary, {"checkpoint": best_ckpt, "resumable": out_dir / "ckpt-last",
-                     "results": out_dir / "results.json",
-                     "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"},
+    finish(summary, run_outputs(out_dir, best_ckpt),
            [f"python semseg.py {tiny}--eval-ckpt {best_ckpt}"], rank=rank)
     dist.cleanup()
     return {**result, "out_dir": str(out_dir), "model": model}

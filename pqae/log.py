@@ -78,6 +78,14 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
+def run_outputs(out_dir: str | Path, checkpoint: str | Path) -> dict[str, str | Path]:
+    """What a training run leaves in out_dir, for `finish`."""
+    out_dir = Path(out_dir)
+    return {"checkpoint": checkpoint, "resumable": out_dir / "ckpt-last",
+            "results": out_dir / "results.json",
+            "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"}
+
+
 def finish(summary: str, outputs: dict[str, str | Path | None], next_steps: list[str],
            rank: int = 0) -> None:
     """The last lines of every run: its final metrics, where its outputs are, what to run next."""

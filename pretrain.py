@@ -1,6 +1,6 @@
 """Point-PQAE pretraining: cross reconstruction between two decoupled views of every cloud.
 
-    python pretrain.py --preset tiny                       # built-in data, ~20 s on 2 CPU cores
+    python pretrain.py --preset tiny                       # built-in data, ~22 s on 2 CPU cores
     python pretrain.py --data-path data/shapenet55.h5      # the reference recipe, one GPU
     torchrun --nproc_per_node=8 pretrain.py --lr 1e-3      # the reference recipe, 8 GPUs
     python pretrain.py --benchmark-steps 50                # ms/step and shapes/s, then exit

@@ -109,7 +109,8 @@ class Config:
     eval_ckpt: str = ""
     """skip training: evaluate this fine-tuned checkpoint once on the test split (the
     reference's --test), with the test points drawn as in epoch 0's evaluation, into
-    out_dir/eval-NAME.json. The model's fields come from the checkpoint."""
+    out_dir/eval-NAME.json. The model's fields come from the checkpoint. A
+    reference `best_model.pth` is converted on the fly (the reference architecture)."""
     seed: int = 0
     """seed of every random draw (model init, data order, point sampling, augmentation)."""
     # speed
@@ -312,7 +313,8 @@ def main(cfg: Config) -> dict:
         if not Path(cfg.eval_ckpt).exists():
             raise MissingFile(f"--eval-ckpt {cfg.eval_ckpt}: no such checkpoint (a run writes "
                               f"ckpt-best-on-test and ckpt-last into its --out-dir)")
-        ckpt.load_strict(model, ckpt.load_weights(cfg.eval_ckpt), source=cfg.eval_ckpt,
+        from data_prep.convert_checkpoint import load_any  # ours, or a reference .pth
+        ckpt.load_strict(model, load_any(cfg.eval_ckpt, "partseg"), source=cfg.eval_ckpt,
                          hint="the model's fields differ from the checkpoint's; leave them out")
         metrics = scores(evaluate(model, test, cfg, 0, rank, world))
         path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"
@@ -394,8 +396,8 @@ def main(cfg: Config) -> dict:
             last_metrics = {"epoch": epoch, **result}
             history.append(last_metrics)
             improved = result["instance_miou"] >= best.get("instance_miou", -1.0)
-            for k in METRICS:  # each best tracked separately
-                if result[k] >= best.get(k, -1.0):
+            for k in METRICS:  # each best tracked separately; ">" as the reference: on a tie
+                if result[k] > best.get(k, -1.0):  # the first epoch is the reported one
                     best[k], best[f"{k}_epoch"] = result[k], epoch
             print0(f"epoch {epoch} test | {format_scores(result)} | best on test: instance mIoU "
                    f"{best['instance_miou']:.2f} % (epoch {best['instance_miou_epoch']}), class "

@@ -120,7 +120,8 @@ class Config:
     """after training, test the best-mIoU weights by whole-room sliding-window voting."""
     eval_ckpt: str = ""
     """skip training: run the whole-room test of this fine-tuned checkpoint, into
-    out_dir/eval-NAME.json and out_dir/test_predictions. The model's fields come from it."""
+    out_dir/eval-NAME.json and out_dir/test_predictions. The model's fields come from it. A
+    reference `best_model.pth` is converted on the fly (the reference architecture)."""
     num_votes: int = 3
     """sliding-window passes over every test room in the whole-room test; each pass gives every
     point it covers one vote for its predicted label, and the most voted label wins."""
@@ -359,7 +360,8 @@ def main(cfg: Config) -> dict:
         if not Path(cfg.eval_ckpt).exists():
             raise MissingFile(f"--eval-ckpt {cfg.eval_ckpt}: no such checkpoint (a run writes "
                               f"ckpt-best and ckpt-last into its --out-dir)")
-        ckpt.load_strict(model, ckpt.load_weights(cfg.eval_ckpt), source=cfg.eval_ckpt,
+        from data_prep.convert_checkpoint import load_any  # ours, or a reference .pth
+        ckpt.load_strict(model, load_any(cfg.eval_ckpt, "semseg"), source=cfg.eval_ckpt,
                          hint="the model's fields differ from the checkpoint's; leave them out")
         result = run_test(model, test, cfg, rank, world, device, out_dir, None, 0)
         path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"

@@ -2,13 +2,19 @@
 
     python -m data_prep.convert_checkpoint ckpt-epoch-300.pth pqae-pretrain.safetensors
     python -m data_prep.convert_checkpoint scan_hardest.pth scan-hardest.safetensors  # fine-tuned
+    python -m data_prep.convert_checkpoint best_model.pth partseg.safetensors          # segmentation
 
-Two layouts, detected from the keys (or forced with --layout):
+Four layouts, detected from the keys (or forced with --layout):
 * pretraining (`PQAE_encoder.*`, `PQ_decoder.*`, ...) -> `PointPQAE` keys;
 * fine-tuned classification (`PointTransformer` of Point-MAE / Point-PQAE, §3.3: `cls_token`,
   `encoder.first_conv.*`, `blocks.blocks.*`, `cls_head_finetune.*`) -> `PointClassifier` keys,
   so `finetune_cls.py --eval-ckpt X.safetensors` evaluates released models. The head
-  type (linear or the 3-layer MLP) and the number of classes are read from the weights.
+  type (linear or the 3-layer MLP) and the number of classes are read from the weights;
+* part segmentation (`best_model.pth` of `segmentation/main.py`: `model_state_dict` with
+  `encoder.*`, `blocks.blocks.*`, `label_conv.*`, `propagation_0.*`, `convs1..3`, `bns1..2`)
+  and semantic segmentation (the same without `label_conv`, new layers suffixed `_cls`) ->
+  `PointSegmenter` keys, so `partseg.py` / `semseg.py --eval-ckpt best_model.pth` evaluate
+  them (converted on the fly).
 
 The reference saves a dict whose `base_model` holds the state dict, with keys prefixed
 `module.` when trained under DataParallel (§2.12). The file is read with
@@ -72,7 +78,22 @@ FINETUNE_CLS_PREFIXES = [
     ("cls_head_finetune.bias", "cls_head.0.bias"),
     ("cls_head_finetune.", "cls_head."),
 ]
-LAYOUTS = ("pretrain", "finetune-cls")
+# The segmentation models (`segmentation/models/pt.py`, `semantic_segmentation/models/pt.py`)
+# have the classifier's encoder names (no class token) and their own heads, saved as
+# `best_model.pth` {'model_state_dict': ...}. The semantic one suffixes its new layers with
+# `_cls` (`propagation_0_cls`, `convs1_cls`, `bns1_cls`, ...); its own test loader accepts
+# either spelling, and so does `seg_name` here. Their Conv1d heads stay Conv1d in ours.
+SEG_PREFIXES = [p for p in FINETUNE_CLS_PREFIXES if not p[0].startswith("cls")] + [
+    ("label_conv.", "label_conv."),
+    ("propagation_0.", "propagation."),
+    *[(f"{m}.", f"{m}.") for m in ("convs1", "convs2", "convs3", "bns1", "bns2")],
+]
+LAYOUTS = ("pretrain", "finetune-cls", "partseg", "semseg")
+
+
+def seg_name(key: str) -> str:
+    """`propagation_0_cls.x` -> `propagation_0.x`: the `_cls` suffix of a module name dropped."""
+    return re.sub(r"^((?:module\.)*)(\w+?)_cls\.", r"\1\2.", key)
 
 
 def convert_state(state: dict[str, torch.Tensor], prefixes=PRETRAIN_PREFIXES,
@@ -101,14 +122,17 @@ def convert_state(state: dict[str, torch.Tensor], prefixes=PRETRAIN_PREFIXES,
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    """"pretrain" or "finetune-cls" from the key names; ValueError if neither fits."""
-    names = [k.replace("module.", "") for k in state]
+    """"pretrain", "finetune-cls", "partseg" or "semseg" from the key names."""
+    names = [seg_name(k).replace("module.", "") for k in state]
     if any(n.startswith("PQAE_encoder.") for n in names):
         return "pretrain"
     if any(n.startswith("cls_head_finetune") for n in names):
         return "finetune-cls"
-    raise BadInput(f"cannot tell the checkpoint layout: no `PQAE_encoder.*` (pretraining) and "
-                     f"no `cls_head_finetune.*` (fine-tuned classifier) key; first keys {names[:8]}")
+    if any(n.startswith("propagation_0.") for n in names):
+        return "partseg" if any(n.startswith("label_conv.") for n in names) else "semseg"
+    raise BadInput(f"cannot tell the checkpoint layout: no `PQAE_encoder.*` (pretraining), "
+                   f"`cls_head_finetune.*` (fine-tuned classifier) or `propagation_0.*` "
+                   f"(segmentation) key; first keys {names[:8]}")
 
 
 def convert_any(state: dict[str, torch.Tensor], layout: str = "auto"
@@ -119,7 +143,31 @@ def convert_any(state: dict[str, torch.Tensor], layout: str = "auto"
         raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
     if layout == "pretrain":
         return (*convert_state(state), layout)
+    if layout in ("partseg", "semseg"):
+        if layout == "semseg" and any(seg_name(k).replace("module.", "").startswith("label_conv.")
+                                      for k in state):
+            raise BadInput("--layout semseg, but the checkpoint has a category embedding "
+                           "(label_conv): it is a part segmentation model (--layout partseg)")
+        return (*convert_state({seg_name(k): v for k, v in state.items()}, SEG_PREFIXES,
+                               dropped=()), layout)
     return (*convert_state(state, FINETUNE_CLS_PREFIXES, dropped=()), layout)
+
+
+def segmenter_for(state: dict[str, torch.Tensor], layout: str):
+    """A PointSegmenter shaped like a converted segmentation state (classes, width, depth,
+    propagation and head widths read from the weights; the reference's blocks 4, 8, 12 scaled
+    to the depth), for the strict check and for evaluation."""
+    from pqae.segmentation import PointSegmenter, feature_blocks_for
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.blocks.")})
+    dim = state["encoder.norm.weight"].shape[0]
+    fp = tuple(state[f"propagation.mlp_convs.{i}.weight"].shape[0]
+               for i in range(len({k.split(".")[2] for k in state if k.startswith("propagation.mlp_convs.")})))
+    return PointSegmenter(state["convs3.weight"].shape[0],
+                          num_categories=state["label_conv.0.weight"].shape[1] if layout == "partseg" else 0,
+                          dim=dim, depth=depth, heads=max(1, dim // 64),
+                          embed_hidden=state["encoder.patch_embed.fc1.weight"].shape[0],
+                          feature_blocks=feature_blocks_for(depth), fp_dims=fp,
+                          head_dims=(state["convs1.weight"].shape[0], state["convs2.weight"].shape[0]))
 
 
 def classifier_for(state: dict[str, torch.Tensor]) -> PointClassifier:
@@ -149,7 +197,7 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch's message names no file; weights_only refuses any code
         raise BadInput(f"{path} is not a readable reference checkpoint (.pth saved by torch.save"
                        f" with tensors only): {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    for key in ("base_model", "model"):
+    for key in ("base_model", "model_state_dict", "model"):
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
             break
@@ -159,19 +207,29 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def load_any(path: str | Path, layout: str) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint of ours (directory or .safetensors), or of a reference
+    `.pth` of `layout`, converted on the fly."""
+    if str(path).endswith(".pth"):
+        return convert_any(read_reference(path), layout)[0]
+    from pqae.checkpoint import load_weights
+    return load_weights(path)
+
+
 @dataclass(frozen=True)
 class Args:
     src: tyro.conf.Positional[str]
     """reference pretraining checkpoint (.pth), e.g. ckpt-epoch-300.pth"""
     dst: tyro.conf.Positional[str]
     """output .safetensors"""
-    layout: Literal["auto", "pretrain", "finetune-cls"] = "auto"
+    layout: Literal["auto", "pretrain", "finetune-cls", "partseg", "semseg"] = "auto"
     """reference layout; auto: detected from the key names."""
 
 
 def main(args: Args) -> dict[str, torch.Tensor]:
     state, dropped, layout = convert_any(read_reference(args.src), args.layout)
-    model = PointPQAE() if layout == "pretrain" else classifier_for(state)
+    model = PointPQAE() if layout == "pretrain" else classifier_for(state) \
+        if layout == "finetune-cls" else segmenter_for(state, layout)
     load_strict(model, state, source=f"converted {args.src}")  # strict check
     save_weights(args.dst, state, {"format": "pqae", "layout": layout,
                                    "source": Path(args.src).name})

@@ -47,6 +47,14 @@ class Config:
     """Areas to convert."""
     workers: int = 8
     """Rooms parsed in parallel (processes); 1 parses in this process."""
+    check_counts: bool = True
+    """Require each area's room count of the reference's list (`meta/anno_paths.txt`, 272
+    rooms: 44, 40, 23, 49, 68, 48), so that the rooms converted are the rooms it trains and
+    tests on; --no-check-counts for a subset on purpose."""
+
+
+# Rooms per area in the reference's `meta/anno_paths.txt` (272 in all).
+REFERENCE_ROOMS = {1: 44, 2: 40, 3: 23, 4: 49, 5: 68, 6: 48}
 
 
 
@@ -126,6 +134,14 @@ def main(cfg: Config) -> dict:
     """Convert; return a report {"out", "rooms", "points", "skipped_lines", "unknown_classes"}.
     Raises ConversionError listing every room that could not be converted."""
     rooms = list_rooms(cfg)
+    if cfg.check_counts:
+        found = {a: sum(n.startswith(f"Area_{a}_") for n, _ in rooms) for a in cfg.areas}
+        wrong = {a: n for a, n in found.items() if n != REFERENCE_ROOMS.get(a)}
+        if wrong:
+            raise ConversionError(
+                "room directories per area " + ", ".join(f"Area_{a}: {n} (the reference's list: "
+                                                         f"{REFERENCE_ROOMS.get(a)})" for a, n in wrong.items())
+                + f" in {cfg.root}; a subset on purpose? add --no-check-counts")
     print(f"converting {len(rooms)} rooms of area(s) {list(cfg.areas)} from {cfg.root}", flush=True)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     problems, skipped, unknown, points = [], [], set(), 0

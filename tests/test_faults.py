@@ -207,7 +207,8 @@ def test_s3dis_converter_refuses_values_beyond_float32(tmp_path):
     (ann / "chair_1.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "s3dis.h5"
     with pytest.raises(prep.ConversionError, match="office_1: values beyond float32"):
-        prep.main(prep.Config(root=tmp_path / "raw", out=out, areas=(1,), workers=1))
+        prep.main(prep.Config(root=tmp_path / "raw", out=out, areas=(1,), workers=1,
+                              check_counts=False))
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -337,3 +338,12 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
     assert ("error: rank 0: a collective waited 4 s (--collective-timeout) for the other "
             "processes; rank(s) [1] did not answer") in proc.stderr, proc.stderr[-3000:]
     assert took < 60, took  # torch's default would have waited 30 minutes
+
+
+def test_s3dis_converter_checks_the_reference_room_counts(tmp_path):
+    from data_prep import s3dis as prep
+    (tmp_path / "raw" / "Area_1" / "office_1" / "Annotations").mkdir(parents=True)
+    with pytest.raises(prep.ConversionError, match=r"Area_1: 1 \(the reference's list: 44\).*"
+                                                   r"--no-check-counts"):
+        prep.main(prep.Config(root=tmp_path / "raw", out=tmp_path / "s.h5", areas=(1,), workers=1))
+    assert not (tmp_path / "s.h5").exists()

@@ -237,3 +237,36 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
         ckpt.save_checkpoint(tmp_path / "ckpt-last", model, {"step": 2})
     assert ckpt.load_meta(tmp_path / "ckpt-last")["step"] == 1  # the good one is untouched
     assert torch.isfinite(ckpt.load_weights(tmp_path / "ckpt-last")["head.weight"]).all()
+
+
+def test_train_mode_batchnorm_over_flattened_points_differs_by_rounding_only():
+    """Our patch embedding normalises (P*M, C) rows; the reference normalises (P, C, M). Same
+    statistic: in float64 the two agree to 1e-12. In float32 on the CPU, the reduction order
+    makes ours ~6e-6 relative from the exact value (the reference's layout ~5e-7): rounding,
+    bounded here at 2e-5, and it shrinks with float64."""
+    import torch.nn.functional as F
+    from pqae.model import PatchEmbed
+
+    def reference_layout(mod, x):
+        P, M, _ = x.shape
+
+        def bn(bn_mod, h):  # BatchNorm1d over (P, C, M), as the reference's Conv1d layout
+            t = h.reshape(P, M, -1).transpose(1, 2)
+            t = F.batch_norm(t, None, None, bn_mod.weight, bn_mod.bias, True, 0.0, bn_mod.eps)
+            return t.transpose(1, 2).reshape(P * M, -1)
+        h = mod.fc2(F.relu(bn(mod.bn1, mod.fc1(x.reshape(P * M, 3))))).reshape(P, M, -1)
+        h = torch.cat([h.amax(1, keepdim=True).expand(-1, M, -1), h], -1).reshape(P * M, -1)
+        return mod.fc4(F.relu(bn(mod.bn2, mod.fc3(h)))).reshape(P, M, -1).amax(1)
+
+    torch.manual_seed(0)
+    m32 = PatchEmbed(96, 32).train()
+    m64 = PatchEmbed(96, 32)
+    m64.load_state_dict(m32.state_dict())
+    m64 = m64.double().train()
+    x = torch.randn(1024, 32, 3) * 0.2
+    with torch.no_grad():
+        exact = m64._forward(x.double())
+        rel = lambda a: ((a.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+        assert rel(reference_layout(m64, x.double())) < 1e-12  # the same statistic
+        ours, theirs = rel(m32._forward(x)), rel(reference_layout(m32, x))
+    assert ours < 2e-5 and theirs < 2e-5, (ours, theirs)

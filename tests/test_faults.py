@@ -8,7 +8,6 @@ import errno
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

@@ -255,9 +255,6 @@ def build_model(cfg: Config) -> PointClassifier:
 
 def load_finetuned(model: PointClassifier, path: str) -> None:
     """Strict load of a fine-tuned classifier: ours, or a reference .pth converted on the fly."""
-    if not Path(path).exists():
-        raise MissingFile(f"--eval-ckpt {path}: no such checkpoint (a run writes ckpt-best and "
-                          f"ckpt-last into its --out-dir)")
     from data_prep.convert_checkpoint import load_any
     state = load_any(path, "finetune-cls")
     ckpt.load_strict(model, state, source=path,

@@ -36,7 +36,7 @@ from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header
                       run_outputs, tensorboard, write_json)
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.seeding import epoch_perm, step_seed
-from pqae.errors import BadInput, MissingFile
+from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER
 from pqae.segmentation import PointSegmenter, feature_blocks_for, load_pretrained
 
@@ -310,9 +310,6 @@ def main(cfg: Config) -> dict:
 
     model = build_model(cfg).to(device)
     if cfg.eval_ckpt:  # one evaluation of a fine-tuned model, no training
-        if not Path(cfg.eval_ckpt).exists():
-            raise MissingFile(f"--eval-ckpt {cfg.eval_ckpt}: no such checkpoint (a run writes "
-                              f"ckpt-best-on-test and ckpt-last into its --out-dir)")
         from data_prep.convert_checkpoint import load_any  # ours, or a reference .pth
         ckpt.load_strict(model, load_any(cfg.eval_ckpt, "partseg"), source=cfg.eval_ckpt,
                          hint="the model's fields differ from the checkpoint's; leave them out")

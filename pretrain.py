@@ -324,7 +324,7 @@ def main(cfg: Config) -> dict:
         if vis:
             log_clouds(writer, out, step)
         epoch_end = step % steps_per_epoch == 0
-        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+        if log_now:
             # One host sync per log line: losses, NaN check and timing.
             # Averaged over ranks: the line shows the global batch, and every rank takes the
             # same stop decision below.

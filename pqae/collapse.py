@@ -39,14 +39,19 @@ def chamfer_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return d_pred.mean() + d_target.mean()
 
 
+def subsample(pred: torch.Tensor, target: torch.Tensor, max_patches: int = 1024):
+    """At most `max_patches` evenly spaced (pred, target) patch pairs."""
+    if target.shape[0] <= max_patches:
+        return pred, target
+    pick = torch.linspace(0, target.shape[0] - 1, max_patches, device=target.device).long()
+    return pred[pick], target[pick]
+
+
 def best_constant_loss(pred: torch.Tensor, target: torch.Tensor, steps: int = 25,
                        max_patches: int = 1024, lr: float = 0.01) -> torch.Tensor:
     """The loss of the best constant patch on (a subsample of) these targets, and never more
     than that of the mean prediction it starts from. pred, target (P, M, 3)."""
-    pred, target = pred.detach().float(), target.detach().float()
-    if target.shape[0] > max_patches:
-        pick = torch.linspace(0, target.shape[0] - 1, max_patches, device=target.device).long()
-        pred, target = pred[pick], target[pick]
+    pred, target = subsample(pred.detach().float(), target.detach().float(), max_patches)
     with torch.enable_grad():
         const = pred.mean(dim=0).clone().requires_grad_(True)  # (M, 3)
         opt = torch.optim.Adam([const], lr=lr)
@@ -70,9 +75,8 @@ def stats(out: dict) -> dict[str, float]:
         pred, target = out[f"pred{v}"], out[f"neighborhood{v}"]
         pred, target = pred.reshape(-1, *pred.shape[-2:]), target.reshape(-1, *target.shape[-2:])
         ratios.append(spread(pred) / spread(target).clamp_min(1e-12))
-        n = min(1024, target.shape[0])
-        pick = torch.linspace(0, target.shape[0] - 1, n, device=target.device).long()
-        model.append(chamfer_loss(pred[pick].float(), target[pick]))
+        pred, target = subsample(pred, target)
+        model.append(chamfer_loss(pred.float(), target))
         const.append(best_constant_loss(pred, target))
     values = torch.stack([sum(ratios) / 2, sum(model), sum(const)]).tolist()  # one host read
     return {"spread_ratio": values[0], "loss_sample": values[1], "constant_loss": values[2]}

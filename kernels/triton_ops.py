@@ -40,6 +40,29 @@ _FMA = {} if _INTERPRET else {"enable_fp_fusion": True}
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # the key of an empty slot
 
 
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter holds a scalar argument as a NumPy array of shape (1,) and turns
+    it into an int with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can
+    be converted to Python scalars"), so every `range(.., M)` over a kernel argument fails. Later
+    Triton squeezes the array first; do the same where it does not. Interpreter only."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_index", False):
+        return
+
+    def patch_squeezing(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_squeezing.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_squeezing
+
+
+if _INTERPRET:
+    _fix_interpreter_index()
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 

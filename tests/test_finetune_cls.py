@@ -314,10 +314,11 @@ def test_benchmark_mode_times_both_paths_and_phases(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # a benchmark writes nothing
 
 
-def _deterministic_steps(cfg, steps: int = 1):
+def _deterministic_steps(cfg, steps: int = 1, relu_inputs: list | None = None):
     """(loss of step 0, flat gradient after it, parameter names) of a fresh model of cfg on
     3-class procedural data, dropout off (bf16 draws its masks differently), then `steps` - 1
-    more steps with a no-op optimizer."""
+    more steps with a no-op optimizer. `relu_inputs` (eager models only) collects the smallest
+    |input| of each head ReLU in every step: how far its nearest unit lies from the kink."""
     from pqae import data, dist
 
     env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -326,6 +327,9 @@ def _deterministic_steps(cfg, steps: int = 1):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(m, torch.nn.ReLU) and relu_inputs is not None:
+            m.register_forward_pre_hook(
+                lambda m, args: relu_inputs.append(args[0].detach().abs().min().item()))
     step = finetune_cls.make_train_step(cfg, model, train_model, NoOpOptimizer(), points, labels,
                                         env)
     loss, _ = step(0, torch.arange(32))
@@ -354,20 +358,32 @@ def test_bf16_autocast_stays_within_tolerance_of_float32(tmp_path):
 
 def test_compile_matches_eager_without_recompiling(tmp_path):
     """--compile compiles the encoder and the head in place: the same loss and gradient as
-    eager (dropout off), no recompile between training steps, unchanged parameter names."""
+    eager (dropout off), no recompile between training steps, unchanged parameter names.
+
+    The head's ReLUs follow a BatchNorm of 16 samples, and a unit within rounding of zero can
+    take the other side of its kink in compiled code, which moves the whole gradient (seed 0
+    on torch 2.11 has one at 1.3e-5: 0.7 %; a kink, not a miscompile). So the comparison uses
+    the first seed whose head units all lie beyond 1e-4 (compiling moves them by 1e-5 at most)."""
     import torch._dynamo
 
+    for seed in range(1, 6):
+        relu_inputs: list[float] = []
+        eager = _deterministic_steps(small_config(tmp_path, drop_path_rate=0.0, seed=seed),
+                                     relu_inputs=relu_inputs)
+        if min(relu_inputs) > 1e-4:
+            break
+    else:
+        pytest.fail("every seed has a head ReLU unit within 1e-4 of its kink")
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):  # a second step: no recompile
-            runs = {compiled: _deterministic_steps(
-                small_config(tmp_path, compile=compiled, drop_path_rate=0.0), steps=2)
-                for compiled in (False, True)}
+            loss, grad, names = _deterministic_steps(
+                small_config(tmp_path, compile=True, drop_path_rate=0.0, seed=seed), steps=2)
     finally:
         torch._dynamo.reset()
-    (loss, grad, names), (eager_loss, eager_grad, eager_names) = runs[True], runs[False]
-    assert loss == pytest.approx(eager_loss, rel=1e-4)
-    assert ((grad - eager_grad).norm() / eager_grad.norm()).item() < 1e-3
+    eager_loss, eager_grad, eager_names = eager
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    assert ((grad - eager_grad).norm() / eager_grad.norm()).item() < 1e-4
     assert names == eager_names
 
 

@@ -9,6 +9,7 @@ file on its own then). With CUDA available the Triton kernels are compiled and r
 """
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from pathlib import Path
@@ -558,6 +559,29 @@ def test_dispatch_env_and_set_backend(TM, monkeypatch):
         kernels.chamfer_l2(a, b)
     with pytest.raises(ValueError):
         kernels.set_backend("cuda")
+
+
+def test_interpreter_runs_loops_over_scalar_arguments_on_triton_3_6(monkeypatch):
+    """Triton 3.6's interpreter (the GPU machine's Triton) turns a scalar kernel argument into an
+    int from an array of shape (1,), which NumPy >= 2.4 refuses: every loop over a runtime count
+    (FPS's picks) failed there. With that conversion put back, the ops still run and match."""
+    if ON_GPU:
+        pytest.skip("interpreter only")
+    mod = _triton_module()
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patch_of_triton_3_6(tensor, scope):  # __index__ refuses a non-0-d array, as there
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: operator.index(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_of_triton_3_6)
+    x = torch.rand(2, 40, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match="scalar"):
+        mod.fps(x, 6)
+    mod._fix_interpreter_index()
+    assert torch.equal(mod.fps(x, 6), R.fps(x, 6))
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):

@@ -380,7 +380,7 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
 
     results = bench.run(bench.variants(cfg, cfg.benchmark_compare), make_step,
                         cfg.benchmark_steps, cfg.batch_size, env.device,
-                        phases=cfg.benchmark_phases)
+                        phases=cfg.benchmark_phases, rank=env.rank)
     if env.rank == 0:
         epochs = cfg.epochs + 1
         print(bench.report(

@@ -444,7 +444,7 @@ def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:
 
     results = bench.run(bench.variants(cfg, cfg.benchmark_compare), make_step,
                         cfg.benchmark_steps, cfg.batch_size, env.device,
-                        phases=cfg.benchmark_phases)
+                        phases=cfg.benchmark_phases, rank=env.rank)
     if env.rank == 0:
         epochs = cfg.epochs + 1
         print(bench.report(

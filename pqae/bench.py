@@ -19,7 +19,7 @@ import torch
 
 import kernels
 from pqae import profiling
-from pqae.log import Timer
+from pqae.log import Timer, print0
 
 WARMUP_STEPS = 5
 """untimed steps before timing: Triton compilation, torch.compile, the CUDA allocator."""
@@ -49,10 +49,12 @@ def variants(cfg, compare: bool) -> list[Variant]:
 
 
 def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], Any]], steps: int,
-        batch_size: int, device: torch.device, phases: bool = True) -> dict[str, dict]:
+        batch_size: int, device: torch.device, phases: bool = True,
+        rank: int = 0) -> dict[str, dict]:
     """Time `steps` steps of each variant after WARMUP_STEPS untimed ones, then (phases) profile
     PROFILED_STEPS more for the per-phase times, after one more untimed step. Returns
-    {name: result} in the given order."""
+    {name: result} in the given order. Rank 0 prints each variant's timing as soon as it has
+    it, before profiling it (so a run cut short still shows what it measured)."""
     results = {}
     for v in variants:
         kernels.set_backend(v.backend)
@@ -73,6 +75,8 @@ def run(variants: list[Variant], make_step: Callable[[Variant], Callable[[int], 
                     timer.steps += 1
                 ms = timer.ms_per_step()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print0(f"benchmark | {v.name} | {ms:.2f} ms/step | {batch_size * 1000 / ms:.0f} "
+                   f"shapes/s | peak {'-' if peak is None else f'{peak:.2f}'} GiB", rank=rank)
             phases_ms, phases_time = {}, None
             if phases:
                 phases_ms, phases_time = _profile(step, i, device)

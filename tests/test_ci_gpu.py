@@ -3,6 +3,8 @@ sizes) passes and writes the report, and a failing step is reported with its log
 command fail, so the script cannot rot between GPU sessions."""
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["tests", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
+
+
+def _script():
+    """.ci/gpu as a module (it has no .py suffix)."""
+    loader = importlib.machinery.SourceFileLoader("ci_gpu", str(ROOT / ".ci" / "gpu"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("ci_gpu", loader))
+    loader.exec_module(module)
+    return module
 
 
 def _gpu_check(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
@@ -41,7 +51,10 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
-    assert (tmp_path / "gpu-check.log").stat().st_size > 0
+    # every path printed its timing as soon as it had it: what a step cut short still keeps
+    log = (tmp_path / "gpu-check.log").read_text()
+    timed = [m.group(1) for m in map(_script().PROGRESS.match, log.splitlines()) if m]
+    assert timed == ["plain PyTorch fp32", "this config"] * 3  # pretraining, 2 fine-tunings
 
 
 def test_a_failing_step_fails_the_check_with_its_log(tmp_path):
@@ -59,3 +72,26 @@ def test_a_step_past_its_time_limit_is_stopped_and_reported(tmp_path):
     rc, report, _ = _gpu_check(tmp_path, "--only", "pretrain.benchmark", "--budget", "8")
     (step,) = report["steps"]
     assert rc == 1 and step["status"] == "timeout" and step["seconds"] < 30
+
+
+def test_a_benchmark_cut_short_keeps_the_paths_it_had_timed():
+    """A benchmark killed at its time limit (a slow torch.compile, say) still reports the paths
+    it had timed, from their progress lines, marked as cut short."""
+    gpu = _script()
+    lines = [gpu.RUN_MARK + "fps",
+             "benchmark | plain PyTorch fp32 | 52.68 ms/step | 304 shapes/s | peak 1.50 GiB",
+             "benchmark | this config | 9.10 ms/step | 3516 shapes/s | peak - GiB",
+             gpu.RUN_MARK + "fast_point_all"]
+    code = "import time\n" + "".join(f"print({x!r}, flush=True)\n" for x in lines) + \
+        "time.sleep(60)"
+    step = dict(name="finetune.benchmark", cap=5, what="fine-tuning step",
+                cmd=[sys.executable, "-c", code])
+    res = gpu.run_step(step, dict(os.environ), 100, lambda text: None)
+    assert res["status"] == "timeout" and res["seconds"] < 30
+    assert res["figures"] == {"fps": {
+        "plain PyTorch fp32": {"ms_per_step": 52.68, "shapes_per_s": 304, "peak_gib": 1.5,
+                               "partial": True},
+        "this config": {"ms_per_step": 9.1, "shapes_per_s": 3516, "peak_gib": None,
+                        "partial": True}}}
+    table = "\n".join(gpu._figure_tables([res]))
+    assert "| fps | this config (cut short: no phases) | 9.10 | 3516 | - |" in table

@@ -3,20 +3,20 @@
 Public API
 ----------
 ``fps(xyz, m, *, check=None) -> LongTensor (B, m)``
-    Farthest point sampling with pointnet2 CUDA semantics (SPEC 1.1): first index 0,
+    Farthest point sampling with pointnet2 CUDA semantics: first index 0,
     running-min squared distance (init 1e10), ties to the lowest index, points with
     squared norm <= 1e-3 never picked after the first.
 ``knn(query, ref, k, *, check=None) -> LongTensor (B, S, k)``
     k nearest ``ref`` points of each ``query`` by squared Euclidean distance, ordered by
     (distance, index): nearest first, equal distances by the lower index.
 ``group(xyz, num_group, group_size, *, check=None) -> (neighborhood (B, G, M, 3), center (B, G, 3))``
-    SPEC 1.2: centers = FPS, neighbours = kNN of the centers, neighbourhood = neighbour - center.
+    Grouping: centers = FPS, neighbours = kNN of the centers, neighbourhood = neighbour - center.
     float32 output.
 ``group_views(views, num_group, group_size, *, check=None) -> [(neighborhood, center)]``
     ``group`` of several tensors of clouds (the two views of a pretraining step) in one FPS and
     one kNN launch for every two of them; each tensor may have its own point count.
 ``chamfer_l2(a, b, *, check=None) -> (d_a (P, n), d_b (P, m))``
-    Squared distance of each point to its nearest point in the other set (SPEC 2.7),
+    Squared distance of each point to its nearest point in the other set (no square root),
     float32, differentiable w.r.t. ``a`` and ``b``.
 ``chamfer_l2_loss(preds, targets, *, check=None) -> [loss]``
     The CD-L2 loss ``d_pred.mean() + d_target.mean()`` of every (pred (P, n, 3), target
@@ -182,7 +182,7 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int, *, check: bool | None = 
 
 
 def group(xyz: torch.Tensor, num_group: int, group_size: int, *, check: bool | None = None):
-    """FPS + kNN grouping (SPEC 1.2). xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3))."""
+    """FPS + kNN grouping. xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3))."""
     _check_points("xyz", xyz, check)
     _check_count("num_group", num_group, xyz.shape[1], "N", xyz.shape)
     _check_count("group_size", group_size, xyz.shape[1], "N", xyz.shape)
@@ -218,7 +218,7 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
 
 def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
     """CD-L2 loss d_pred.mean() + d_target.mean() of every (pred (P, n, 3), target (P, m, 3))
-    pair -> [scalar], differentiable (SPEC 2.7)."""
+    pair -> [scalar], differentiable."""
     preds, targets = list(preds), list(targets)
     if not preds or len(preds) != len(targets):
         raise ValueError(f"preds and targets must be non-empty lists of equal length, got "

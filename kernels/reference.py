@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 # Squared norm at or below which a point is never picked by FPS after the first pick
-# (quirk of the pointnet2 CUDA op, SPEC 1.1).
+# (quirk of the pointnet2 CUDA op).
 FPS_ORIGIN_EPS = 1e-3
 # Initial running-minimum distance of FPS (pointnet2 uses 1e10).
 FPS_INIT_DIST = 1e10
@@ -98,7 +98,7 @@ def gather_points(xyz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def group(xyz: torch.Tensor, num_group: int, group_size: int):
-    """SPEC 1.2. xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3)), float32."""
+    """FPS + kNN. xyz (B, N, 3) -> (neighborhood (B, G, M, 3), center (B, G, 3)), float32."""
     x = xyz.float()
     center = gather_points(x, fps(x, num_group))  # (B, G, 3)
     nbr_idx = knn(center, x, group_size)  # (B, G, M)
@@ -121,5 +121,5 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
 
 
 def chamfer_l2_loss(preds, targets):
-    """[mean d_pred + mean d_target (SPEC 2.7)] of every (pred (P, n, 3), target (P, m, 3))."""
+    """[mean d_pred + mean d_target (not halved)] of every (pred (P, n, 3), target (P, m, 3))."""
     return [sum(d.mean() for d in chamfer_l2(a, b)) for a, b in zip(preds, targets)]

@@ -423,7 +423,7 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def group_views(views: Sequence[torch.Tensor], num_group: int, group_size: int):
-    """SPEC 1.2 for every view in two launches (two views per launch): FPS (writes the centres)
+    """Grouping of every view in two launches (two views per launch): FPS (writes the centres)
     and kNN (writes neighbour - centre) -> [(neighborhood (B, G, M, 3), center (B, G, 3))]."""
     xs = [_f32(v) for v in views]
     if max(x.shape[1] for x in xs) > FPS_MAX_N or group_size > KNN_MAX_K:
@@ -434,7 +434,7 @@ def group_views(views: Sequence[torch.Tensor], num_group: int, group_size: int):
 
 
 def group(xyz: torch.Tensor, num_group: int, group_size: int):
-    """SPEC 1.2 for one tensor of clouds: group_views([xyz], ...)[0]."""
+    """FPS + kNN grouping of one tensor of clouds: group_views([xyz], ...)[0]."""
     return group_views([xyz], num_group, group_size)[0]
 
 

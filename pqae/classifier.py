@@ -1,12 +1,12 @@
-"""Point-cloud classifier for fine-tuning (§3.1): the shared encoder + a classification head.
+"""Point-cloud classifier for fine-tuning: the shared encoder + a classification head.
 
     model = PointClassifier(num_classes=15, head="full", num_group=128)
     dropped = model.load_pretrained("runs/pretrain/ckpt-epoch-300")  # strict, encoder only
     logits = model(points)  # (B, N, 3) -> (B, num_classes)
 
 Every parameter that belongs to the head or the class token has `cls` in its name
-(`cls_head.*`, `encoder.cls_token`, `encoder.cls_pos`): the optimizer's 10x group (§3.4) and
-the freezing rule of the linear/mlp3 protocols (§3.2) select parameters by that substring,
+(`cls_head.*`, `encoder.cls_token`, `encoder.cls_pos`): the optimizer's 10x lr group and
+the freezing rule of the linear/mlp3 protocols select parameters by that substring,
 exactly as the reference does with `cls_head_finetune.*`.
 """
 
@@ -27,7 +27,7 @@ HEADS = ("full", "linear", "mlp3")
 
 def make_head(kind: str, in_dim: int, num_classes: int, hidden: int = 256,
               dropout: float = 0.5) -> nn.Sequential:
-    """`linear`: one Linear. `full` and `mlp3` (§3.1): Linear, BN, ReLU, Dropout, Linear, BN,
+    """`linear`: one Linear. `full` and `mlp3`: Linear, BN, ReLU, Dropout, Linear, BN,
     ReLU, Dropout, Linear. A Sequential in both cases, so the indices of the Linear/BN layers
     (0, 1, 4, 5, 8) are those of the reference's `cls_head_finetune`."""
     if kind not in HEADS:
@@ -44,7 +44,7 @@ class PointClassifier(nn.Module):
     """Group (FPS + kNN) -> PointEncoder -> concat[class token, max over patches] -> head.
 
     head: "full" (everything trains), "linear" or "mlp3" (only `cls`-named parameters train,
-    see `freeze_for_protocol`). Initialisation follows §3.3: PyTorch defaults everywhere (the
+    see `freeze_for_protocol`). Initialisation as the reference: PyTorch defaults everywhere (the
     head keeps them even when a pretrained encoder is loaded) except trunc-normal(0.02)
     `cls_token`/`cls_pos`.
     """
@@ -55,7 +55,7 @@ class PointClassifier(nn.Module):
         super().__init__()
         self.head_kind, self.num_group, self.group_size = head, num_group, group_size
         self.encoder = PointEncoder(dim, depth, heads, drop_path_rate, embed_hidden)
-        # PointEncoder starts from the pretraining init (§2.8); the reference classifier never
+        # PointEncoder starts from the pretraining init; the reference classifier never
         # runs that, so put every layer back to PyTorch's default init (class token/pos stay
         # trunc-normal, as the reference's).
         for m in self.encoder.modules():
@@ -68,7 +68,7 @@ class PointClassifier(nn.Module):
         self.freeze_for_protocol()
 
     def freeze_for_protocol(self) -> None:
-        """§3.2: in `linear`/`mlp3` every parameter whose name lacks `cls` is frozen (class
+        """In `linear`/`mlp3` every parameter whose name lacks `cls` is frozen (class
         token and its positional embedding stay trainable). The module itself is NOT put in
         eval mode: the reference trains in train(), so frozen BatchNorm layers keep using
         batch statistics and DropPath stays active."""

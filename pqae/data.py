@@ -7,8 +7,8 @@ draws its batch on the device with `sample_points` — no DataLoader, no worker 
 * `load_shapenet55`  ShapeNet-55 from the HDF5 written by `python -m data_prep.shapenet55`.
 * `load_airplanes`   the real ModelNet40 airplane slice in `shared/data` (tests, smoke runs).
 * `procedural_shapes` a small, deterministic corpus of random primitives; needs no files.
-* `sample_points`    the reference per-sample pretraining transform (SPEC 2.1 / 7.1), batched.
-* `rotate_y`         row-vector rotation about y (SPEC "Conventions"); also used by the model.
+* `sample_points`    the reference per-sample pretraining transform, batched.
+* `rotate_y`         row-vector rotation about y; also used by the model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pqae.errors import BadInput, MissingFile
 
 SHAPENET55_POINTS = 8192
 SHAPENET55_SHAPES = 52_470
-"""train + test, the reference's pretraining set (SPEC §2.1)."""
+"""train + test, the reference's pretraining set."""
 SHAPENET55_FORMAT_VERSION = 1
 AIRPLANES_POINTS = 2048
 SPLITS = ("train", "test", "all")
@@ -52,7 +52,7 @@ def _check_split(split: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# ShapeNet-55 (pretraining, SPEC 2.1 / 7.1)
+# ShapeNet-55 (pretraining)
 
 
 def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
@@ -304,7 +304,7 @@ def _unit_sphere(points: torch.Tensor) -> torch.Tensor:
 
 
 def sample_points(clouds: torch.Tensor, idx: torch.Tensor, num_points: int) -> torch.Tensor:
-    """The reference pretraining transform (SPEC 2.1), batched: (B, num_points, 3).
+    """The reference pretraining transform, batched: (B, num_points, 3).
 
     clouds (S, N, 3), idx (B,) long: for each selected cloud, a uniformly random subset of
     num_points of its N points without replacement, in random order (the first num_points of
@@ -323,7 +323,7 @@ def sample_points(clouds: torch.Tensor, idx: torch.Tensor, num_points: int) -> t
 
 
 def rotate_y(points: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each cloud about the y axis (row-vector convention of SPEC "Conventions").
+    """Rotate each cloud about the y axis (row-vector convention).
 
     points (B, N, 3), angles (B,) radians: (x, y, z) -> (x cos a - z sin a, y, x sin a + z cos a).
     Returns a new tensor (the reference rotates in place; nothing here relies on that).
@@ -335,7 +335,7 @@ def rotate_y(points: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Classification data (SPEC 3.5 - 3.7, 7.2, 7.3): whole splits as (points, labels) tensors
+# Classification data (ScanObjectNN, ModelNet40): whole splits as (points, labels) tensors
 
 SCANOBJECTNN_POINTS = 2048
 SCANOBJECTNN_CLASSES = 15
@@ -377,7 +377,7 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
 
 def load_scanobjectnn(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """ScanObjectNN (one variant) from `python -m data_prep.scanobjectnn`:
-    points (S, 2048, 3) as stored (the reference does not normalise, §7.2), labels (S,)."""
+    points (S, 2048, 3) as stored (the reference does not normalise), labels (S,)."""
     name = Path(path).name.lower()
     variant = next((v for v in ("objonly", "hardest", "objbg") if v in name), "objbg")
     return _load_labelled_h5(path, split, SCANOBJECTNN_POINTS, SCANOBJECTNN_CLASSES, "ScanObjectNN",
@@ -387,7 +387,7 @@ def load_scanobjectnn(path: str | Path, split: str) -> tuple[torch.Tensor, torch
 
 def load_modelnet40(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """ModelNet40 from `python -m data_prep.modelnet40`: points (S, 8192, 3), each cloud
-    unit-sphere normalised over all its 8192 points (§7.3, before any subsampling), in the
+    unit-sphere normalised over all its 8192 points (before any subsampling), in the
     stored point order; labels (S,)."""
     points, labels = _load_labelled_h5(
         path, split, MODELNET40_POINTS, MODELNET40_CLASSES, "ModelNet40",
@@ -413,13 +413,13 @@ def procedural_classes(num_shapes: int, num_points: int = 1024, num_classes: int
 
 
 def point_all_for(num_points: int, available: int) -> int:
-    """How many FPS points the train-time subset is drawn from (§3.6), capped at `available`."""
+    """How many FPS points the train-time subset is drawn from, capped at `available`."""
     return min({1024: 1200, 2048: 2400, 4096: 4800, 8192: 8192}.get(num_points, num_points),
                available)
 
 
 def fps_gather(points: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, N, 3) -> (B, m, 3): the FPS points (§1.1, start at index 0) in FPS order. Used on
+    """(B, N, 3) -> (B, m, 3): the FPS points (start at index 0) in FPS order. Used on
     clouds the loaders have checked for NaN, so the kernel's NaN guard (a host sync on the
     GPU) is skipped."""
     import kernels  # local: only the classification sampling needs the point kernels
@@ -472,7 +472,7 @@ def shuffle_points(points: torch.Tensor) -> torch.Tensor:
 
 def draw_augmentation(kind: str, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-sample parameters (n, k) of a reference train/vote transform (§3.5), drawn on
+    """Per-sample parameters (n, k) of a reference train/vote transform, drawn on
     `device` from `generator` (or that device's global RNG): "rotate" -> angle U[0, 2pi) about
     y (n, 1); "scale_translate" -> scale U(2/3, 3/2)^3 and shift U(-0.2, 0.2)^3 (n, 6);
     "none" -> (n, 0). Training draws on its device (no copy); evaluation draws on the CPU

@@ -1,6 +1,5 @@
 """Point-PQAE models: the shared point-cloud encoder and the cross-reconstruction pretrainer.
 
-Section numbers (§) refer to the project specification of the reference implementation.
 Shapes: B batch, N points, G patches (groups), M points per patch, C token width.
 """
 
@@ -18,7 +17,7 @@ from pqae.data import rotate_y
 from pqae.profiling import phase
 
 # ---------------------------------------------------------------------------------------------
-# Shared building blocks (§1)
+# Shared building blocks
 
 
 TINY_ENCODER = dict(dim=96, depth=4, heads=3, embed_hidden=32)
@@ -36,7 +35,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Mini-PointNet over each patch (§1.3): (P, M, 3) -> (P, C).
+    """Mini-PointNet over each patch: (P, M, 3) -> (P, C).
 
     The reference uses 1x1 Conv1d on channels-first tensors; a Linear on channels-last points is
     the same map, and BatchNorm over the flattened (P*M, C) points is the same statistic as
@@ -64,7 +63,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias, output projection with bias (§1.5)."""
+    """Multi-head self-attention: qkv without bias, output projection with bias."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -89,7 +88,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with per-sample DropPath on both branches (§1.5)."""
+    """Pre-norm transformer block with per-sample DropPath on both branches."""
 
     def __init__(self, dim: int, heads: int, drop_path: float = 0.0, mlp_ratio: float = 4.0):
         super().__init__()
@@ -103,17 +102,17 @@ class Block(nn.Module):
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
-    """Linearly spaced 0 .. rate over the depth, as torch.linspace(0, r, depth) (§1.5)."""
+    """Linearly spaced 0 .. rate over the depth, as torch.linspace(0, r, depth)."""
     return [float(r) for r in torch.linspace(0, rate, depth)]
 
 
 class PointEncoder(nn.Module):
-    """The shared encoder (§1.6): patch tokens + centre embedding + class token, then `depth`
+    """The shared encoder: patch tokens + centre embedding + class token, then `depth`
     blocks with the positional embedding re-added before every block, then a final LayerNorm.
 
     forward(neighborhood (B, G, M, 3), center (B, G, 3)) -> (cls (B, C), patches (B, G, C)).
     `return_layers` (1-based block indices) also returns those blocks' raw outputs (for the
-    segmentation heads, §5). With use_cls_token=False (the segmentation backbone, §5.3) there
+    segmentation heads). With use_cls_token=False (the segmentation backbone) there
     is no class token or class pos at all: cls is None and the raw outputs are (B, G, C).
     """
 
@@ -123,7 +122,7 @@ class PointEncoder(nn.Module):
         super().__init__()
         self.dim, self.use_cls_token = dim, use_cls_token
         self.patch_embed = PatchEmbed(dim, embed_hidden)
-        self.pos_embed = nn.Sequential()  # Linear 3->128, GELU, Linear 128->C (§1.4)
+        self.pos_embed = nn.Sequential()  # Linear 3->128, GELU, Linear 128->C
         self.pos_embed.fc1 = nn.Linear(3, 128)
         self.pos_embed.act = nn.GELU()
         self.pos_embed.fc2 = nn.Linear(128, dim)
@@ -136,8 +135,9 @@ class PointEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Reference encoder init (§2.8 step 1): trunc-normal(0.02) for Linear/conv weights and the
-        class token/pos, zero biases, norms at 1/0. (The timm truncation at +-2 never bites.)"""
+        """The reference encoder's own init, before the pretraining model's re-init:
+        trunc-normal(0.02) for Linear/conv weights and the class token/pos, zero biases, norms at
+        1/0. (The timm truncation at +-2 never bites.)"""
         if self.use_cls_token:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.cls_pos, std=0.02)
@@ -173,11 +173,11 @@ class PointEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining pieces (§2)
+# Pretraining pieces
 
 
 def crop_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crop and normalisation of one decoupled view (§2.2 steps 1-4), batched on the device.
+    """The crop and normalisation of one decoupled view, batched on the device.
 
     points (B, N, 3) -> view (B, k, 3) in [-1, 1] per axis, k = floor(N * ratio), and the
     bbox centre (B, 3) of the cropped points in the input frame. Each sample: a random seed
@@ -201,7 +201,7 @@ def crop_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.T
 
 
 def decoupled_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoupled view (§2.2): the crop of `crop_view`, then a random rotation about y per
+    """One decoupled view: the crop of `crop_view`, then a random rotation about y per
     sample (whose angle the model never sees). -> view (B, k, 3), bbox centre (B, 3)."""
     view, centre = crop_view(points, ratio)
     angles = torch.rand(points.shape[0], device=points.device) * (2 * math.pi)
@@ -209,7 +209,7 @@ def decoupled_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, to
 
 
 def vrpe(center: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tensor:
-    """View-relative positional embedding (§2.4), fixed sine-cosine of 6 coordinates.
+    """View-relative positional embedding, fixed sine-cosine of 6 coordinates.
 
     center (B, G, 3) in the view's own frame, offset (B, 3) = other view's bbox centre minus
     this view's, in the global frame. -> (B, G, dim), laid out
@@ -224,7 +224,7 @@ def vrpe(center: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class PositionalQuery(nn.Module):
-    """Positional-query cross-attention (§2.5): queries from the target view's VRPE, keys and
+    """Positional-query cross-attention: queries from the target view's VRPE, keys and
     values from the other view's patch tokens; no residual, no norm."""
 
     def __init__(self, dim: int, heads: int):
@@ -244,15 +244,15 @@ class PositionalQuery(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`depth` blocks without any positional embedding, then LayerNorm (§2.6)."""
+    """`depth` blocks without any positional embedding, then LayerNorm."""
 
     def __init__(self, dim: int, depth: int, heads: int, drop_path_rate: float):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(dim, heads, r) for r in drop_path_rates(drop_path_rate, depth))
         self.norm = nn.LayerNorm(dim)
-        # The reference's Xavier init of the decoder (§2.8 step 2) is entirely overwritten by
-        # the pretraining model's re-init (step 3), so it is not repeated here.
+        # The reference's Xavier init of the decoder is entirely overwritten by the
+        # pretraining model's later re-init, so it is not repeated here.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -261,7 +261,7 @@ class Decoder(nn.Module):
 
 
 class PointPQAE(nn.Module):
-    """Point-PQAE pretraining model (§2). `PointPQAE()` is the reference configuration.
+    """Point-PQAE pretraining model. `PointPQAE()` is the reference configuration.
 
     model(points (B, N, 3)) -> {"loss_view1", "loss_view2", "loss"}: two decoupled views of
     every cloud, each reconstructed from the other through the positional query.
@@ -295,8 +295,9 @@ class PointPQAE(nn.Module):
             m.compile(**options)
 
     def _reference_init(self) -> None:
-        # §2.8 step 3: every Linear outside the patch embedding (whose layers are Conv1d in the
-        # reference and keep their trunc-normal init) gets N(0.02, 0.01^2) weights, zero bias.
+        # The reference's last init step: every Linear outside the patch embedding (whose layers
+        # are Conv1d in the reference and keep their trunc-normal init) gets N(0.02, 0.01^2)
+        # weights, zero bias.
         patch = set(self.encoder.patch_embed.modules())
         for m in self.modules():
             if isinstance(m, nn.Linear) and m not in patch:
@@ -308,7 +309,7 @@ class PointPQAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def draw_crop_ratios(self, rng: random.Random | None = None) -> tuple[float, float]:
-        """One crop ratio per view for the whole batch, U[min_crop_rate, 1) (§2.2). A host-side
+        """One crop ratio per view for the whole batch, U[min_crop_rate, 1). A host-side
         draw (Python's `random`, or `rng`): the ratios fix the views' shapes, so they must be
         known on the host without a device sync, and be the same on every rank."""
         if self.min_crop_rate >= 1.0:
@@ -337,7 +338,7 @@ class PointPQAE(nn.Module):
         with phase("grouping"):  # both views in one FPS and one kNN launch on the GPU
             (neigh1, center1), (neigh2, center2) = kernels.group_views(
                 (view1, view2), G, M, check=self.check_inputs)  # (B, G, M, 3), (B, G, 3)
-        # Separate encoder calls: BatchNorm statistics and DropPath draws per view (§9.1.6).
+        # Separate encoder calls, as the reference: per-view BatchNorm statistics and DropPath.
         with phase("encoder"):
             _, tokens1 = self.encoder(neigh1, center1)
             _, tokens2 = self.encoder(neigh2, center2)
@@ -351,7 +352,7 @@ class PointPQAE(nn.Module):
         B = view1.shape[0]
         pred1, pred2 = pred1.reshape(B * G, M, 3), pred2.reshape(B * G, M, 3)
         with phase("loss"):
-            # CD-L2 (§2.7) of each view: mean squared nearest distance pred->target plus
+            # CD-L2 of each view: mean squared nearest distance pred->target plus
             # target->pred; on the GPU one launch for both views, forward and gradient. No NaN
             # guard here: a diverging prediction is caught by the training loop's loss check.
             loss1, loss2 = kernels.chamfer_l2_loss(

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the reference learning-rate schedule (§2.9, §2.10, §3.4)."""
+"""AdamW parameter groups and the reference learning-rate schedule."""
 
 from __future__ import annotations
 

@@ -7,17 +7,19 @@
     python fewshot.py --preset tiny --data-dir /tmp/episodes                  # tiny model, CPU
 
 The reference leaves 40 hand-launched runs and the averaging to the user. Here each fold of
-each (way, shot) setting is one ordinary `finetune_cls.main` run with the few-shot recipe of
-SPEC 3.5 / 4.1 (`RECIPE`: full protocol, 150 cosine epochs, lr 5e-4 (x10 for `cls*`), drop path
-0.1, 64 groups, 1024 points, rotation augmentation, batch 32 with drop_last, 40-way head, no
+each (way, shot) setting is one ordinary `finetune_cls.main` run with the reference's few-shot
+recipe (`RECIPE`: full protocol, 150 cosine epochs, lr 5e-4 (x10 for `cls*`), drop path 0.1,
+64 groups, 1024 points, rotation augmentation, batch 32 with drop_last, 40-way head, no
 voting) on the episode file `{data_dir}/{way}way_{shot}shot/{fold}.h5` written by
-`data_prep/modelnet_fewshot.py`. Any fine-tuning field can be changed with `--finetune.FIELD`;
+`data_prep/modelnet_fewshot.py` (or, with --procedural, by `pqae.episodes`). Any fine-tuning field can be changed with `--finetune.FIELD`;
 `data`, `data_path`, `out_dir` and `resume` of it are set per fold.
 
 Per fold (out_dir/{way}way_{shot}shot/fold{fold}/results.json, written by finetune_cls):
 * best_acc: the best test accuracy over epochs, the reference's per-fold number. It SELECTS THE
             EPOCH ON THE FOLD'S TEST SET (there is no validation split);
 * last_acc: the accuracy after the last epoch, an honest number to set beside it.
+A fold stopped (--finetune.max-steps) before its first evaluation has neither; the table
+leaves it out and says so.
 The table (printed, and saved as out_dir/fewshot_table.txt and results.json) gives per
 setting the mean +- SAMPLE standard deviation (n - 1 in the denominator) of both over the folds
 of this invocation, beside the paper's numbers (which do not say which std they use).
@@ -41,23 +43,23 @@ from pathlib import Path
 
 
 import finetune_cls
-from data_prep.modelnet_fewshot import (FOLDS, SHOTS, WAYS, episode_name, episode_path,
-                                        procedural_episode)
 from pqae import checkpoint as ckpt
 from pqae import cli, dist
+from pqae.episodes import FOLDS, SHOTS, WAYS, episode_name, episode_path, procedural_episode
 from pqae.errors import BadInput, MissingFile
 from pqae.log import finish, print0, write_json
 from pqae.model import TINY_ENCODER
 
-# SPEC 3.5 `fewshot` row / 4.1, on top of the ModelNet40-1k fine-tuning preset. The reference
-# picks the rotation augmentation for few-shot (SPEC 9.1 item 12) and runs no vote test.
+# The reference's few-shot configuration, on top of the ModelNet40-1k fine-tuning preset. It
+# picks the rotation augmentation for few-shot (not ModelNet's scale & translate) and runs no
+# vote test.
 RECIPE = dataclasses.replace(
     finetune_cls.PRESETS["modelnet-1k"], data="modelnet40", num_classes=40, num_points=1024,
     num_group=64, drop_path_rate=0.1, epochs=150, warmup_epochs=10, batch_size=32,
     lr_full=5e-4, lr_linear=1e-3, lr_mlp3=1e-3, augment="rotate", vote_augment="none", votes=0,
     data_path="(set per fold)", out_dir="(set per fold)")
 
-# README of the reference, few-shot ModelNet40, mean +- std over 10 folds (SPEC 8).
+# README of the reference, few-shot ModelNet40, mean +- std over 10 folds.
 PAPER = {(5, 10): (96.9, 3.2), (5, 20): (98.9, 1.0), (10, 10): (94.1, 4.2), (10, 20): (96.3, 2.7)}
 
 
@@ -151,7 +153,7 @@ def finished_result(fold_cfg: finetune_cls.Config) -> dict | None:
 
 def run_fold(fold_cfg: finetune_cls.Config) -> dict:
     """One fine-tuning run; its results without the model."""
-    result = finetune_cls.main(fold_cfg, summary=False)
+    result = finetune_cls.main(fold_cfg, show=False)
     result.pop("model", None)
     return result
 
@@ -177,16 +179,29 @@ def summarize(folds: dict[tuple[int, int], list[dict]], head: str) -> tuple[dict
         f"{'setting':15s} {'folds':>5s}  {'best epoch (test-set selection)':33s} "
         f"{'last epoch':17s} paper (best epoch)"]
     for (way, shot), runs in folds.items():
-        best = mean_std([r["best_acc"] for r in runs])
-        last = mean_std([r["last_acc"] for r in runs])
+        done = [r for r in runs if r["best_acc"] is not None]  # a fold cut short has no score
+        skipped = [r["fold"] for r in runs if r["best_acc"] is None]
+        best = mean_std([r["best_acc"] for r in done])
+        last = mean_std([r["last_acc"] for r in done])
         paper = PAPER.get((way, shot))
         summary[episode_name(way, shot)] = {
-            "folds": [r["fold"] for r in runs], "best_acc_mean": best[0], "best_acc_std": best[1],
+            "folds": [r["fold"] for r in done], "unevaluated_folds": skipped,
+            "best_acc_mean": best[0], "best_acc_std": best[1],
             "last_acc_mean": last[0], "last_acc_std": last[1],
             "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None}
-        lines.append(f"{f'{way}-way {shot}-shot':15s} {len(runs):5d}  {pm(*best):33s} "
+        lines.append(f"{f'{way}-way {shot}-shot':15s} {len(done):5d}  {pm(*best):33s} "
                      f"{pm(*last):17s} {pm(*paper, digits=1) if paper else '-'}")
+        if skipped:
+            lines.append(f"  (folds {skipped} stopped before their first evaluation: left out)")
     return summary, "\n".join(lines)
+
+
+def fold_text(result: dict) -> str:
+    """A fold's scores, or why it has none."""
+    if result["best_acc"] is None:
+        return f"no evaluation (stopped at step {result.get('step')}, before epoch 1 ended)"
+    return (f"best-epoch acc {result['best_acc']:.2f} % (epoch {result['best_epoch']}, test-set "
+            f"selection) | last-epoch acc {result['last_acc']:.2f} %")
 
 
 def write_procedural_episodes(data_dir: str, plan: list, rank: int, timeout_s: float = 120) -> None:
@@ -243,13 +258,12 @@ def main(cfg: Config) -> dict:
         folds[(way, shot)].append({"fold": fold, "best_acc": result["best_acc"],
                                    "best_epoch": result["best_epoch"], "last_acc": result["last_acc"],
                                    "history": result.get("history")})
-        print0(f"{tag} best-epoch acc {result['best_acc']:.2f} % (epoch {result['best_epoch']}, "
-               f"test-set selection) | last-epoch acc {result['last_acc']:.2f} %", rank=rank)
+        print0(f"{tag} {fold_text(result)}", rank=rank)
 
     summary, table = summarize(folds, cfg.finetune.head)
     print0(table, rank=rank)
     out = {"config": dataclasses.asdict(cfg), "std": "sample (n-1)",
-           "best_acc_note": "per fold: best epoch selected on the fold's TEST set (the reference)",
+           "best_note": "per fold: best epoch selected on the fold's TEST set (the reference)",
            "settings": summary, "folds": {episode_name(*k): v for k, v in folds.items()},
            "table": table}
     if rank == 0:

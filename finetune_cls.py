@@ -7,13 +7,14 @@
     python finetune_cls.py --eval-ckpt runs/finetune-cls/ckpt-best            # evaluate a saved model
     python finetune_cls.py aggregate runs/*/results.json                     # mean +- std, max
 
---head full|linear|mlp3 picks the protocol (§3.2); the learning rate defaults to the preset's
-value for that head (§3.5). As in pretrain.py, each split is held whole in one tensor on the
-device and batches are sampled there (random point order, FPS to point_all, ONE random
-n-subset shared by the batch, then the dataset's augmentation, §3.6); all randomness of a step
-is a pure function of (seed, step, rank), so a resumed run is identical to an uninterrupted one.
+--head full|linear|mlp3 picks the protocol (linear and mlp3 train only the head, the class
+token and its position); the learning rate defaults to the preset's value for that head. As in
+pretrain.py, each split is held whole in one tensor on the device and batches are sampled there
+(random point order, FPS to point_all, ONE random n-subset shared by the batch, then the
+dataset's augmentation, as the reference); all randomness of a step is a pure function of
+(seed, step, rank), so a resumed run is identical to an uninterrupted one.
 
-Reported numbers (§3.7), each named for what it is, written to out_dir/results.json:
+Reported numbers, each named for what it is, written to out_dir/results.json:
 * last_acc:  test accuracy after the last epoch;
 * best_acc:  the best test accuracy over epochs. This SELECTS THE EPOCH ON THE TEST SET; it is
              the number the reference reports, so it is kept, under that name;
@@ -33,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,22 +41,22 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, data, dist, syncbn
+from pqae import amp, bench, cli, data, dist, formats, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError
-from pqae.log import (Timer, finish, format_eta, log_scalars, print0, run_header,
-                      run_outputs, tensorboard, write_json)
+from pqae.log import print0
 from pqae.model import TINY_ENCODER
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
+from pqae.run import Progress, Run, RunOptions, start
 from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
 @dataclass(frozen=True)
-class Config:
+class Task:
+    """What fine-tuning reads, builds and optimises, and how it evaluates."""
     # data
     data: Literal["scanobjectnn", "modelnet40", "procedural"] = "scanobjectnn"
     """scanobjectnn / modelnet40: the HDF5 from `python -m data_prep.scanobjectnn` /
@@ -78,24 +78,10 @@ class Config:
     """number of test shapes when data = procedural."""
     procedural_points: int = 1024
     """points per procedural cloud."""
-    # model
+    # the pretrained encoder and the protocol
     head: Literal["full", "linear", "mlp3"] = "full"
     """protocol: full trains everything; linear / mlp3 train only `cls`-named parameters
     (head, class token, class pos) with the encoder left in train mode, as the reference."""
-    dim: int = 384
-    """transformer width (channels per token)."""
-    depth: int = 12
-    """number of transformer blocks of the encoder."""
-    heads: int = 6
-    """attention heads per transformer block."""
-    embed_hidden: int = 128
-    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
-    num_group: int = 128
-    """patches per cloud (FPS centres)."""
-    group_size: int = 32
-    """points per patch (kNN neighbours of its centre)."""
-    drop_path_rate: float = 0.2
-    """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
     pretrained: str = ""
     """pretraining checkpoint (ours, or one converted by data_prep.convert_checkpoint) whose
     encoder is loaded strictly; its shape (dim, depth, heads, embed_hidden) comes from it.
@@ -116,18 +102,12 @@ class Config:
     """AdamW weight decay (not applied to biases, 1-D parameters and tokens, except `cls`-named
     parameters, which are all decayed)."""
     epochs: int = 300
-    """cosine length in epochs; the loop runs epochs 0..epochs inclusive (301), as the reference."""
+    """cosine length in epochs; the loop runs epochs 0..epochs inclusive (one more than the
+    cosine length), as the reference."""
     warmup_epochs: int = 10
     """epochs of linear learning-rate warm-up from 1e-6 to lr (0: none)."""
     grad_clip: float = 10.0
     """maximum global L2 norm of the gradients, clipped before every optimizer step."""
-    max_loss: float = 1000.0
-    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
-    for a NaN loss: the last confirmed checkpoint is kept and named."""
-    max_steps: int = 0
-    """stop after this many optimizer steps (0: the whole schedule). For debugging."""
-    seed: int = 0
-    """seed of every random draw (model init, data order, point sampling, augmentation)."""
     # evaluation
     eval_ckpt: str = ""
     """skip training: evaluate this fine-tuned checkpoint (our ckpt dir / .safetensors, or a
@@ -145,16 +125,6 @@ class Config:
     vote_acc_max, the MAXIMUM over the runs: the reference's --test reports the maximum of 299
     runs (--vote-runs 299). The paper's table uses no voting (best_acc)."""
     # speed
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: cuda when available, else cpu."""
-    amp: bool = False
-    """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
-    compile: bool = False
-    """torch.compile the encoder and the head (`PointClassifier.compile_fixed_shapes`); the
-    grouping stays eager."""
-    fused_adamw: bool = True
-    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
-    default (for-each) AdamW, up to rounding in the last bits."""
     fast_point_all: bool = False
     """when the train-time FPS to point_all points takes every point (point_all == the cloud's
     points == num_points: ScanObjectNN, ModelNet 8k), compute its picks directly (exact as a set,
@@ -170,24 +140,28 @@ class Config:
     amp, no compile, for-each AdamW) and print the ratio."""
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
-    collective_timeout: float = 600.0
-    """seconds a process waits for the others at a collective (torchrun) before the job stops,
-    naming the ranks that did not answer (a stopped, hung or dead peer); torch's default is
-    30 minutes."""
-    sync_bn: bool = True
-    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
-    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
-    BatchNorm."""
-    # output
+    # model architecture (a checkpoint brings its own; the defaults are the reference's)
+    dim: int = 384
+    """transformer width (channels per token)."""
+    depth: int = 12
+    """number of transformer blocks of the encoder."""
+    heads: int = 6
+    """attention heads per transformer block."""
+    embed_hidden: int = 128
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
+    num_group: int = 128
+    """patches per cloud (FPS centres)."""
+    group_size: int = 32
+    """points per patch (kNN neighbours of its centre)."""
+    drop_path_rate: float = 0.2
+    """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
+
+
+@dataclass(frozen=True)
+class Config(RunOptions, Task):
+    """finetune_cls.py's command line: Task's fields, then the run options of every script."""
     out_dir: str = "runs/finetune-cls"
-    """directory of the run's config.json, checkpoints, TensorBoard logs and results.json."""
-    resume: bool = False
-    """continue from out_dir/ckpt-last (same lr, data order, random draws and best so far)."""
-    overwrite: bool = False
-    """delete out_dir first when it already holds a run (without this or --resume, such a run
-    is refused and left untouched)."""
     log_every: int = 20
-    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
 
 
 _SCAN = Config()
@@ -231,8 +205,9 @@ def base_lr(cfg: Config) -> float:
 
 
 def load_split(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(points (S, N, 3), labels (S,)) of a split, normalised as the reference (§7.7). Labels
-    outside 0..num_classes-1 are refused here, naming the file, not in the first step."""
+    """(points (S, N, 3), labels (S,)) of a split, normalised as the reference (ModelNet: unit
+    sphere over all points; ScanObjectNN: as stored). Labels outside 0..num_classes-1 and
+    clouds with fewer than num_points points are refused here, naming the file."""
     if cfg.data in ("scanobjectnn", "modelnet40"):
         load = data.load_scanobjectnn if cfg.data == "scanobjectnn" else data.load_modelnet40
         points, labels = load(cfg.data_path, split)
@@ -240,10 +215,13 @@ def load_split(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise BadInput(f"{cfg.data_path}: '{split}' labels span {int(labels.min())}.."
                            f"{int(labels.max())}, beyond --num-classes {cfg.num_classes}; give "
                            f"--num-classes {int(labels.max()) + 1} or the file of this task")
-        return points, labels
-    n = cfg.procedural_train if split == "train" else cfg.procedural_test
-    return data.procedural_classes(n, cfg.procedural_points, cfg.num_classes,
-                                   seed=cfg.seed * 2 + (split == "test"))
+    else:
+        n = cfg.procedural_train if split == "train" else cfg.procedural_test
+        points, labels = data.procedural_classes(n, cfg.procedural_points, cfg.num_classes,
+                                                 seed=cfg.seed * 2 + (split == "test"))
+    if cfg.num_points > points.shape[1]:
+        raise BadInput(f"num_points {cfg.num_points} > {points.shape[1]} points per cloud")
+    return points, labels
 
 
 def build_model(cfg: Config) -> PointClassifier:
@@ -253,24 +231,15 @@ def build_model(cfg: Config) -> PointClassifier:
                            embed_hidden=cfg.embed_hidden)
 
 
-def load_finetuned(model: PointClassifier, path: str) -> None:
-    """Strict load of a fine-tuned classifier: ours, or a reference .pth converted on the fly."""
-    from data_prep.convert_checkpoint import load_any
-    state = load_any(path, "finetune-cls")
-    ckpt.load_strict(model, state, source=path,
-                     hint="the model's fields differ from the checkpoint's; leave them out")
-
-
 class TestSet:
     """This rank's shard of the test split, prepared once: FPS to num_points from index 0 of
     the stored order (the plain test), and FPS to point_all (the pool the votes draw from)."""
 
-    def __init__(self, cfg: Config, points: torch.Tensor, labels: torch.Tensor, rank: int,
-                 world: int, device: torch.device):
+    def __init__(self, cfg: Config, points: torch.Tensor, labels: torch.Tensor, env: dist.Dist):
         self.size = points.shape[0]
-        self.shard = dist.shard(self.size, rank, world)
-        self.labels = labels[self.shard.start:self.shard.stop].to(device)
-        mine = points[self.shard.start:self.shard.stop].to(device)  # (s, N, 3)
+        self.shard = dist.shard(self.size, env.rank, env.world_size)
+        self.labels = labels[self.shard.start:self.shard.stop].to(env.device)
+        mine = points[self.shard.start:self.shard.stop].to(env.device)  # (s, N, 3)
         self.point_all = data.point_all_for(cfg.num_points, points.shape[1])
         bs = cfg.eval_batch_size
 
@@ -303,8 +272,8 @@ def vote_text(cfg: Config, first: float | None, best: float | None) -> str:
 @torch.no_grad()
 def evaluate(model, test: TestSet, cfg: Config, votes: int = 0) -> tuple[float, int]:
     """Test accuracy in % over the WHOLE test set and the number of samples counted (summed
-    over ranks: each sample exactly once). votes = 0: one plain pass; votes > 0: the vote test
-    (§3.7), each vote a random num_points-subset of the FPS pool shared by all samples plus the
+    over ranks: each sample exactly once). votes = 0: one plain pass; votes > 0: the vote test,
+    each vote a random num_points-subset of the FPS pool shared by all samples plus the
     vote transform, with draws from `vote_seed` for the whole set (shard-independent)."""
     was_training = model.training
     model.eval()
@@ -348,8 +317,8 @@ def build_training(cfg: Config, env: dist.Dist):
     model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
     if cfg.pretrained:
         dropped = model.load_pretrained(cfg.pretrained)
-        print0(f"loaded the encoder of {cfg.pretrained}; dropped {len(dropped)} pretraining-only keys: "
-               f"{dropped}", rank=env.rank)
+        print0(f"loaded the encoder of {cfg.pretrained}; dropped {len(dropped)} pretraining-only "
+               f"keys: {ckpt.listing(dropped)}", rank=env.rank)
     if env.enabled and cfg.sync_bn:
         model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
@@ -357,10 +326,7 @@ def build_training(cfg: Config, env: dist.Dist):
                                   fused=cfg.fused_adamw)
     if cfg.compile:
         model.compile_fixed_shapes()
-    train_model = model
-    if env.enabled:
-        train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return model, train_model, optimizer
+    return model, dist.ddp(model, env), optimizer
 
 
 def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tensor,
@@ -381,7 +347,7 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
     results = bench.run(bench.variants(cfg, cfg.benchmark_compare), make_step,
                         cfg.benchmark_steps, cfg.batch_size, env.device,
                         phases=cfg.benchmark_phases, rank=env.rank)
-    if env.rank == 0:
+    if env.is_main:
         epochs = cfg.epochs + 1
         print(bench.report(
             results, title=f"benchmark ({cfg.head} fine-tuning, {cfg.num_points} points, "
@@ -398,8 +364,8 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
 
 def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
                     train_points: torch.Tensor, train_labels: torch.Tensor, env: dist.Dist):
-    """The optimizer step of `step` (§3.6 sampling, augmentation, clip, AdamW): its batch and
-    every random draw come from (seed, step, rank) only, so any step can be replayed."""
+    """The optimizer step of `step` (sampling, augmentation, clip, AdamW): its batch and every
+    random draw come from (seed, step, rank) only, so any step can be replayed."""
     rank, device = env.rank, env.device
     local_bs = cfg.batch_size // env.world_size
     steps_per_epoch = train_points.shape[0] // cfg.batch_size
@@ -423,7 +389,7 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
                 points = points.gather(1, pick[..., None].expand(-1, -1, 3))
             else:
                 points = data.fps_gather(points, point_all)  # (b, point_all, 3)
-            points = points[:, subset]  # ONE random subset for the batch (§3.6, §9.1 item 14)
+            points = points[:, subset]  # ONE random subset for the whole batch, as the reference
             params = data.draw_augmentation(cfg.augment, len(idx), device=device)
             points = data.apply_augmentation(cfg.augment, points, params)
         with amp.autocast(device, cfg.amp):
@@ -442,120 +408,57 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
     return train_step
 
 
-def main(cfg: Config, summary: bool = True) -> dict:
-    """Train (or, with eval_ckpt, evaluate) one classifier. `summary`: end with what the run
-    made and the next command (fewshot.py's folds, which it deletes, leave that out)."""
+def main(cfg: Config, show: bool = True) -> dict:
+    """Train (or, with eval_ckpt, evaluate) one classifier. `show`: end with what the run made
+    and the next command (fewshot.py's folds, which it deletes, leave that out)."""
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
-    env = dist.setup(cfg.device, cfg.collective_timeout)
-    rank, world, device = env.rank, env.world_size, env.device
-    if cfg.batch_size % world:
-        raise BadInput(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    local_bs, lr0 = cfg.batch_size // world, base_lr(cfg)
-    out_dir = Path(cfg.out_dir)
-    header = run_header(device, world)
-    print0(header, rank=rank)
-    if not (cfg.eval_ckpt or cfg.benchmark_steps):  # before anything is read or written
-        ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)
-        dist.barrier()
-
-    test_points, test_labels = load_split(cfg, "test")
-    if cfg.num_points > test_points.shape[1]:
-        raise BadInput(f"num_points {cfg.num_points} > {test_points.shape[1]} points per cloud")
-    test = TestSet(cfg, test_points, test_labels, rank, world, device)
-
+    run = start(cfg, cfg.batch_size, claim=not (cfg.eval_ckpt or cfg.benchmark_steps))
+    test = TestSet(cfg, *load_split(cfg, "test"), run.env)
     if cfg.eval_ckpt:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg).to(device)
-        model.check_inputs = device.type == "cpu"  # the data were checked for NaN when loaded
-        load_finetuned(model, cfg.eval_ckpt)
-        acc, n = evaluate(model, test, cfg)
-        vote_acc, vote_max = vote_test(model, test, cfg)
-        result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "mode": "eval",
-                  "checkpoint": cfg.eval_ckpt, "acc": acc, "vote_acc": vote_acc,
-                  "vote_acc_max": vote_max, "vote_runs": cfg.vote_runs, "test_samples": n}
-        path = out_dir / f"eval-{Path(cfg.eval_ckpt).stem}.json"
-        if rank == 0:
-            write_json(path, result)
-        finish(f"{cfg.eval_ckpt}: test acc {acc:.2f} % | {vote_text(cfg, vote_acc, vote_max)} | "
-               f"{n} samples", {"results": path}, [], rank=rank)
-        dist.cleanup()
-        return {**result, "model": model}
-
-    train_points, train_labels = load_split(cfg, "train")
-    train_points, train_labels = train_points.to(device), train_labels.to(device)
-    if cfg.num_points > train_points.shape[1]:
-        raise BadInput(f"num_points {cfg.num_points} > {train_points.shape[1]} points per cloud")
-    steps_per_epoch = train_points.shape[0] // cfg.batch_size  # drop_last, as the reference
-    if steps_per_epoch == 0:
-        raise BadInput(f"{train_points.shape[0]} shapes are fewer than one batch of {cfg.batch_size}")
-    total_steps = (cfg.epochs + 1) * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    print0(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size} | "
-           f"{steps_per_epoch} steps/epoch x {cfg.epochs + 1} epochs | global batch "
-           f"{cfg.batch_size} ({local_bs} per process) | lr {lr0:g} (x10 for cls*)", rank=rank)
+        return evaluate_checkpoint(cfg, run, test)
+    train_points, train_labels = (t.to(run.device) for t in load_split(cfg, "train"))
+    steps_per_epoch, total_steps = run.schedule(train_points.shape[0], cfg.epochs + 1)
+    lr0, local_bs = base_lr(cfg), run.local_batch
+    run.print(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size} | "
+              f"{steps_per_epoch} steps/epoch x {cfg.epochs + 1} epochs | global batch "
+              f"{cfg.batch_size} ({local_bs} per process) | lr {lr0:g} (x10 for cls*)")
     if cfg.benchmark_steps:
-        return benchmark(cfg, train_points, train_labels, env)
+        return benchmark(cfg, train_points, train_labels, run.env)
 
-    model, train_model, optimizer = build_training(cfg, env)
+    model, train_model, optimizer = build_training(cfg, run.env)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-           f"parameters, {trainable / 1e6:.3f} M trainable", rank=rank)
-
-    step, history, best = 0, [], {"acc": -1.0, "epoch": -1}
-    if cfg.resume:
-        last, state, meta = ckpt.resume_from(out_dir, model, optimizer, rank)
-        step, history, best = state["step"], state["history"], state["best"]
-        print0(f"resumed from {last} at step {step}", rank=rank)
-
+    run.print(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+              f" M parameters, {trainable / 1e6:.3f} M trainable")
+    state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1})
+    step, history, best = state["step"], state["history"], state["best"]
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
-                                 env)
+                                 run.env)
+    run.open_outputs()
 
-    writer = tensorboard(out_dir, cfg, header) if rank == 0 else None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-
-    def save(name: str, epoch: int, step: int, resumable: bool) -> None:
-        if rank != 0:
-            return
-        meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
-                "metrics": {"acc": history[-1]["acc"] if history else None}, "best": best,
-                "header": header}
-        resume = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                  "history": history, "best": best} if resumable else None
-        ckpt.save_checkpoint(out_dir / name, model, meta, resume)
-
-    timer = Timer(device)
-    sums = torch.zeros(3, device=device)  # loss sum, correct, samples since the last log line
-    epoch_sums = torch.zeros(3, device=device)
-    t_start, start_step = time.perf_counter(), step
+    progress = Progress(run, total_steps, step, cfg.epochs)
+    sums = torch.zeros(3, device=run.device)  # loss sum, correct, samples since the last line
+    epoch_sums = torch.zeros(3, device=run.device)  # the same since the epoch began
     epoch = step // steps_per_epoch
-    perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], device)
-    train_model.train()  # all protocols train in train() mode (§3.2)
+    perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], run.device)
+    train_model.train()  # all protocols train in train() mode, the frozen encoder's too
     while step < total_steps:
         lr = set_epoch_lr(optimizer, epoch, lr0, cfg.epochs, cfg.warmup_epochs)
         loss, correct = train_step(step, perm)
         batch = torch.stack([loss * local_bs, correct.float(),
-                             torch.full((), float(local_bs), device=device)])
+                             torch.full((), float(local_bs), device=run.device)])
         sums += batch
         epoch_sums += batch
         step += 1
-        timer.steps += 1
+        progress.tick()
         epoch_end = step % steps_per_epoch == 0
-        if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+        if progress.due(step, epoch_end):
             sums = dist.all_reduce_sum(sums)  # the global batch; every rank decides alike
             loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-            ckpt.stop_if_diverged(loss_avg, step, epoch, out_dir, cfg.max_loss, rank)
-            ms = timer.ms_per_step()
-            eta = (time.perf_counter() - t_start) / (step - start_step) * (total_steps - step)
-            print0(f"epoch {epoch}/{cfg.epochs} | step {step}/{total_steps} | loss {loss_avg:.4f} | "
-                   f"train acc {acc_avg:.1f} | lr {lr:.3g} | {ms:.0f} ms/step | "
-                   f"ETA {format_eta(eta)}", rank=rank)
-            log_scalars(writer, step, {"train/loss": loss_avg, "train/acc": acc_avg,
-                                       "train/lr": lr, "perf/ms_per_step": ms})
             sums.zero_()
-            timer.reset()
+            run.check_loss(loss_avg, step, epoch)
+            progress.line(step, epoch, f"loss {loss_avg:.4f} | train acc {acc_avg:.1f} | "
+                                       f"lr {lr:.3g}")
+            run.log(step, {"train/loss": loss_avg, "train/acc": acc_avg, "train/lr": lr})
         if epoch_end:
             epoch_sums = dist.all_reduce_sum(epoch_sums)
             row = {"epoch": epoch, "train_loss": (epoch_sums[0] / epoch_sums[2]).item(),
@@ -564,51 +467,66 @@ def main(cfg: Config, summary: bool = True) -> dict:
             if epoch != 0:  # the reference evaluates after every epoch but the first
                 dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
                 row["acc"], n = evaluate(model, test, cfg)
-                improved = row["acc"] > best["acc"]
-                if improved:
+                if row["acc"] > best["acc"]:  # ">" as the reference: a tie keeps the first
                     best = {"acc": row["acc"], "epoch": epoch}
-                print0(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
-                       f"(epoch {best['epoch']}, test-set selection) | {n} samples", rank=rank)
-                log_scalars(writer, epoch, {"test/acc": row["acc"]})
+                    run.save("ckpt-best", model, epoch, step, {"acc": row["acc"]})
+                run.print(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
+                          f"(epoch {best['epoch']}, test-set selection) | {n} samples")
+                run.log(step, {"test/acc": row["acc"]})
+                progress.pause_done()
             history.append(row)
-            if epoch != 0 and improved:
-                save("ckpt-best", epoch, step, resumable=False)
-            save("ckpt-last", epoch, step, resumable=True)
+        if epoch_end or step == total_steps:
+            run.save("ckpt-last", model, epoch, step,
+                     {"acc": history[-1]["acc"] if history else None}, optimizer,
+                     history=history, best=best)
+        if epoch_end:
             epoch += 1
-            perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], device)
-        elif step == total_steps:
-            save("ckpt-last", epoch, step, resumable=True)  # --max-steps stop, mid-epoch
+            perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], run.device)
 
-    ckpt.confirm(out_dir / "ckpt-last", rank)  # the run ended normally
-    accs = [h for h in history if h["acc"] is not None]
     dist.broadcast_buffers(model)
     vote_acc, vote_max = vote_test(model, test, cfg)
-    result = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "head": cfg.head, "lr": lr0,
-              "history": history, "test_samples": test.size,
-              "last_acc": accs[-1]["acc"] if accs else None,
-              "best_acc": best["acc"] if accs else None, "best_epoch": best["epoch"] if accs else None,
-              "best_acc_note": "epoch selected on the TEST set (the reference's reported number)",
+    evaluated = [h["acc"] for h in history if h["acc"] is not None]
+    result = {"seed": cfg.seed, "head": cfg.head, "lr": lr0, "step": step,
+              "total_steps": total_steps, "history": history, "test_samples": test.size,
+              "last_acc": evaluated[-1] if evaluated else None,
+              "best_acc": best["acc"] if evaluated else None,
+              "best_epoch": best["epoch"] if evaluated else None,
+              "best_note": "epoch selected on the TEST set (the reference's reported number)",
               "vote_acc": vote_acc, "vote_seed": cfg.vote_seed, "votes": cfg.votes,
               "vote_acc_max": vote_max, "vote_runs": cfg.vote_runs}
-    if rank == 0:
-        write_json(out_dir / "results.json", result)
-    if writer is not None:
-        writer.close()
-    if accs:
-        scores = (f"last-epoch acc {result['last_acc']:.2f} % | best-epoch acc "
-                  f"{result['best_acc']:.2f} % (epoch {result['best_epoch']}, test-set selection) | "
-                  f"{vote_text(cfg, vote_acc, vote_max)}")
-    else:
-        scores = f"no evaluation (stopped at step {step}, before epoch 1 ended)"
-    if summary:
-        tiny = "--preset tiny " if cfg.data == "procedural" else ""
-        best_ckpt = out_dir / "ckpt-best" if accs else out_dir / "ckpt-last"
-        finish(scores, run_outputs(out_dir, best_ckpt),
-               [f"python finetune_cls.py {tiny}--eval-ckpt {best_ckpt}"]
-               + ([f"python fewshot.py {tiny}--pretrained {cfg.pretrained}"] if cfg.pretrained
-                  else []), rank=rank)
-    dist.cleanup()
-    return {**result, "step": step, "out_dir": str(out_dir), "model": model}
+    tiny = "--preset tiny " if cfg.data == "procedural" else ""
+    best_ckpt = run.out_dir / ("ckpt-best" if evaluated else "ckpt-last")
+    result = run.finish(summary(cfg, result, step), result, best_ckpt,
+                        [f"python finetune_cls.py {tiny}--eval-ckpt {best_ckpt}"]
+                        + ([f"python fewshot.py {tiny}--pretrained {cfg.pretrained}"]
+                           if cfg.pretrained else []), show=show)
+    return {**result, "model": model}
+
+
+def summary(cfg: Config, result: dict, step: int) -> str:
+    """The final accuracies for the `done |` line, each named for what it is."""
+    if result["best_acc"] is None:
+        return f"no evaluation (stopped at step {step}, before epoch 1 ended)"
+    return (f"last-epoch acc {result['last_acc']:.2f} % | best-epoch acc {result['best_acc']:.2f}"
+            f" % (epoch {result['best_epoch']}, test-set selection) | "
+            f"{vote_text(cfg, result['vote_acc'], result['vote_acc_max'])}")
+
+
+def evaluate_checkpoint(cfg: Config, run: Run, test: TestSet) -> dict:
+    """--eval-ckpt: the saved classifier (ours, or a reference .pth converted on the fly) on the
+    test set, plain and with votes, into out_dir/eval-NAME.json."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(run.device)
+    model.check_inputs = run.device.type == "cpu"  # the data were checked for NaN when loaded
+    formats.load_model(model, cfg.eval_ckpt, "finetune-cls")
+    acc, n = evaluate(model, test, cfg)
+    vote_acc, vote_max = vote_test(model, test, cfg)
+    scores = {"acc": acc, "vote_acc": vote_acc, "vote_acc_max": vote_max,
+              "vote_runs": cfg.vote_runs, "test_samples": n}
+    result = run.finish_eval(f"{cfg.eval_ckpt}: test acc {acc:.2f} % | "
+                             f"{vote_text(cfg, vote_acc, vote_max)} | {n} samples",
+                             {"seed": cfg.seed, "test": scores}, cfg.eval_ckpt)
+    return {**result, "model": model}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What every converter shares: the error type, the all-or-nothing output file, the CLI."""
+"""What every converter shares: the error type, the safe pickle reader, the CLI. (Their
+all-or-nothing output file is `pqae.log.atomic_output`.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import os
 import pickle
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +16,6 @@ import tyro
 class ConversionError(ValueError):
     """A source that does not match its expected layout; the message lists every problem
     found (file, and line where there is one), not just the first."""
-
-
-@contextmanager
-def atomic_output(path: Path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block finishes
-    without an exception, otherwise remove it. The output exists only when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # The callables NumPy's pickles name, taken from NumPy itself so that both spellings of their

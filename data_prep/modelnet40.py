@@ -3,7 +3,7 @@
     python -m data_prep.modelnet40 --root data/ModelNet/modelnet40_normal_resampled --out data/modelnet40.h5
     python -m data_prep.modelnet40 --root ... --source dat --out data/modelnet40.h5   # Point-BERT caches
 
-Input (SPEC 7.3), under --root: `modelnet40_shape_names.txt` (40 names; class id = line index),
+Input, under --root: `modelnet40_shape_names.txt` (40 names; class id = line index),
 `modelnet40_{train,test}.txt` (shape ids such as `airplane_0001`; or --train-list/--test-list),
 and either
 * source txt: `<class>/<shape_id>.txt`, comma-separated, 6 columns (xyz, normal), 10,000 rows.
@@ -35,8 +35,9 @@ import h5py
 import numpy as np
 import torch
 
-from data_prep.common import ConversionError, atomic_output, read_numpy_pickle, run
+from data_prep.common import ConversionError, read_numpy_pickle, run
 from pqae.data import CLS_FORMAT_VERSION, MODELNET40_POINTS, fps_gather
+from pqae.log import atomic_output
 
 SPLITS = ("train", "test")
 OFFICIAL_COUNTS = {"train": 9843, "test": 2468}

@@ -1,4 +1,4 @@
-"""ModelNet40 few-shot episodes (SPEC 4.2) as HDF5 files that `finetune_cls.py` reads directly.
+"""ModelNet40 few-shot episodes as HDF5 files that `finetune_cls.py` reads directly.
 
     # (a) convert the released episodes (Point-BERT's ModelNetFewshot/{way}way_{shot}shot/{fold}.pkl)
     python -m data_prep.modelnet_fewshot convert --root data/ModelNetFewshot --out data/modelnet40_fewshot
@@ -7,7 +7,7 @@
 
 Output: one file per episode, `{out}/{way}way_{shot}shot/{fold}.h5`, in the layout of
 `pqae.data.load_modelnet40`: groups `train` and `test`, each with `points` (S, 8192, 3) float32
-(xyz only, as stored; the loader unit-sphere normalises over all 8192 points, §7.3) and
+(xyz only, as stored; the loader unit-sphere normalises over all 8192 points) and
 `labels` (S,) int64 = the EPISODE label in 0..way-1, plus `original_labels` (S,) int64 = the
 ModelNet40 class id (for inspection; the loader ignores it). Root attributes: format_version,
 way, shot, fold, source. So a few-shot fold is a plain `finetune_cls.py --data modelnet40
@@ -27,7 +27,8 @@ to ModelNet40 classes, `shot` training and `test_per_class` test shapes per clas
 episode is reproducible on its own and independent of which others are generated. It draws
 `way` distinct classes at random (episode label = draw order), then per class `shot` training
 shapes from the train split and `test_per_class` (20) test shapes from the test split, each
-without replacement, and finally shuffles the training and the test list, as SPEC 4.2.
+without replacement, and finally shuffles the training and the test list, as the reference's
+generator does.
 """
 
 from __future__ import annotations
@@ -42,20 +43,9 @@ import h5py
 import numpy as np
 import tyro
 
-from data_prep.common import atomic_output, read_numpy_pickle
-from pqae import data
-from pqae.data import CLS_FORMAT_VERSION, MODELNET40_CLASSES, MODELNET40_POINTS
-
-WAYS, SHOTS, FOLDS = (5, 10), (10, 20), tuple(range(10))
-TEST_PER_CLASS = 20
-
-
-def episode_name(way: int, shot: int) -> str:
-    return f"{way}way_{shot}shot"
-
-
-def episode_path(root: str | Path, way: int, shot: int, fold: int, suffix: str = ".h5") -> Path:
-    return Path(root) / episode_name(way, shot) / f"{fold}{suffix}"
+from data_prep.common import read_numpy_pickle
+from pqae.data import MODELNET40_CLASSES, MODELNET40_POINTS
+from pqae.episodes import FOLDS, SHOTS, TEST_PER_CLASS, WAYS, episode_path, write_episode
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,35 +113,6 @@ def read_episode(path: str | Path, way: int, shot: int, test_per_class: int = TE
         raise ValueError(f"{path}: episode labels must map one-to-one to {way} ModelNet40 "
                          f"classes, found (episode, original) pairs {sorted(pairs)}")
     return out
-
-
-def write_episode(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                  way: int, shot: int, fold: int, source: str) -> None:
-    """Write one episode in the `load_modelnet40` layout, atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(format_version=CLS_FORMAT_VERSION, way=way, shot=shot, fold=fold,
-                           source=source)
-            for split, (points, labels, originals) in splits.items():
-                f.create_dataset(f"{split}/points", data=points)
-                f.create_dataset(f"{split}/labels", data=labels)
-                f.create_dataset(f"{split}/original_labels", data=originals)
-
-
-def procedural_episode(root: str | Path, way: int, shot: int, fold: int,
-                       test_per_class: int = 4) -> Path:
-    """A toy episode from the built-in procedural classes (way <= 5; the class is the primitive
-    kind), `shot` train and `test_per_class` test shapes per class at 8192 points, seeded by
-    the fold: for smoke runs of fewshot.py without ModelNet40."""
-    n, n_train = way * (shot + test_per_class), way * shot
-    points, labels = data.procedural_classes(n, MODELNET40_POINTS, num_classes=way, seed=fold)
-    points, labels = points.numpy(), labels.numpy()  # labels i % way: balanced in both splits
-    split = {"train": slice(0, n_train), "test": slice(n_train, n)}
-    path = episode_path(root, way, shot, fold)
-    write_episode(path, {k: (points[s], labels[s], labels[s]) for k, s in split.items()},
-                  way, shot, fold, "procedural")
-    return path
 
 
 # --------------------------------------------------------------------------------------------

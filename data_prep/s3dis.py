@@ -1,11 +1,11 @@
-"""Convert the raw S3DIS release into one HDF5 file for `pqae.s3dis.load_rooms` (SPEC 6.1, 7.6).
+"""Convert the raw S3DIS release into one HDF5 file for `pqae.s3dis.load_rooms`.
 
     python -m data_prep.s3dis --root data/Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis.h5
     python -m data_prep.s3dis --root ... --out /tmp/s3dis_a1.h5 --areas 1   # one area only
 
 Input: `<root>/Area_k/<room>/Annotations/<class>_<n>.txt`, lines of `x y z r g b`. The class is
-the file name up to the first "_"; the 13 classes of SPEC 6.1 keep their index, any other name
-(e.g. `stairs`) becomes clutter and is reported.
+the file name up to the first "_"; the 13 classes of `CLASSES` (ceiling 0 .. clutter 12) keep
+their index, any other name (e.g. `stairs`) becomes clutter and is reported.
 
 Output: group `rooms` with one float32 array (N, 7) = x y z r g b label per room, named
 `Area_k_<room>` (the columns and names of the reference's `.npy` files), xyz shifted so that
@@ -33,7 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.common import ConversionError, atomic_output, run
+from data_prep.common import ConversionError, run
+from pqae.log import atomic_output
 from pqae.s3dis import CLASSES, CLUTTER, S3DIS_FORMAT_VERSION
 
 

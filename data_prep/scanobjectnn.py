@@ -4,7 +4,7 @@
     python -m data_prep.scanobjectnn --root data/ScanObjectNN --variant objonly --out data/scanobjectnn_objonly.h5
     python -m data_prep.scanobjectnn --root data/ScanObjectNN --variant hardest --out data/scanobjectnn_hardest.h5
 
-Input (SPEC 7.2), under --root:
+Input, under --root:
     objbg    main_split/{training,test}_objectdataset.h5
     objonly  main_split_nobg/{training,test}_objectdataset.h5
     hardest  main_split/{training,test}_objectdataset_augmentedrot_scale75.h5  (PB_T50_RS)
@@ -26,8 +26,9 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from data_prep.common import atomic_output, run
+from data_prep.common import run
 from pqae.data import CLS_FORMAT_VERSION, SCANOBJECTNN_CLASSES, SCANOBJECTNN_POINTS
+from pqae.log import atomic_output
 
 FILES = {  # variant -> (sub-directory, file-name suffix)
     "objbg": ("main_split", ""),

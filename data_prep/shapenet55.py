@@ -3,7 +3,7 @@
     python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out data/shapenet55.h5
     python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out /tmp/s55.h5 --limit 100
 
-Input (SPEC 7.1): `<root>/shapenet_pc/<synset>-<model_id>.npy`, each 8192 x 3, listed one file
+Input: `<root>/shapenet_pc/<synset>-<model_id>.npy`, each 8192 x 3, listed one file
 name per line in `<root>/ShapeNet-55/train.txt` (41,952) and `test.txt` (10,518).
 
 Output: groups `train` and `test`, each with `points` (S, 8192, 3) float32 (one chunk per
@@ -24,8 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.common import ConversionError, atomic_output, run
+from data_prep.common import ConversionError, run
 from pqae.data import SHAPENET55_FORMAT_VERSION, SHAPENET55_POINTS
+from pqae.log import atomic_output
 
 SPLITS = ("train", "test")
 BLOCK = 512  # clouds buffered per HDF5 write: 48 MB, fast writes without holding the set

@@ -3,7 +3,7 @@
     python -m data_prep.shapenetpart \
         --root data/shapenetcore_partanno_segmentation_benchmark_v0_normal --out data/shapenetpart.h5
 
-Input (SPEC 7.5): `<root>/synsetoffset2category.txt` (lines "Name<whitespace>synset"), one
+Input: `<root>/synsetoffset2category.txt` (lines "Name<whitespace>synset"), one
 folder per synset of `<model_id>.txt` files (7 space-separated columns x y z nx ny nz
 part_label), and `<root>/train_test_split/shuffled_{train,val,test}_file_list.json` (JSON lists
 of "shape_data/<synset>/<model_id>").
@@ -30,7 +30,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.common import ConversionError, atomic_output, run
+from data_prep.common import ConversionError, run
+from pqae.log import atomic_output
 from pqae.shapenetpart import CATEGORIES, FORMAT_VERSION, NUM_PARTS, PART_START
 
 LISTS = {"train": ("train", "val"), "test": ("test",)}

@@ -318,7 +318,7 @@ def resume_from(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Op
     return last, state, load_meta(last)
 
 
-# Keys of a pretraining checkpoint that no downstream task uses (§3.3): the decoder side.
+# Keys of a pretraining checkpoint that no downstream task uses: the decoder side.
 PRETRAIN_ONLY = ("decoder.", "query_attn.", "head.")
 
 

@@ -25,6 +25,7 @@ import tyro
 from pqae import checkpoint as ckpt
 from pqae import dist
 from pqae.errors import BadInput, MissingFile, UserError
+from pqae.run import RunOptions
 
 T = TypeVar("T")
 
@@ -68,6 +69,10 @@ def from_dict(cls: type[T], values: dict, base: T, source: str) -> T:
     changes = {}
     for name, value in values.items():
         kind = hints[name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+        if choices and value not in choices:
+            raise BadInput(f"{source}: {name} = {value!r} is not one of {', '.join(map(repr, choices))}"
+                           f" (was the file written by an older version?)")
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             value = from_dict(kind, value, getattr(base, name), f"{source} [{name}]")
         elif isinstance(value, list):
@@ -77,9 +82,11 @@ def from_dict(cls: type[T], values: dict, base: T, source: str) -> T:
 
 
 def parse(config_cls: type[T], presets: dict[str, T], args: list[str] | None = None,
-          doc: str | None = None, resolve: Callable[[T, set[str]], T] | None = None) -> T:
+          doc: str | None = None, resolve: Callable[[T, set[str]], T] | None = None,
+          prog: str | None = None) -> T:
     """Parse `args` (default: sys.argv[1:]) into `config_cls`, on top of the preset named by
-    `--preset` and the saved config given by `--config`; then `resolve(cfg, explicit)`."""
+    `--preset` and the saved config given by `--config`; then `resolve(cfg, explicit)`.
+    `prog`: the command shown by --help (default: the script's file name)."""
     argv = list(sys.argv[1:] if args is None else args)
     name = _take(argv, "--preset") or next(iter(presets))
     if name not in presets:
@@ -92,20 +99,28 @@ def parse(config_cls: type[T], presets: dict[str, T], args: list[str] | None = N
             raise MissingFile(f"--config {path}: no such file (a run writes its config.json "
                               f"into its --out-dir)")
         default = from_dict(config_cls, json.loads(path.read_text()), default, str(path))
-    listing = ("presets (--preset NAME, then any flag overrides): " + ", ".join(presets)
-               + "\n--config FILE: start from a saved config.json instead (flags override it)")
+    listing = "--config FILE: start from a saved config.json instead (flags override it)"
+    if len(presets) > 1:
+        listing = ("presets (--preset NAME, then any flag overrides): " + ", ".join(presets)
+                   + "\n" + listing)
+    if isinstance(config_cls, type) and issubclass(config_cls, RunOptions):
+        listing += ("\n\nThe options come in two parts: first this script's own (data, model, "
+                    "optimisation), then, from --seed on, the run options every script shares "
+                    "(device, speed, output, resume).")
     description = f"{doc}\n\n{listing}" if doc else listing
-    cfg = tyro.cli(config_cls, default=default, args=argv, description=description)
+    cfg = tyro.cli(config_cls, default=default, args=argv, description=description,
+                   prog=prog or Path(sys.argv[0]).name)
     return resolve(cfg, explicit_fields(argv)) if resolve is not None else cfg
 
 
 def run(main: Callable[[T], object], config_cls: type[T], presets: dict[str, T],
-        doc: str | None = None, resolve: Callable[[T, set[str]], T] | None = None) -> None:
+        doc: str | None = None, resolve: Callable[[T, set[str]], T] | None = None,
+        prog: str | None = None) -> None:
     """A script's entry point: parse, run `main`, and turn a UserError (a missing file, a
     wrong flag, a checkpoint that does not fit) into `error: ...` and exit status 2, and a
     collective that timed out on a stopped peer into a message naming it and exit status 3."""
     try:
-        main(parse(config_cls, presets, doc=doc, resolve=resolve))
+        main(parse(config_cls, presets, doc=doc, resolve=resolve, prog=prog))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -85,3 +85,11 @@ def stats(out: dict) -> dict[str, float]:
 def collapsed(s: dict[str, float]) -> bool:
     """The predictions are one patch, and no better than the best one."""
     return s["spread_ratio"] < SPREAD_RATIO and s["loss_sample"] >= LOSS_RATIO * s["constant_loss"]
+
+
+def warning(s: dict[str, float]) -> str:
+    """What the log says when `collapsed(s)`."""
+    return (f"warning: the decoder predicts one patch everywhere (its spread across patches is "
+            f"{s['spread_ratio']:.2g} of the targets') and its loss {s['loss_sample']:.4f} is no "
+            f"better than the best constant patch's {s['constant_loss']:.4f}: the run sits at the "
+            f"constant solution (see pqae/collapse.py)")

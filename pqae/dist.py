@@ -91,6 +91,16 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def ddp(model: torch.nn.Module, env: Dist) -> torch.nn.Module:
+    """The module a training step calls: the model in DistributedDataParallel under torchrun
+    (which averages the gradients over the processes), else the model itself."""
+    if not env.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place), a no-op in a single process."""
     if dist.is_initialized():

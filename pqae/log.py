@@ -1,11 +1,13 @@
-"""Rank-0 logging: a run header with versions and device, progress lines, TensorBoard."""
+"""Rank-0 logging (a run header with versions and device, the `done |` block, the ETA) and
+atomic file output (JSON, and any file written under a temporary name)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,15 +61,6 @@ class Timer:
         return 1000 * (time.perf_counter() - self.t0) / max(1, self.steps)
 
 
-def tensorboard(out_dir: str | Path, cfg, header: str):
-    """A SummaryWriter under out_dir/tb that also records the config and the run header."""
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(Path(out_dir) / "tb"))
-    writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=2) + "\n```")
-    writer.add_text("header", header)
-    return writer
-
-
 def write_json(path: str | Path, obj) -> Path:
     """Write JSON atomically (a temporary file, then a rename): a reader never sees half a file."""
     path = Path(path)
@@ -78,12 +71,17 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
-def run_outputs(out_dir: str | Path, checkpoint: str | Path) -> dict[str, str | Path]:
-    """What a training run leaves in out_dir, for `finish`."""
-    out_dir = Path(out_dir)
-    return {"checkpoint": checkpoint, "resumable": out_dir / "ckpt-last",
-            "results": out_dir / "results.json",
-            "tensorboard": f"tensorboard --logdir {out_dir / 'tb'}"}
+@contextmanager
+def atomic_output(path: Path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block finishes
+    without an exception, otherwise remove it. The output exists only when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 
 def finish(summary: str, outputs: dict[str, str | Path | None], next_steps: list[str],

@@ -263,4 +263,5 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     from pqae.cli import run
-    run(main, Config, {"default": Config()}, doc=__doc__.split("\n\n")[0])
+    run(main, Config, {"default": Config()}, doc=__doc__.split("\n\n")[0],
+        prog="python -m pqae.probe")

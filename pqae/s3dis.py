@@ -1,4 +1,4 @@
-"""S3DIS semantic segmentation data and metrics (§6): rooms, 1 m blocks, whole-room windows.
+"""S3DIS semantic segmentation data and metrics: rooms, 1 m blocks, whole-room windows.
 
 Design, as for the other data sets: all rooms of a split are held WHOLE on the device, as one
 concatenated (P, 3) float32 xyz tensor and one (P,) label tensor with room offsets, and every
@@ -7,13 +7,13 @@ block is cut out there (a mask over its room's points). No DataLoader, no worker
 * `load_rooms`          rooms from the HDF5 of `python -m data_prep.s3dis` (or a directory of
                          reference-style `Area_k_<room>.npy` files), filtered by area;
                          `make_rooms` builds the same `Rooms` from in-memory arrays.
-* `synthetic_rooms`     small generated rooms with the 13 classes; needs no files (tiny runs,
-                         tests).
-* `class_weights`       w_c = (max f / f_c)^(1/3) from the label histogram (§6.2).
-* `epoch_rooms`         which room each training sample of an epoch comes from (§6.2).
-* `sample_block`        one random 1 m x 1 m block of `num_points` points (§6.2).
-* `window_chunks`       the whole-room sliding-window cover used for voting (§6.6).
-* `confusion` / `scores`  confusion counts and mIoU, mAcc, OA, per-class IoU (§6.5, §6.6).
+* `procedural_rooms`    small generated rooms with the 13 classes; needs no files (tiny runs,
+                        tests).
+* `class_weights`       w_c = (max f / f_c)^(1/3) from the label histogram.
+* `epoch_rooms`         which room each training sample of an epoch comes from.
+* `sample_block`        one random 1 m x 1 m block of `num_points` points.
+* `window_chunks`       the whole-room sliding-window cover used for voting.
+* `confusion` / `scores`  confusion counts and mIoU, mAcc, OA, per-class IoU.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def area_of(name: str) -> int:
 
 def make_rooms(arrays: dict[str, np.ndarray], source: str) -> Rooms:
     """(N, >=7) arrays x y z r g b label per room -> Rooms (rgb dropped: the model sees only
-    xyz, §6.2). Validates shape, finiteness and label range, naming the room."""
+    xyz). Validates shape, finiteness and label range, naming the room."""
     names = tuple(sorted(arrays))
     xyz, labels, offsets = [], [], [0]
     for name in names:
@@ -108,8 +108,8 @@ def load_rooms(path: str | Path, areas: tuple[int, ...]) -> Rooms:
     return make_rooms(arrays, str(path))
 
 
-def synthetic_rooms(areas: tuple[int, ...], points_per_room: int = 12000,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+def procedural_rooms(areas: tuple[int, ...], points_per_room: int = 12000,
+                     seed: int = 0) -> dict[str, np.ndarray]:
     """One generated box-shaped room per entry of `areas`, as (N, 7) float32 arrays
     x y z r g b label keyed by `Area_k_room_r`: floor, ceiling, three walls, a window and a
     door, a table, a chair and some clutter. Rooms measure 2.0-2.8 m x 1.6-2.2 m x 2.4 m, so
@@ -146,7 +146,7 @@ def synthetic_rooms(areas: tuple[int, ...], points_per_room: int = 12000,
 
 
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
-    """(max_c f_c / f_c)^(1/3) with f the normalised label histogram (§6.2); a class absent
+    """(max_c f_c / f_c)^(1/3) with f the normalised label histogram; a class absent
     from `labels` gets weight inf (never used: no target carries it)."""
     f = torch.bincount(labels.flatten(), minlength=NUM_CLASSES).double()
     f = f / f.sum()
@@ -154,7 +154,7 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 def epoch_rooms(sizes: list[int], num_points: int, sample_rate: float = 1.0) -> torch.Tensor:
-    """Room index of every sample slot of an epoch (§6.2), in room order: total points x
+    """Room index of every sample slot of an epoch, in room order: total points x
     sample_rate / num_points slots shared out in proportion to the rooms' point counts, each
     room getting round(share x slots). The caller shuffles them."""
     total = sum(sizes)
@@ -166,7 +166,7 @@ def epoch_rooms(sizes: list[int], num_points: int, sample_rate: float = 1.0) -> 
 def sample_block(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,
                  min_points: int = 1024, candidates: int = 16
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training block of a room (§6.2), drawn on xyz's device with its global RNG, with no
+    """One training block of a room, drawn on xyz's device with its global RNG, with no
     host sync (no `.item()`, no `nonzero`: on a GPU the host never waits for it).
 
     A random point of the room is the centre; the block is every point with x and y within
@@ -233,7 +233,7 @@ def sample_blocks(rooms: Rooms, room_ids: list[int], num_points: int, block_size
 def window_chunks(xyz: torch.Tensor, num_points: int = 2048, block_size: float = 1.0,
                   stride: float = 0.5, padding: float = 0.001
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole-room sliding-window cover of one voting pass (§6.6), with the global RNG.
+    """The whole-room sliding-window cover of one voting pass, with the global RNG.
 
     Windows of block_size x block_size over x, y with `stride`, ceil((extent - block) / stride)
     + 1 per axis (at least 1: the reference gets 0 windows on an axis shorter than a block);
@@ -284,7 +284,7 @@ def confusion(pred: torch.Tensor, target: torch.Tensor,
 
 
 def scores(conf: torch.Tensor) -> dict:
-    """The reference's metrics from summed confusion counts (§6.5, §6.6), over ALL classes:
+    """The reference's metrics from summed confusion counts, over ALL classes:
     IoU_c = TP / (TP + FP + FN + 1e-6), acc_c = TP / (points of c + 1e-6), so a class absent
     from both ground truth and prediction counts as 0. OA = TP sum / points evaluated.
     `points` is that number: under DDP it shows that every point was counted exactly once."""

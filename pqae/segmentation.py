@@ -1,12 +1,12 @@
-"""The segmentation model shared by part segmentation (§5.3) and semantic segmentation (§6.3).
+"""The segmentation model shared by part segmentation and semantic segmentation.
 
 API
 ---
 ``PointSegmenter(num_classes, num_categories=16, ...)``
     model(points (B, N, 3), category (B,) long | None) -> log-probabilities (B, N, num_classes).
-    * ``num_categories=16``: ShapeNetPart (§5.3): the object category enters as a one-hot
+    * ``num_categories=16``: ShapeNetPart: the object category enters as a one-hot
       embedding (16 -> 64), head input 3 * 1152 + 64 = 3392 at the reference width.
-    * ``num_categories=0``: S3DIS (§6.3): no category input (pass ``category=None``), head input
+    * ``num_categories=0``: S3DIS: no category input (pass ``category=None``), head input
       1024 + 2 * 1152 = 3328.
     * ``init="default"``: PyTorch's default init everywhere (part segmentation);
       ``init="trunc_normal"``: Linear/Conv1d weights trunc-normal(0.02), biases 0, LayerNorm 1/0
@@ -14,7 +14,7 @@ API
     * the width knobs (``dim``, ``depth``, ``fp_dims``, ``head_dims``, ...) default to the
       reference; tests shrink them.
     * ``model.encoder`` is a ``PointEncoder`` without class token.
-``load_pretrained(model, path) -> dropped keys``
+``model.load_pretrained(path) -> dropped keys``
     Strict load of a pretraining checkpoint's encoder into ``model.encoder``; the documented
     pretraining-only keys and the class token / class pos are dropped and returned.
 ``propagate(xyz, centers, features, k=3) -> (B, N, C)``
@@ -22,7 +22,7 @@ API
     centers.
 
 Module names follow the reference (`label_conv`, `propagation.mlp_convs` / `mlp_bns`,
-`convs1..3`, `bns1..2`) because the part-segmentation lr rule of §5.4 selects parameters by
+`convs1..3`, `bns1..2`) because the part-segmentation lr rule (its 10x group) selects parameters by
 the substring `conv`. (The S3DIS reference suffixes its new layers with `_cls`; that only
 matters for its unused `--optimizer_part only_new` and is not copied.)
 """
@@ -49,7 +49,7 @@ def feature_blocks_for(depth: int) -> tuple[int, ...]:
 
 def propagate(xyz: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
               k: int = 3) -> torch.Tensor:
-    """Interpolate center features to every point (§5.3, PointNet++ FP).
+    """Interpolate center features to every point (PointNet++ feature propagation).
 
     xyz (B, N, 3), centers (B, G, 3), features (B, G, C) -> (B, N, C). Each point takes the
     features of its k nearest centers weighted by 1 / (squared distance + 1e-8), normalised
@@ -90,7 +90,7 @@ class FeaturePropagation(nn.Module):
 
 
 class PointSegmenter(nn.Module):
-    """Per-point classifier on the PointEncoder backbone (§5.3 / §6.3).
+    """Per-point classifier on the PointEncoder backbone.
 
     Per center: the outputs of `feature_blocks` (1-based; blocks 4, 8, 12), each through the
     encoder's shared final LayerNorm, concatenated (3 x dim = 1152). Global: max and mean of
@@ -114,10 +114,10 @@ class PointSegmenter(nn.Module):
         self.num_group, self.group_size = num_group, group_size
         self.feature_blocks = tuple(feature_blocks)
         self.encoder = PointEncoder(dim, depth, heads, drop_path_rate, embed_hidden,
-                                    use_cls_token=False)  # §5.3: no class token
+                                    use_cls_token=False)  # no class token, as the reference
         center_dim = len(feature_blocks) * dim  # 1152
         if num_categories:
-            # One-hot category -> 64 (§5.3); a Conv1d on a length-1 signal, as the reference.
+            # One-hot category -> 64; a Conv1d on a length-1 signal, as the reference.
             self.label_conv = nn.Sequential(
                 nn.Conv1d(num_categories, category_dim, 1, bias=False),
                 nn.BatchNorm1d(category_dim), nn.LeakyReLU(0.2))
@@ -129,6 +129,12 @@ class PointSegmenter(nn.Module):
         self.bns2 = nn.BatchNorm1d(head_dims[1])
         self.convs3 = nn.Conv1d(head_dims[1], num_classes, 1)
         self._init(init)
+
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        """Strictly load the encoder of a pretraining checkpoint (ours or a converted reference
+        one) into self.encoder. Returns the dropped keys (pretraining-only ones and the class
+        token / pos) for the caller to print; any other mismatch is an error naming the keys."""
+        return ckpt.load_pretrained_encoder(self.encoder, path, drop=NO_CLS_DROPPED)
 
     def compile_fixed_shapes(self, **options) -> None:
         """torch.compile, in place, the encoder (the bulk of the compute, on fixed-shape
@@ -173,12 +179,5 @@ class PointSegmenter(nn.Module):
 
 
 # Besides the decoder side (ckpt.PRETRAIN_ONLY), the segmentation backbone has no class token,
-# so the pretrained `cls_token` / `cls_pos` are ignored, as the reference does (§5.3).
+# so the pretrained `cls_token` / `cls_pos` are ignored, as the reference does.
 NO_CLS_DROPPED = ("encoder.cls_token", "encoder.cls_pos")
-
-
-def load_pretrained(model: PointSegmenter, path: str | Path) -> list[str]:
-    """Strictly load the encoder of a pretraining checkpoint (ours or a converted reference one)
-    into model.encoder. Returns the dropped keys (pretraining-only ones and the class token /
-    pos) for the caller to print; any other mismatch is a KeyError naming the keys."""
-    return ckpt.load_pretrained_encoder(model.encoder, path, drop=NO_CLS_DROPPED)

@@ -1,4 +1,4 @@
-"""ShapeNetPart for part segmentation (§5.2, §5.5, §7.5): the resident data set and the metrics.
+"""ShapeNetPart for part segmentation: the resident data set and the metrics.
 
 Data: `python -m data_prep.shapenetpart` writes one HDF5 file with groups "train" (the
 reference's `trainval` = train + val lists) and "test". Shapes have different point counts,
@@ -7,7 +7,7 @@ group into a `PartSplit` of tensors, each shape unit-sphere normalised over all 
 the reference does per sample; `PartSplit.sample` then draws the 2048 points per shape WITH
 replacement on whatever device the split lives.
 
-Metrics (§5.5): `restricted_argmax` (prediction limited to the shape's category's parts),
+Metrics: `restricted_argmax` (prediction limited to the shape's category's parts),
 `shape_ious` (per-shape mean part IoU, a part absent from both prediction and ground truth
 counts 1.0), `summarize` (accuracy, class mIoU, instance mIoU).
 """
@@ -70,7 +70,7 @@ class PartSplit:
                          self.offsets.to(device), self.category.to(device), self.names)
 
     def sample(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Points uniformly WITH replacement from the shapes `idx` (B,), as the reference (§5.2).
+        """Points uniformly WITH replacement from the shapes `idx` (B,), as the reference.
 
         u (B, n) uniform [0, 1) draws choose the points (the caller owns the randomness).
         -> points (B, n, 3), labels (B, n).
@@ -84,7 +84,7 @@ class PartSplit:
 
 
 def augment(points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Train augmentation (§5.2): per-cloud isotropic scale U(0.8, 1.25), then per-cloud
+    """Train augmentation: per-cloud isotropic scale U(0.8, 1.25), then per-cloud
     translation U(-0.1, 0.1) per axis. points (B, n, 3) -> new tensor."""
     B = points.shape[0]
     dev = points.device
@@ -105,11 +105,11 @@ def _unit_sphere_segments(points: torch.Tensor, offsets: torch.Tensor) -> torch.
     return points / scale.clamp_min(1e-12)[seg, None]
 
 
-# The two-part categories (Bag, Cap, Knife, Laptop, Mug): the synthetic set's categories.
+# The two-part categories (Bag, Cap, Knife, Laptop, Mug): the procedural set's categories.
 _TWO_PART = tuple(c for c, n in enumerate(NUM_PARTS) if n == 2)
 
 
-def synthetic_split(num_shapes: int, num_points: int = 2048, seed: int = 0) -> PartSplit:
+def procedural_split(num_shapes: int, num_points: int = 2048, seed: int = 0) -> PartSplit:
     """Built-in part-segmentation data for smoke runs, no files: each shape is two primitive
     surfaces side by side. Its category is one of the five two-part ShapeNetPart categories,
     which fixes the pair of primitive kinds; the first primitive is the category's first part,
@@ -129,7 +129,7 @@ def synthetic_split(num_shapes: int, num_points: int = 2048, seed: int = 0) -> P
     labels = (start[:, None] + (torch.arange(num_points) >= half)).reshape(-1)  # (S * N,)
     offsets = torch.arange(num_shapes + 1) * num_points
     return PartSplit(_unit_sphere_segments(points, offsets), labels, offsets, category,
-                     [f"synthetic_{i}" for i in range(num_shapes)])
+                     [f"procedural_{i}" for i in range(num_shapes)])
 
 
 def load_split(path: str | Path, split: str) -> PartSplit:
@@ -182,7 +182,7 @@ def load_split(path: str | Path, split: str) -> PartSplit:
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics (§5.5)
+# Metrics
 
 
 def restricted_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

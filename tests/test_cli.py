@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,16 +26,16 @@ from pqae import checkpoint as ckpt
 from pqae.cli import explicit_fields, parse
 from pqae.errors import BadInput, UserError
 from pqae.model import PointPQAE
+from pqae.run import RunOptions
 
 SCRIPTS = {"pretrain.py": pretrain, "finetune_cls.py": finetune_cls, "fewshot.py": fewshot,
            "partseg.py": partseg, "semseg.py": semseg}
 
 
-def field_docstrings(path: Path) -> dict[str, str | None]:
-    """Each field of the file's `Config` and the string literal right after it (or None)."""
-    tree = ast.parse(path.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    out, body = {}, cls.body
+def class_docstrings(cls: type) -> dict[str, str | None]:
+    """Each field annotated in `cls`'s own body and the string literal right after it (or None)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    out, body = {}, tree.body[0].body
     for i, node in enumerate(body):
         if isinstance(node, ast.AnnAssign):
             nxt = body[i + 1] if i + 1 < len(body) else None
@@ -43,15 +45,45 @@ def field_docstrings(path: Path) -> dict[str, str | None]:
     return out
 
 
+def field_docstrings(cls: type) -> dict[str, str | None]:
+    """Each field of a Config and its docstring as --help shows it: that of the first class in
+    the method resolution order that documents it (a Config may redeclare an inherited field
+    to change its default only)."""
+    found: dict[str, str | None] = {}
+    for klass in cls.__mro__[:-1]:
+        for name, doc in class_docstrings(klass).items():
+            if found.get(name) is None:
+                found[name] = doc
+    return found
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_every_field_is_documented_without_outside_citations(script):
-    docs = field_docstrings(ROOT / script)
-    assert set(docs) == {f.name for f in dataclasses.fields(SCRIPTS[script].Config)}
+    config = SCRIPTS[script].Config
+    docs = field_docstrings(config)
+    assert set(docs) == {f.name for f in dataclasses.fields(config)}
     missing = [name for name, doc in docs.items() if not doc]
     assert not missing, f"{script}: fields without a docstring: {missing}"
     first_line = SCRIPTS[script].__doc__.splitlines()[0]
     for text in [first_line, *docs.values()]:
         assert "§" not in text and "SPEC" not in text, text
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune_cls.py", "partseg.py", "semseg.py"])
+def test_training_scripts_share_the_run_options(script):
+    """The run options are one set of fields with one docstring each, listed after the
+    script's own fields, so that --help shows first what a user of this task sets."""
+    config = SCRIPTS[script].Config
+    assert issubclass(config, RunOptions)
+    names = [f.name for f in dataclasses.fields(config)]
+    shared = [f.name for f in dataclasses.fields(RunOptions)]
+    assert names[-len(shared):] == shared, names
+    own = class_docstrings(config)
+    assert all(doc is None for name, doc in own.items() if name in shared), own
+    help_text = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT,
+                               capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    options = help_text[help_text.index("-h, --help"):]  # the description names --seed too
+    assert options.index("--data ") < options.index("--seed ") < options.index("--device ")
 
 
 def test_explicit_fields_reads_the_command_line():
@@ -134,7 +166,7 @@ def test_eval_ckpt_rebuilds_the_model_from_the_checkpoint(tmp_path):
                                   feature_blocks=(1, 2), fp_dims=(16,), head_dims=(8, 8),
                                   out_dir=str(tmp_path / "run"), seed=3)
     torch.manual_seed(0)
-    saved = ckpt.save_checkpoint(tmp_path / "run" / "ckpt-best-on-test", partseg.build_model(trained),
+    saved = ckpt.save_checkpoint(tmp_path / "run" / "ckpt-best", partseg.build_model(trained),
                                  {"config": dataclasses.asdict(trained)})
     cfg = parse(partseg.Config, partseg.PRESETS, ["--eval-ckpt", str(saved)], resolve=partseg.resolve)
     for name in partseg.MODEL_FIELDS + partseg.RUN_FIELDS:

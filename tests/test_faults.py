@@ -286,7 +286,7 @@ def test_labels_beyond_num_classes_are_refused_at_load_time(tmp_path):
 
 
 def test_reference_converter_names_the_file_and_what_it_is(tmp_path):
-    from data_prep.convert_checkpoint import read_reference
+    from pqae.formats import read_reference
     ckpt.save_weights(tmp_path / "ours.safetensors", {"w": torch.zeros(2)})
     with pytest.raises(UserError, match=r"ours\.safetensors is a safetensors file, not a reference"):
         read_reference(tmp_path / "ours.safetensors")

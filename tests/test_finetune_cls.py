@@ -15,9 +15,9 @@ import torch
 
 import finetune_cls
 from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer
-from data_prep.convert_checkpoint import FINETUNE_CLS_PREFIXES, Args, convert_any
+from data_prep.convert_checkpoint import Args
 from data_prep.convert_checkpoint import main as convert
-from pqae import PointClassifier
+from pqae import PointClassifier, formats
 from pqae import checkpoint as ckpt
 from pqae.cli import parse
 from pqae.optim import param_groups
@@ -43,15 +43,17 @@ def test_full_finetune_learns_and_writes_results(tmp_path):
     assert result["last_acc"] == accs[-1] and result["best_acc"] == max(accs[1:])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["best_acc"] == result["best_acc"] and saved["vote_acc"] == result["vote_acc"]
-    assert "TEST set" in saved["best_acc_note"] and saved["config"]["head"] == "full"
+    assert "TEST set" in saved["best_note"] and saved["config"]["head"] == "full"
     assert ckpt.load_meta(tmp_path / "run" / "ckpt-best")["epoch"] == result["best_epoch"]
     # ckpt-best evaluates to the best accuracy (same test, eval mode).
     # From the checkpoint alone: its model, data and run directory come with it.
     again = finetune_cls.main(parse(finetune_cls.Config, finetune_cls.PRESETS,
                                     ["--eval-ckpt", str(tmp_path / "run" / "ckpt-best"), "--votes",
                                      "0", "--device", "cpu"], resolve=finetune_cls.resolve))
-    assert again["acc"] == pytest.approx(result["best_acc"]) and again["test_samples"] == 45
-    assert json.loads((tmp_path / "run" / "eval-ckpt-best.json").read_text())["acc"] == again["acc"]
+    assert again["test"]["acc"] == pytest.approx(result["best_acc"])
+    assert again["test"]["test_samples"] == 45
+    evaluated = json.loads((tmp_path / "run" / "eval-ckpt-best.json").read_text())
+    assert evaluated["test"]["acc"] == again["test"]["acc"] and evaluated["mode"] == "eval"
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == saved  # untouched
 
 
@@ -110,17 +112,17 @@ def save_random_classifier(tmp_path: Path, cfg) -> Path:
 def test_vote_is_deterministic_with_a_fixed_seed(tmp_path):
     cfg = small_config(tmp_path, votes=10, vote_augment="scale_translate")
     cfg = dataclasses.replace(cfg, eval_ckpt=str(save_random_classifier(tmp_path, cfg)))
-    a, b = finetune_cls.main(cfg), finetune_cls.main(cfg)
+    a, b = finetune_cls.main(cfg)["test"], finetune_cls.main(cfg)["test"]
     assert a["vote_acc"] == b["vote_acc"] and a["acc"] == b["acc"]
     torch.manual_seed(5)  # the global RNG does not enter the vote
-    c = finetune_cls.main(cfg)
+    c = finetune_cls.main(cfg)["test"]
     assert c["vote_acc"] == a["vote_acc"]
 
 
 def test_two_process_evaluation_counts_each_sample_once(tmp_path):
     cfg = small_config(tmp_path, votes=3, vote_augment="rotate")
     cfg = dataclasses.replace(cfg, eval_ckpt=str(save_random_classifier(tmp_path, cfg)))
-    single = finetune_cls.main(cfg)
+    single = finetune_cls.main(cfg)["test"]
     script = tmp_path / "ddp_eval.py"
     script.write_text(
         "import sys, dataclasses\n"
@@ -137,7 +139,7 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path):
          str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
-    ddp = json.loads((tmp_path / "ddp" / "eval-ckpt.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "eval-ckpt.json").read_text())["test"]
     assert ddp["test_samples"] == 45  # odd: shards of 23 + 22, nothing padded or dropped
     assert ddp["acc"] == pytest.approx(single["acc"])
     assert ddp["vote_acc"] == pytest.approx(single["vote_acc"])  # votes do not depend on shards
@@ -146,7 +148,7 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path):
 def reference_layout(model: PointClassifier) -> dict[str, torch.Tensor]:
     """Our classifier's weights under the reference PointTransformer names (the inverse of the
     converter's table, written out), as saved under DataParallel."""
-    ours_to_ref = [(o, r) for r, o in FINETUNE_CLS_PREFIXES if not r.endswith(("weight", "bias"))]
+    ours_to_ref = [(o, r) for r, o in formats.FINETUNE_CLS_PREFIXES if not r.endswith(("weight", "bias"))]
     out = {}
     for key, value in model.state_dict().items():
         ref, ours = next((r, o) for o, r in ours_to_ref if key.startswith(o))
@@ -166,7 +168,7 @@ def test_reference_finetuned_checkpoint_converts_and_evaluates(tmp_path, head):
     assert ref["module.encoder.first_conv.0.weight"].shape == (16, 3, 1)
     if head == "linear":  # a bare Linear head in the reference
         ref = {k.replace("cls_head_finetune.0.", "cls_head_finetune."): v for k, v in ref.items()}
-    state, dropped, layout = convert_any(ref)
+    state, dropped, layout = formats.convert_any(ref)
     assert layout == "finetune-cls" and dropped == []
     ckpt.load_strict(model, state)  # strict: every key accounted for
     for k, v in model.state_dict().items():
@@ -178,16 +180,16 @@ def test_reference_finetuned_checkpoint_converts_and_evaluates(tmp_path, head):
     ours = ckpt.save_checkpoint(tmp_path / "ours", model, {"step": 0})
     for src in (tmp_path / "ref.safetensors", pth):  # what --eval-ckpt loads
         fresh = finetune_cls.build_model(cfg)
-        finetune_cls.load_finetuned(fresh, str(src))
+        formats.load_model(fresh, str(src), "finetune-cls")
         for k, v in model.state_dict().items():
             assert torch.equal(fresh.state_dict()[k], v), (src, k)
-    acc = {src: finetune_cls.main(dataclasses.replace(cfg, eval_ckpt=str(src)))["acc"]
+    acc = {src: finetune_cls.main(dataclasses.replace(cfg, eval_ckpt=str(src)))["test"]["acc"]
            for src in (ours, pth)}
     assert len(set(acc.values())) == 1, acc
     with pytest.raises(KeyError, match="module.mystery.weight"):
-        convert_any({**ref, "module.mystery.weight": torch.zeros(1)}, "finetune-cls")
+        formats.convert_any({**ref, "module.mystery.weight": torch.zeros(1)}, "finetune-cls")
     with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
-        convert_any({"module.mystery.weight": torch.zeros(1)})
+        formats.convert_any({"module.mystery.weight": torch.zeros(1)})
 
 
 def test_pretrained_encoder_is_loaded_strictly(tmp_path):
@@ -409,7 +411,7 @@ def test_compiled_evaluation_compiles_once(tmp_path):
         step(0, torch.arange(32))
         train_frames = counter.frame_count
         test_points, test_labels = data.procedural_classes(45, 256, num_classes=3, seed=1)
-        test = finetune_cls.TestSet(cfg, test_points, test_labels, 0, 1, env.device)
+        test = finetune_cls.TestSet(cfg, test_points, test_labels, env)
         acc, total = finetune_cls.evaluate(model, test, cfg)
         assert total == 45
         assert counter.frame_count == 2 * train_frames  # the eval-mode variant, once
@@ -450,8 +452,8 @@ def test_fast_point_all_feeds_the_same_points_in_another_order(tmp_path):
 def test_vote_runs_report_the_maximum_labelled_as_such(tmp_path, capsys):
     cfg = small_config(tmp_path, votes=3, vote_runs=4, vote_augment="rotate")
     cfg = dataclasses.replace(cfg, eval_ckpt=str(save_random_classifier(tmp_path, cfg)))
-    out = finetune_cls.main(cfg)
-    runs = [finetune_cls.main(dataclasses.replace(cfg, vote_runs=1, vote_seed=s))["vote_acc"]
+    out = finetune_cls.main(cfg)["test"]
+    runs = [finetune_cls.main(dataclasses.replace(cfg, vote_runs=1, vote_seed=s))["test"]["vote_acc"]
             for s in range(4)]
     assert out["vote_acc"] == runs[0] and out["vote_acc_max"] == max(runs)
     assert "max over 4 vote runs" in capsys.readouterr().out

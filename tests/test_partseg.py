@@ -20,9 +20,10 @@ import partseg
 from conftest import ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need
 from data_prep import shapenetpart as convert
 from pqae import checkpoint as ckpt
+from pqae import dist
 from pqae import shapenetpart as spart
 from pqae.model import TINY_ENCODER
-from pqae.segmentation import PointSegmenter, load_pretrained, propagate
+from pqae.segmentation import PointSegmenter, propagate
 
 CAP = SHARED_DATA / "shapenetpart_cap" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
 
@@ -181,7 +182,7 @@ def test_pretrained_encoder_loads_strictly(tmp_path):
     ckpt.save_checkpoint(tmp_path / "pre", pre, {"step": 0})
     cfg = small_config(tmp_path, tmp_path / "unused.h5")
     model = partseg.build_model(cfg)
-    dropped = load_pretrained(model, tmp_path / "pre")
+    dropped = model.load_pretrained(tmp_path / "pre")
     assert "encoder.cls_token" in dropped and "encoder.cls_pos" in dropped
     assert any(k.startswith("decoder.") for k in dropped) and "head.weight" in dropped
     assert torch.equal(model.encoder.blocks[2].attn.qkv.weight, pre.encoder.blocks[2].attn.qkv.weight)
@@ -189,7 +190,7 @@ def test_pretrained_encoder_loads_strictly(tmp_path):
     state["encoder.extra.weight"] = torch.zeros(1)
     ckpt.save_weights(tmp_path / "bad.safetensors", state)
     with pytest.raises(KeyError, match="extra.weight"):
-        load_pretrained(model, tmp_path / "bad.safetensors")
+        model.load_pretrained(tmp_path / "bad.safetensors")
 
 
 def test_lr_dependent_ten_x_group_and_no_crash_elsewhere(tmp_path):
@@ -230,7 +231,7 @@ def test_end_to_end_resume_and_checkpoints(tmp_path, cap_h5):
     best = full["best_on_test"]
     assert best["instance_miou"] == max(h["instance_miou"] for h in full["history"])
     run = tmp_path / "a"
-    assert ckpt.load_meta(run / "ckpt-best-on-test")["epoch"] == best["instance_miou_epoch"]
+    assert ckpt.load_meta(run / "ckpt-best")["epoch"] == best["instance_miou_epoch"]
     assert json.loads((run / "config.json").read_text())["double_step"] is True
     assert list((run / "tb").iterdir())
     # Interrupted mid-epoch 1 (step 3 of 4, at another lr), then resumed: identical weights
@@ -259,7 +260,7 @@ def test_two_process_evaluation_counts_each_shape_once(tmp_path, cap_h5):
         "torch.manual_seed(0)\n"
         "model = partseg.build_model(cfg)\n"
         "test = shapenetpart.load_split(cfg.data_path, 'test')\n"
-        "r = partseg.evaluate(model, test, cfg, 0, env.rank, env.world_size)\n"
+        "r = partseg.evaluate(model, test, cfg, 0, env)\n"
         "torch.save({'ious': r['shape_ious'], 'seen': r['times_seen']},"
         " tmp / f'eval{env.rank}.pt')\n"
         "res = partseg.main(cfg)\n"
@@ -272,7 +273,9 @@ def test_two_process_evaluation_counts_each_shape_once(tmp_path, cap_h5):
     assert "world 2" in proc.stdout and "(2 per process)" in proc.stdout
     cfg = small_config(tmp_path / "run", cap_h5)
     torch.manual_seed(0)
-    single = partseg.evaluate(partseg.build_model(cfg), spart.load_split(cap_h5, "test"), cfg, 0)
+    one = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    single = partseg.evaluate(partseg.build_model(cfg), spart.load_split(cap_h5, "test"), cfg, 0,
+                              one)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"eval{rank}.pt")
         assert got["seen"].tolist() == [1.0] * 11
@@ -292,8 +295,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cap_h5):
     assert all(torch.isfinite(v.float()).all() for v in ckpt.load_weights(last).values())
 
 
-def test_synthetic_parts_and_tiny_preset(tmp_path):
-    split = spart.synthetic_split(20, num_points=64, seed=0)
+def test_procedural_parts_and_tiny_preset(tmp_path):
+    split = spart.procedural_split(20, num_points=64, seed=0)
     assert len(split) == 20 and split.points.shape == (20 * 64, 3)
     assert (split.offsets[1:] - split.offsets[:-1]).eq(64).all()
     for s in range(20):
@@ -305,7 +308,7 @@ def test_synthetic_parts_and_tiny_preset(tmp_path):
         norms = split.points[rows].norm(dim=1)
         assert norms.max() == pytest.approx(1.0, abs=1e-5)  # unit sphere
         assert split.points[rows].mean(0).abs().max() < 1e-5
-    assert torch.equal(spart.synthetic_split(20, 64, seed=0).points, split.points)
+    assert torch.equal(spart.procedural_split(20, 64, seed=0).points, split.points)
     # The tiny preset as shipped (3 epochs of 160 shapes, ~6 s): it learns the parts.
     cfg = dataclasses.replace(partseg.PRESETS["tiny"], out_dir=str(tmp_path / "run"),
                               device="cpu")

@@ -8,7 +8,8 @@ import torch
 
 import partseg
 import semseg
-from data_prep.convert_checkpoint import Args, convert_any, detect_layout, main as convert
+from data_prep.convert_checkpoint import Args, main as convert
+from pqae.formats import convert_any, detect_layout
 from pqae import checkpoint as ckpt
 from pqae.segmentation import PointSegmenter
 
@@ -88,7 +89,7 @@ def test_reference_segmentation_checkpoint_round_trip(tmp_path, task):
 
 
 def test_partseg_evaluates_a_reference_checkpoint_like_ours(tmp_path):
-    cfg, model = small(partseg, data="synthetic", synthetic_shapes=16, num_points=128,
+    cfg, model = small(partseg, data="procedural", procedural_shapes=16, num_points=128,
                        device="cpu", eval_batch_size=8)
     ours = ckpt.save_checkpoint(tmp_path / "ours", model, {"step": 0})
     pth = tmp_path / "best_model.pth"

@@ -1,5 +1,5 @@
 """S3DIS (§6): the raw-tree converter, block sampling, the whole-room cover, the metrics, and
-semseg.py end to end on synthetic rooms (train, per-epoch evaluation, whole-room test)."""
+semseg.py end to end on procedural rooms (train, per-epoch evaluation, whole-room test)."""
 
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ def write_raw_tree(root: Path, rooms: dict[str, np.ndarray]) -> dict[str, np.nda
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Five synthetic rooms (areas 1, 1, 2, 5, 5) through the raw tree and the converter."""
+    """Five procedural rooms (areas 1, 1, 2, 5, 5) through the raw tree and the converter."""
     tmp = tmp_path_factory.mktemp("s3dis")
-    rooms = s3dis.synthetic_rooms((1, 1, 2, 5, 5), points_per_room=4000, seed=3)
+    rooms = s3dis.procedural_rooms((1, 1, 2, 5, 5), points_per_room=4000, seed=3)
     expected = write_raw_tree(tmp / "raw", rooms)
     report = prep.main(prep.Config(root=tmp / "raw", out=tmp / "s3dis.h5", areas=(1, 2, 5), check_counts=False,
                                    workers=2))
@@ -99,7 +99,7 @@ def test_converter_fails_on_a_room_without_annotations(tmp_path):
 
 def test_block_sampling_invariants():
     torch.manual_seed(0)
-    room = s3dis.make_rooms(s3dis.synthetic_rooms((1,), points_per_room=30000, seed=1), "syn")
+    room = s3dis.make_rooms(s3dis.procedural_rooms((1,), points_per_room=30000, seed=1), "syn")
     xyz, labels = room.room(0)
     for _ in range(10):
         idx, pts, fallback = s3dis.sample_block(xyz)
@@ -133,8 +133,8 @@ def test_epoch_rooms_and_class_weights():
 
 def test_whole_room_cover_votes_every_point():
     torch.manual_seed(0)
-    rooms = s3dis.make_rooms(s3dis.synthetic_rooms((5, 5), points_per_room=3000, seed=2),
-                              "synthetic")
+    rooms = s3dis.make_rooms(s3dis.procedural_rooms((5, 5), points_per_room=3000, seed=2),
+                              "procedural")
     narrow = rooms.room(1)[0] * torch.tensor([0.3, 1.0, 1.0])  # under a block wide in x
     for xyz in (rooms.room(0)[0], narrow):
         idx, pts = s3dis.window_chunks(xyz, num_points=512)

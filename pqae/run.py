@@ -1,0 +1,263 @@
+"""What every training run does around its loop, for the four training scripts. Each script
+keeps its own loop, in its own file, and calls these for the rest:
+
+    run = start(cfg, cfg.batch_size)            # process group, device, header, out_dir claimed
+    steps_per_epoch, total_steps = run.schedule(len(train), epochs)
+    model, train_model, optimizer = build_training(cfg, run.env)
+    state = run.resume(model, optimizer, step=0, history=[])   # saved, or these defaults
+    run.open_outputs()                          # TensorBoard writer, config.json
+    progress = Progress(run, total_steps, state["step"], last_epoch)
+    while step < total_steps:
+        ...                                     # the script's step, evaluation and saving
+        if progress.due(step, epoch_end):
+            run.check_loss(loss, step, epoch)   # NaN or exploding: stop, name the last good one
+            progress.line(step, epoch, f"loss {loss:.4f}")
+        run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history)
+    return run.finish(summary, result, best_checkpoint, next_commands)
+
+`RunOptions` holds the fields every training script takes (device, speed, output, resume);
+a script's `Config` adds its own in front of them (see `pretrain.Config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pqae import checkpoint as ckpt
+from pqae import dist
+from pqae.errors import BadInput
+from pqae.log import Timer, finish, format_eta, log_scalars, print0, run_header, write_json
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run options of every training script: randomness, stopping, logging, device and
+    speed, output and resume. A script's Config lists its own fields first:
+    `class Config(RunOptions, Task)` puts Task's fields ahead of these in --help."""
+    seed: int = 0
+    """seed of every random draw (model init, data order, sampling, augmentation, DropPath)."""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: the whole schedule). For debugging: a run that
+    stops before its first evaluation says so and still writes results.json."""
+    max_loss: float = 1000.0
+    """stop when the logged training loss exceeds this (a run that explodes without NaN), as
+    for a NaN loss: the last confirmed checkpoint is kept and named."""
+    log_every: int = 50
+    """print a progress line (and log TensorBoard scalars) every this many optimizer steps."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    amp: bool = False
+    """bf16 autocast in training and evaluation. Deviation when on: the reference runs float32."""
+    compile: bool = False
+    """torch.compile the model's fixed-shape parts (the model's `compile_fixed_shapes`); the
+    grouping stays eager."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
+    default (for-each) AdamW, up to rounding in the last bits."""
+    sync_bn: bool = True
+    """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
+    statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
+    BatchNorm."""
+    collective_timeout: float = 600.0
+    """seconds a process waits for the others at a collective (torchrun) before the job stops,
+    naming the ranks that did not answer (a stopped, hung or dead peer); torch's default is
+    30 minutes."""
+    out_dir: str = "runs/run"
+    """directory of everything the run writes: config.json, checkpoints, TensorBoard logs (tb/),
+    results.json, and a task's own outputs (semseg.py's test_predictions/<room>.txt)."""
+    resume: bool = False
+    """continue from out_dir/ckpt-last: the same learning rate, data order and random draws as
+    an uninterrupted run, and the same bests so far."""
+    overwrite: bool = False
+    """delete out_dir first when it already holds a run (without this or --resume, such a run
+    is refused and left untouched)."""
+
+
+@dataclass
+class Run:
+    """One run's process, outputs and checkpoints (what `start` returns); the loop is the
+    script's."""
+    cfg: RunOptions
+    env: dist.Dist
+    header: str
+    batch_size: int
+    """the global batch, split evenly over the processes."""
+    writer: object = None
+    """the TensorBoard SummaryWriter on rank 0 once `open_outputs` ran, else None."""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def local_batch(self) -> int:
+        return self.batch_size // self.env.world_size
+
+    def print(self, *args) -> None:
+        print0(*args, rank=self.env.rank)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard scalars at `step` (rank 0)."""
+        log_scalars(self.writer, step, scalars)
+
+    def schedule(self, n: int, epochs: int, what: str = "shapes") -> tuple[int, int]:
+        """(steps per epoch, total steps) over `n` samples for `epochs` loop epochs: full
+        batches only (drop_last, as the reference), cut at --max-steps."""
+        steps_per_epoch = n // self.batch_size
+        if steps_per_epoch == 0:
+            raise BadInput(f"{n} {what} are fewer than one batch of {self.batch_size}")
+        total = epochs * steps_per_epoch
+        return steps_per_epoch, min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def resume(self, model, optimizer, **defaults) -> dict:
+        """With --resume: the newest complete out_dir/ckpt-last loaded into the model and the
+        optimizer, and the loop state it saved for `defaults`' keys (a key it lacks keeps its
+        default). Without --resume: `defaults`."""
+        if not self.cfg.resume:
+            return defaults
+        last, state, meta = ckpt.resume_from(self.out_dir, model, optimizer, self.env.rank)
+        ours = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))  # as saved
+        changed = {k: (v, ours[k]) for k, v in meta.get("config", {}).items()
+                   if k in ours and k not in ("resume", "overwrite") and v != ours[k]}
+        self.print(f"resumed from {last} at step {state['step']}"
+                   + (f"; config changed since: {changed}" if changed else ""))
+        return {**defaults, **{k: state[k] for k in defaults if k in state}}
+
+    def open_outputs(self) -> None:
+        """Rank 0: the TensorBoard writer (with the config and the header) and config.json."""
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            config = dataclasses.asdict(self.cfg)
+            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+            self.writer.add_text("header", self.header)
+            write_json(self.out_dir / "config.json", config)
+
+    def check_loss(self, losses: float | list[float], step: int, epoch: int) -> None:
+        """The divergence stop of a log line: a NaN, inf or above --max-loss loss stops the run,
+        naming the last good checkpoint (`checkpoint.stop_if_diverged`); a finite one confirms
+        the checkpoint saved before it. Every rank must pass the same (all-reduced) losses."""
+        ckpt.stop_if_diverged(losses, step, epoch, self.out_dir, self.cfg.max_loss,
+                              self.env.rank)
+
+    def save(self, name: str, model, epoch: int, step: int, metrics: dict,
+             optimizer: torch.optim.Optimizer | None = None, **state) -> None:
+        """Rank 0: out_dir/name with the weights and meta.json (config, epoch, step, metrics,
+        header). Given the optimizer, the checkpoint is resumable: resume.pt holds the
+        optimizer's state, step, epoch and `state` (what the loop needs to go on)."""
+        if not self.is_main:
+            return
+        meta = {"config": dataclasses.asdict(self.cfg), "epoch": epoch, "step": step,
+                "metrics": metrics, "header": self.header}
+        resume = None if optimizer is None else {
+            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, **state}
+        ckpt.save_checkpoint(self.out_dir / name, model, meta, resume)
+
+    def finish(self, summary: str, result: dict, checkpoint: str | Path, next_steps: list[str],
+               show: bool = True) -> dict:
+        """The end of a training run: ckpt-last confirmed, results.json (the config and
+        `result`), the `done |` block (the summary, the outputs, the next commands; unless not
+        `show`), and the ranks meet. Returns results.json's content plus out_dir."""
+        ckpt.confirm(self.out_dir / "ckpt-last", self.env.rank)  # the run ended normally
+        result = {"config": dataclasses.asdict(self.cfg), **result}
+        if self.is_main:
+            write_json(self.out_dir / "results.json", result)
+        if self.writer is not None:
+            self.writer.close()
+        if show:
+            finish(summary, {"checkpoint": checkpoint, "resumable": self.out_dir / "ckpt-last",
+                             "results": self.out_dir / "results.json",
+                             "tensorboard": f"tensorboard --logdir {self.out_dir / 'tb'}"},
+                   next_steps, rank=self.env.rank)
+        dist.cleanup()
+        return {**result, "out_dir": str(self.out_dir)}
+
+    def finish_eval(self, summary: str, result: dict, checkpoint: str,
+                    outputs: dict | None = None) -> dict:
+        """The end of an --eval-ckpt run: out_dir/eval-NAME.json (the config, the checkpoint
+        and `result`), the `done |` block, and the ranks meet. Returns the JSON's content."""
+        result = {"config": dataclasses.asdict(self.cfg), "mode": "eval",
+                  "checkpoint": checkpoint, **result}
+        path = self.out_dir / f"eval-{Path(checkpoint).stem}.json"
+        if self.is_main:
+            write_json(path, result)
+        finish(summary, {"results": path, **(outputs or {})}, [], rank=self.env.rank)
+        dist.cleanup()
+        return result
+
+
+def start(cfg: RunOptions, batch_size: int, claim: bool = True, min_local_batch: int = 1) -> Run:
+    """The start of every run: the process group and device (torchrun or a single process),
+    the global batch split over the processes, the run header (versions, device) on rank 0,
+    and, when `claim` (a training run), out_dir claimed on every rank before anything is read
+    or written (a directory holding another run is refused unless --resume or --overwrite)."""
+    env = dist.setup(cfg.device, cfg.collective_timeout)
+    if batch_size % env.world_size:
+        raise BadInput(f"batch_size {batch_size} is not divisible by {env.world_size} processes")
+    if batch_size // env.world_size < min_local_batch:
+        raise BadInput(f"{batch_size // env.world_size} sample(s) per process: BatchNorm needs "
+                       f"at least {min_local_batch}")
+    run = Run(cfg, env, run_header(env.device, env.world_size), batch_size)
+    run.print(run.header)
+    if claim:
+        ckpt.claim_out_dir(run.out_dir, cfg.resume, cfg.overwrite, env.rank)
+        dist.barrier()
+    return run
+
+
+class Progress:
+    """The progress lines of a training loop: which steps print one, ms/step since the last
+    line, samples/s, and the ETA from the average step since the start (evaluations included).
+    Rank 0 prints; every rank must call `line` at the same steps."""
+
+    def __init__(self, run: Run, total_steps: int, start_step: int, last_epoch: int,
+                 unit: str = "shapes"):
+        self.run, self.total, self.start_step, self.last_epoch = run, total_steps, start_step, last_epoch
+        self.unit = unit
+        self.timer = Timer(run.device)
+        self.t0 = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        """steps since the last line."""
+        return self.timer.steps
+
+    def tick(self) -> None:
+        """One optimizer step done."""
+        self.timer.steps += 1
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        """Whether the step that just made `step` steps prints a line: every --log-every
+        steps, at the end of each epoch and at the last step."""
+        return step % self.run.cfg.log_every == 0 or epoch_end or step == self.total
+
+    def line(self, step: int, epoch: int, text: str) -> float:
+        """Print `epoch E/LAST | step S/TOTAL | text | ms/step | samples/s | ETA`, log the speed to
+        TensorBoard, start the next interval, and return its ms/step."""
+        ms = self.timer.ms_per_step()
+        eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.total - step)
+        rate = self.run.batch_size * 1000 / ms
+        self.run.print(f"epoch {epoch}/{self.last_epoch} | step {step}/{self.total} | {text} | "
+                       f"{ms:.0f} ms/step | {rate:.0f} {self.unit}/s | ETA {format_eta(eta)}")
+        self.run.log(step, {"perf/ms_per_step": ms, f"perf/{self.unit}_per_s": rate})
+        self.timer.reset()
+        return ms
+
+    def pause_done(self) -> None:
+        """After an evaluation: the next line times training steps only."""
+        self.timer.reset()

@@ -47,7 +47,7 @@ from pqae import amp, bench, cli, data, dist, formats, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError
 from pqae.log import print0
-from pqae.model import TINY_ENCODER
+from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.run import Progress, Run, RunOptions, start
@@ -141,14 +141,6 @@ class Task:
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
-    dim: int = 384
-    """transformer width (channels per token)."""
-    depth: int = 12
-    """number of transformer blocks of the encoder."""
-    heads: int = 6
-    """attention heads per transformer block."""
-    embed_hidden: int = 128
-    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
     num_group: int = 128
     """patches per cloud (FPS centres)."""
     group_size: int = 32
@@ -158,8 +150,9 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Config(RunOptions, Task):
-    """finetune_cls.py's command line: Task's fields, then the run options of every script."""
+class Config(RunOptions, EncoderShape, Task):
+    """finetune_cls.py's command line: Task's fields, the encoder's shape, then the run options of
+    every script (--help lists them in that order)."""
     out_dir: str = "runs/finetune-cls"
     log_every: int = 20
 
@@ -315,10 +308,9 @@ def build_training(cfg: Config, env: dist.Dist):
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     model = build_model(cfg).to(env.device)
     model.check_inputs = env.device.type == "cpu"  # the data were checked for NaN when loaded
-    if cfg.pretrained:
-        dropped = model.load_pretrained(cfg.pretrained)
-        print0(f"loaded the encoder of {cfg.pretrained}; dropped {len(dropped)} pretraining-only "
-               f"keys: {ckpt.listing(dropped)}", rank=env.rank)
+    if cfg.pretrained:  # its encoder, strictly; the decoder side is dropped, and named
+        print0(ckpt.loaded_note(cfg.pretrained, model.load_pretrained(cfg.pretrained)),
+               rank=env.rank)
     if env.enabled and cfg.sync_bn:
         model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr_scale=10.0),
@@ -427,8 +419,9 @@ def main(cfg: Config, show: bool = True) -> dict:
 
     model, train_model, optimizer = build_training(cfg, run.env)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.print(f"PointClassifier ({cfg.head}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-              f" M parameters, {trainable / 1e6:.3f} M trainable")
+    total = sum(p.numel() for p in model.parameters())
+    run.print(f"PointClassifier ({cfg.head}): {total / 1e6:.2f} M parameters, "
+              f"{trainable / 1e6:.3f} M trainable")
     state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1})
     step, history, best = state["step"], state["history"], state["best"]
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,

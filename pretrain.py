@@ -27,7 +27,7 @@ from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, collapse, data, dist, probe, syncbn
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
-from pqae.model import TINY_ENCODER, PointPQAE
+from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.run import Progress, Run, RunOptions, start
@@ -90,12 +90,6 @@ class Task:
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
     # model architecture; the defaults are the reference's
-    dim: int = 384
-    """transformer width (channels per token), encoder and decoder."""
-    depth: int = 12
-    """number of transformer blocks of the encoder."""
-    heads: int = 6
-    """attention heads per transformer block."""
     decoder_depth: int = 4
     """number of transformer blocks of the decoder."""
     num_group: int = 64
@@ -108,13 +102,12 @@ class Task:
     min_crop_rate: float = 0.6
     """crop ratio (fraction of the cloud's points a view keeps), drawn per view and batch from
     U[min_crop_rate, 1); 1: no crop."""
-    embed_hidden: int = 128
-    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
 
 
 @dataclass(frozen=True)
-class Config(RunOptions, Task):
-    """pretrain.py's command line: Task's fields, then the run options of every script."""
+class Config(RunOptions, EncoderShape, Task):
+    """pretrain.py's command line: Task's fields, the encoder's shape, then the run options of
+    every script (--help lists them in that order)."""
     out_dir: str = "runs/pretrain"
 
 
@@ -241,7 +234,8 @@ def main(cfg: Config) -> dict:
         if log_now:
             # One host sync per log line: losses, NaN check and timing. Averaged over ranks:
             # the line shows the global batch, and every rank takes the same stop decision.
-            losses = (dist.all_reduce_sum(loss_sum) / (progress.steps * run.env.world_size)).tolist()
+            total = progress.steps * run.env.world_size  # summed over steps and ranks
+            losses = (dist.all_reduce_sum(loss_sum) / total).tolist()
             loss_sum.zero_()
             run.check_loss(losses, step, epoch)
             metrics = {"loss": losses[0], "loss_view1": losses[1], "loss_view2": losses[2]}

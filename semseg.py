@@ -27,7 +27,7 @@ import torch
 from pqae import checkpoint as ckpt
 from pqae import amp, cli, dist, formats, s3dis, syncbn
 from pqae.log import print0
-from pqae.model import TINY_ENCODER
+from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.run import Progress, Run, RunOptions, start
 from pqae.seeding import epoch_perm, step_seed
@@ -93,20 +93,12 @@ class Task:
     stride: float = 0.5
     """window stride of the whole-room test (metres)."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
-    dim: int = 384
-    """transformer width (channels per token)."""
-    depth: int = 12
-    """number of transformer blocks of the encoder."""
-    heads: int = 6
-    """attention heads per transformer block."""
     drop_path_rate: float = 0.1
     """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
     num_group: int = 128
     """patches per block (FPS centres)."""
     group_size: int = 32
     """points per patch (kNN neighbours of its centre)."""
-    embed_hidden: int = 128
-    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
     feature_blocks: tuple[int, ...] = ()
     """1-based encoder blocks whose (normed) outputs form the per-centre feature; empty: the
     last block of each third of the encoder ((4, 8, 12) at depth 12, as the reference)."""
@@ -119,8 +111,9 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Config(RunOptions, Task):
-    """semseg.py's command line: Task's fields, then the run options of every script."""
+class Config(RunOptions, EncoderShape, Task):
+    """semseg.py's command line: Task's fields, the encoder's shape, then the run options of
+    every script (--help lists them in that order)."""
     out_dir: str = "runs/semseg"
 
 
@@ -191,10 +184,9 @@ def build_training(cfg: Config, env: dist.Dist):
     pretrained encoder of cfg.pretrained loaded when given."""
     torch.manual_seed(cfg.seed)  # model init: identical on every rank
     model = build_model(cfg).to(env.device)
-    if cfg.pretrained:
-        dropped = model.load_pretrained(cfg.pretrained)
-        print0(f"loaded the encoder of {cfg.pretrained}; dropped {len(dropped)} pretraining-only "
-               f"keys: {ckpt.listing(dropped)}", rank=env.rank)
+    if cfg.pretrained:  # its encoder, strictly; the decoder side is dropped, and named
+        print0(ckpt.loaded_note(cfg.pretrained, model.load_pretrained(cfg.pretrained)),
+               rank=env.rank)
     if env.enabled and cfg.sync_bn:
         model = syncbn.convert(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,

@@ -347,6 +347,12 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | Path,
     return dropped
 
 
+def loaded_note(path: str | Path, dropped: list[str]) -> str:
+    """The line a script prints after `load_pretrained_encoder`: what it dropped."""
+    return (f"loaded the encoder of {path}; dropped {len(dropped)} pretraining-only keys: "
+            f"{listing(dropped)}")
+
+
 def fall_back(directory: str | Path) -> None:
     """A run diverged: a resumable checkpoint saved since the last passing loss check (its
     confirmed predecessor `.old` still exists) is set aside as `<name>.diverged`, and the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,21 @@ from pqae.profiling import phase
 
 # ---------------------------------------------------------------------------------------------
 # Shared building blocks
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """The config fields that fix the shape of a PointEncoder, alike in every script's Config
+    (`checkpoint.ENCODER_FIELDS`): a checkpoint carries them, and `--pretrained` / `--eval-ckpt`
+    bring them. The defaults are the reference's."""
+    dim: int = 384
+    """transformer width (channels per token; pretraining's decoder has the same)."""
+    depth: int = 12
+    """number of transformer blocks of the encoder."""
+    heads: int = 6
+    """attention heads per transformer block."""
+    embed_hidden: int = 128
+    """width of the patch embedding's first layer (128 -> 256 -> 512 in the reference)."""
 
 
 TINY_ENCODER = dict(dim=96, depth=4, heads=3, embed_hidden=32)

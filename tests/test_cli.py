@@ -25,7 +25,7 @@ from conftest import ROOT
 from pqae import checkpoint as ckpt
 from pqae.cli import explicit_fields, parse
 from pqae.errors import BadInput, UserError
-from pqae.model import PointPQAE
+from pqae.model import EncoderShape, PointPQAE
 from pqae.run import RunOptions
 
 SCRIPTS = {"pretrain.py": pretrain, "finetune_cls.py": finetune_cls, "fewshot.py": fewshot,
@@ -84,6 +84,10 @@ def test_training_scripts_share_the_run_options(script):
                                capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}).stdout
     options = help_text[help_text.index("-h, --help"):]  # the description names --seed too
     assert options.index("--data ") < options.index("--seed ") < options.index("--device ")
+    # The encoder's shape: the fields a checkpoint carries, alike in every script.
+    assert issubclass(config, EncoderShape)
+    assert tuple(f.name for f in dataclasses.fields(EncoderShape)) == ckpt.ENCODER_FIELDS
+    assert names[-len(shared) - len(ckpt.ENCODER_FIELDS):-len(shared)] == list(ckpt.ENCODER_FIELDS)
 
 
 def test_explicit_fields_reads_the_command_line():

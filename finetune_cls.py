@@ -466,7 +466,7 @@ def main(cfg: Config, show: bool = True) -> dict:
                 run.print(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
                           f"(epoch {best['epoch']}, test-set selection) | {n} samples")
                 run.log(step, {"test/acc": row["acc"]})
-                progress.pause_done()
+                progress.restart_interval()
             history.append(row)
         if epoch_end or step == total_steps:
             run.save("ckpt-last", model, epoch, step,

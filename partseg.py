@@ -317,7 +317,7 @@ def main(cfg: Config) -> dict:
                       f"mIoU {best['instance_miou']:.2f} % (epoch {best['instance_miou_epoch']}),"
                       f" class mIoU {best['class_miou']:.2f} %")
             run.log(step, {f"test/{k}": scores[k] for k in METRICS})
-            progress.pause_done()
+            progress.restart_interval()
         if epoch_end or step == total_steps:
             run.save("ckpt-last", model, epoch, step, last, optimizer, history=history, best=best)
         if epoch_end:

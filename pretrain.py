@@ -253,7 +253,7 @@ def main(cfg: Config) -> dict:
             probe_scores = evaluate(cfg, model, probe_data, run.device)
             report_probe(run, probe_scores, step, epoch, time.perf_counter() - t_epoch)
             history.append({"step": step, "epoch": epoch, **probe_scores})
-            progress.pause_done()
+            progress.restart_interval()
         if epoch_end or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
             run.save("ckpt-last", model, epoch, step, {**metrics, **probe_scores}, optimizer,
                      history=history)

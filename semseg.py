@@ -385,7 +385,7 @@ def main(cfg: Config) -> dict:
             run.print(format_iou(scores))
             run.log(step, {**{f"test/{k}": scores[k] for k in ("miou", "macc", "oa")},
                            **{f"test_iou/{c}": v for c, v in scores["iou"].items()}})
-            progress.pause_done()
+            progress.restart_interval()
         if epoch_end or step == total_steps:
             run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history,
                      best_miou=best_miou)

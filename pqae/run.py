@@ -126,8 +126,9 @@ class Run:
 
     def resume(self, model, optimizer, **defaults) -> dict:
         """With --resume: the newest complete out_dir/ckpt-last loaded into the model and the
-        optimizer, and the loop state it saved for `defaults`' keys (a key it lacks keeps its
-        default). Without --resume: `defaults`."""
+        optimizer, and what it saved under `defaults`' keys (its resume state, else its
+        meta.json: e.g. the last logged metrics; a key it lacks keeps its default). Without
+        --resume: `defaults`."""
         if not self.cfg.resume:
             return defaults
         last, state, meta = ckpt.resume_from(self.out_dir, model, optimizer, self.env.rank)
@@ -136,7 +137,7 @@ class Run:
                    if k in ours and k not in ("resume", "overwrite") and v != ours[k]}
         self.print(f"resumed from {last} at step {state['step']}"
                    + (f"; config changed since: {changed}" if changed else ""))
-        return {**defaults, **{k: state[k] for k in defaults if k in state}}
+        return {k: state.get(k, meta.get(k, v)) for k, v in defaults.items()}
 
     def open_outputs(self) -> None:
         """Rank 0: the TensorBoard writer (with the config and the header) and config.json."""
@@ -258,6 +259,6 @@ class Progress:
         self.timer.reset()
         return ms
 
-    def pause_done(self) -> None:
+    def restart_interval(self) -> None:
         """After an evaluation: the next line times training steps only."""
         self.timer.reset()

@@ -111,6 +111,11 @@ def test_a_saved_config_is_reloaded_and_flags_override_it(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"lr": 1.0, "no_such_field": 2}))
     with pytest.raises(BadInput, match=r"\['no_such_field'\]"):
         parse(pretrain.Config, pretrain.PRESETS, ["--config", str(tmp_path / "other.json")])
+    # A value no longer among a field's choices (partseg's built-in data was `synthetic`).
+    (tmp_path / "old.json").write_text(json.dumps({"data": "synthetic"}))
+    with pytest.raises(BadInput, match="data = 'synthetic' is not one of 'shapenetpart', "
+                                       "'procedural'"):
+        parse(partseg.Config, partseg.PRESETS, ["--config", str(tmp_path / "old.json")])
 
 
 @pytest.fixture(scope="module")

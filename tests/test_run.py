@@ -71,9 +71,14 @@ def test_resume_without_changes_says_nothing_more(tmp_path, capsys):
     cfg = small_pretrain_config(tmp_path, max_steps=2, epochs=1, warmup_epochs=0)
     pretrain.main(cfg)
     capsys.readouterr()
+    first = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     pretrain.main(dataclasses.replace(cfg, resume=True))  # the run is complete: no step runs
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resumed from"))
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("resumed from"))
     assert line.endswith("at step 2"), line
+    # The last logged losses come back from the checkpoint: the run still reports them.
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"] == first
+    assert f"done | loss {first['loss']:.4f}" in out
 
 
 def test_every_run_writes_an_atomic_config_it_can_be_repeated_from(tmp_path):

@@ -11,8 +11,9 @@ each (way, shot) setting is one ordinary `finetune_cls.main` run with the refere
 recipe (`RECIPE`: full protocol, 150 cosine epochs, lr 5e-4 (x10 for `cls*`), drop path 0.1,
 64 groups, 1024 points, rotation augmentation, batch 32 with drop_last, 40-way head, no
 voting) on the episode file `{data_dir}/{way}way_{shot}shot/{fold}.h5` written by
-`data_prep/modelnet_fewshot.py` (or, with --procedural, by `pqae.episodes`). Any fine-tuning field can be changed with `--finetune.FIELD`;
-`data`, `data_path`, `out_dir` and `resume` of it are set per fold.
+`data_prep/modelnet_fewshot.py` (or, with --procedural, by `pqae.episodes`). Any fine-tuning
+field can be changed with `--finetune.FIELD`; `data`, `data_path`, `out_dir` and `resume` of it
+are set per fold.
 
 Per fold (out_dir/{way}way_{shot}shot/fold{fold}/results.json, written by finetune_cls):
 * best_acc: the best test accuracy over epochs, the reference's per-fold number. It SELECTS THE

@@ -417,7 +417,8 @@ def summary(result: dict, step: int) -> str:
     if not evals:
         return f"no evaluation (stopped at step {step}, before the first epoch ended)"
     text = (format_scores(f"last epoch {evals[-1]['epoch']}", evals[-1]) + f" | best mIoU "
-            f"{result['best_miou']:.2f} % (epoch {result['best_epoch']}, selected on the test area)")
+            f"{result['best_miou']:.2f} % (epoch {result['best_epoch']}, selected on the test "
+            f"area)")
     if result["test"] is not None:
         text += "\n     " + format_scores("whole-room test", result["test"])
     return text

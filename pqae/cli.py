@@ -71,8 +71,9 @@ def from_dict(cls: type[T], values: dict, base: T, source: str) -> T:
         kind = hints[name]
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
         if choices and value not in choices:
-            raise BadInput(f"{source}: {name} = {value!r} is not one of {', '.join(map(repr, choices))}"
-                           f" (was the file written by an older version?)")
+            raise BadInput(f"{source}: {name} = {value!r} is not one of "
+                           f"{', '.join(map(repr, choices))} (was the file written by an older "
+                           f"version?)")
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             value = from_dict(kind, value, getattr(base, name), f"{source} [{name}]")
         elif isinstance(value, list):

@@ -83,7 +83,6 @@ def atomic_output(path: Path):
         tmp.unlink(missing_ok=True)
 
 
-
 def finish(summary: str, outputs: dict[str, str | Path | None], next_steps: list[str],
            rank: int = 0) -> None:
     """The last lines of every run: its final metrics, where its outputs are, what to run next."""

@@ -40,7 +40,8 @@ from pqae.log import Timer, finish, format_eta, log_scalars, print0, run_header,
 class RunOptions:
     """The run options of every training script: randomness, stopping, logging, device and
     speed, output and resume. A script's Config lists its own fields first:
-    `class Config(RunOptions, Task)` puts Task's fields ahead of these in --help."""
+    `class Config(RunOptions, EncoderShape, Task)` puts Task's fields, then the encoder's
+    shape, ahead of these in --help."""
     seed: int = 0
     """seed of every random draw (model init, data order, sampling, augmentation, DropPath)."""
     max_steps: int = 0
@@ -228,8 +229,8 @@ class Progress:
 
     def __init__(self, run: Run, total_steps: int, start_step: int, last_epoch: int,
                  unit: str = "shapes"):
-        self.run, self.total, self.start_step, self.last_epoch = run, total_steps, start_step, last_epoch
-        self.unit = unit
+        self.run, self.total, self.start_step = run, total_steps, start_step
+        self.last_epoch, self.unit = last_epoch, unit
         self.timer = Timer(run.device)
         self.t0 = time.perf_counter()
 

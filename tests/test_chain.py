@@ -92,7 +92,8 @@ def environment() -> dict[str, str]:
 
 
 def same(a: float, b: float) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return a == b or nan
 
 
 def check_golden(runs: Path) -> None:

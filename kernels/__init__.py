@@ -29,11 +29,16 @@ float64 by the reference and in float32 by Triton) and non-contiguous. Bad input
 
 Backend switch
 --------------
-* ``auto`` (default): CUDA tensors use the Triton kernels (``kernels/triton_ops.py``),
-  CPU tensors use the plain-PyTorch reference (``kernels/reference.py``).
+* ``auto`` (default): CUDA tensors (the device types in ``TRITON_DEVICES``) use the Triton
+  kernels (``kernels/triton_ops.py``) once their variant has passed its check on this machine
+  (``kernels/verify.py``: on first use, cached per machine); a variant that fails its check,
+  or whose launch raises, uses the plain-PyTorch reference (``kernels/reference.py``) for the
+  rest of the process, with one warning. CPU tensors use the reference.
 * ``set_backend("reference" | "triton" | "auto")`` forces a backend for the process.
 * Environment variable ``PQAE_KERNELS=reference|triton|auto``, read at every call, is used
   when ``set_backend`` has not forced one (i.e. ``set_backend("auto")`` defers to it).
+* ``triton`` checks each variant the same way but raises ``verify.KernelCheckError`` instead
+  of falling back.
 * ``triton`` on CPU tensors is only allowed under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before triton is imported); otherwise it raises.
 
@@ -68,9 +73,12 @@ import torch
 from . import reference
 
 __all__ = ["fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss", "set_backend",
-           "get_backend", "CHECK_FINITE"]
+           "get_backend", "CHECK_FINITE", "TRITON_DEVICES"]
 
 CHECK_FINITE = True
+# Device types whose tensors take the Triton path in "auto" mode. (Tests add "cpu" under the
+# Triton interpreter to play a GPU machine.)
+TRITON_DEVICES = {"cuda"}
 _BACKENDS = ("auto", "reference", "triton")
 _forced = "auto"
 
@@ -97,6 +105,12 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _spec(op: str, *shape):
+    from . import verify
+
+    return verify.spec(op, *shape)
+
+
 def _triton_ops():
     from . import triton_ops  # lazy: triton is optional on CPU-only machines
 
@@ -114,13 +128,34 @@ def _use_triton(t: torch.Tensor) -> bool:
                 "unless TRITON_INTERPRET=1")
         return True
     # auto
-    if t.device.type != "cuda":
+    if t.device.type not in TRITON_DEVICES:
         return False
     try:
         _triton_ops()
     except ImportError:
         return False
     return True
+
+
+def _dispatch(t: torch.Tensor, spec_of, triton_call, reference_call):
+    """The Triton call when the backend picks Triton for `t` and the variant (`spec_of()`, a
+    verify.Spec) has passed its check here; otherwise, and after a failed launch in auto mode,
+    the reference call."""
+    if _use_triton(t):
+        from . import verify
+
+        spec = spec_of()
+        forced = get_backend() == "triton"
+        if verify.ensure(spec, t.device, forced):
+            try:
+                return triton_call()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                if forced:
+                    raise
+                verify.launch_failed(spec, t.device, e)
+    return reference_call()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -165,9 +200,8 @@ def fps(xyz: torch.Tensor, m: int, *, check: bool | None = None) -> torch.Tensor
     """Farthest point sampling. xyz (B, N, 3) -> indices (B, m) int64 (see module doc)."""
     _check_points("xyz", xyz, check)
     _check_count("m", m, xyz.shape[1], "N", xyz.shape)
-    if _use_triton(xyz):
-        return _triton_ops().fps(xyz, int(m))
-    return reference.fps(xyz, int(m))
+    return _dispatch(xyz, lambda: _spec("fps", xyz.shape[1]),
+                     lambda: _triton_ops().fps(xyz, int(m)), lambda: reference.fps(xyz, int(m)))
 
 
 def knn(query: torch.Tensor, ref: torch.Tensor, k: int, *, check: bool | None = None) -> torch.Tensor:
@@ -176,9 +210,9 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int, *, check: bool | None = 
     _check_points("ref", ref, check)
     _check_same_batch("query", query, "ref", ref)
     _check_count("k", k, ref.shape[1], "N", ref.shape)
-    if _use_triton(query):
-        return _triton_ops().knn(query, ref, int(k))
-    return reference.knn(query, ref, int(k))
+    return _dispatch(query, lambda: _spec("knn", ref.shape[1], int(k)),
+                     lambda: _triton_ops().knn(query, ref, int(k)),
+                     lambda: reference.knn(query, ref, int(k)))
 
 
 def group(xyz: torch.Tensor, num_group: int, group_size: int, *, check: bool | None = None):
@@ -186,9 +220,9 @@ def group(xyz: torch.Tensor, num_group: int, group_size: int, *, check: bool | N
     _check_points("xyz", xyz, check)
     _check_count("num_group", num_group, xyz.shape[1], "N", xyz.shape)
     _check_count("group_size", group_size, xyz.shape[1], "N", xyz.shape)
-    if _use_triton(xyz):
-        return _triton_ops().group(xyz, int(num_group), int(group_size))
-    return reference.group(xyz, int(num_group), int(group_size))
+    return _dispatch(xyz, lambda: _spec("group", (xyz.shape[1],), int(num_group), int(group_size)),
+                     lambda: _triton_ops().group(xyz, int(num_group), int(group_size)),
+                     lambda: reference.group(xyz, int(num_group), int(group_size)))
 
 
 def group_views(views, num_group: int, group_size: int, *, check: bool | None = None):
@@ -201,9 +235,10 @@ def group_views(views, num_group: int, group_size: int, *, check: bool | None = 
         _check_same_batch("views[0]", views[0], f"views[{i}]", v)
         _check_count("num_group", num_group, v.shape[1], "N", v.shape)
         _check_count("group_size", group_size, v.shape[1], "N", v.shape)
-    if _use_triton(views[0]):
-        return _triton_ops().group_views(views, int(num_group), int(group_size))
-    return reference.group_views(views, int(num_group), int(group_size))
+    return _dispatch(views[0], lambda: _spec("group", tuple(v.shape[1] for v in views),
+                                             int(num_group), int(group_size)),
+                     lambda: _triton_ops().group_views(views, int(num_group), int(group_size)),
+                     lambda: reference.group_views(views, int(num_group), int(group_size)))
 
 
 def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
@@ -211,9 +246,8 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor, *, check: bool | None = None):
     _check_points("a", a, check)
     _check_points("b", b, check)
     _check_same_batch("a", a, "b", b)
-    if _use_triton(a):
-        return _triton_ops().chamfer_l2(a, b)
-    return reference.chamfer_l2(a, b)
+    return _dispatch(a, lambda: _spec("chamfer", a.shape[1], b.shape[1]),
+                     lambda: _triton_ops().chamfer_l2(a, b), lambda: reference.chamfer_l2(a, b))
 
 
 def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
@@ -227,6 +261,8 @@ def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
         _check_points(f"preds[{i}]", a, check)
         _check_points(f"targets[{i}]", b, check)
         _check_same_batch(f"preds[{i}]", a, f"targets[{i}]", b)
-    if _use_triton(preds[0]):
-        return _triton_ops().chamfer_l2_loss(preds, targets)
-    return reference.chamfer_l2_loss(preds, targets)
+    a, b = preds[0], targets[0]
+    return _dispatch(a, lambda: _spec("chamfer_loss", a.shape[1], b.shape[1], a.dtype, b.dtype,
+                                      b.requires_grad and torch.is_grad_enabled()),
+                     lambda: _triton_ops().chamfer_l2_loss(preds, targets),
+                     lambda: reference.chamfer_l2_loss(preds, targets))

@@ -34,6 +34,7 @@ from pqae import checkpoint as ckpt
 from pqae import dist
 from pqae.errors import BadInput
 from pqae.log import Timer, finish, format_eta, log_scalars, print0, run_header, write_json
+from kernels import verify
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Run:
         `result`), the `done |` block (the summary, the outputs, the next commands; unless not
         `show`), and the ranks meet. Returns results.json's content plus out_dir."""
         ckpt.confirm(self.out_dir / "ckpt-last", self.env.rank)  # the run ended normally
-        result = {"config": dataclasses.asdict(self.cfg), **result}
+        result = {"config": dataclasses.asdict(self.cfg), **result, "kernels": verify.summary()}
         if self.is_main:
             write_json(self.out_dir / "results.json", result)
         if self.writer is not None:
@@ -184,7 +185,8 @@ class Run:
         if show:
             finish(summary, {"checkpoint": checkpoint, "resumable": self.out_dir / "ckpt-last",
                              "results": self.out_dir / "results.json",
-                             "tensorboard": f"tensorboard --logdir {self.out_dir / 'tb'}"},
+                             "tensorboard": f"tensorboard --logdir {self.out_dir / 'tb'}",
+                             "kernels": _fallback_note()},
                    next_steps, rank=self.env.rank)
         dist.cleanup()
         return {**result, "out_dir": str(self.out_dir)}
@@ -194,13 +196,21 @@ class Run:
         """The end of an --eval-ckpt run: out_dir/eval-NAME.json (the config, the checkpoint
         and `result`), the `done |` block, and the ranks meet. Returns the JSON's content."""
         result = {"config": dataclasses.asdict(self.cfg), "mode": "eval",
-                  "checkpoint": checkpoint, **result}
+                  "checkpoint": checkpoint, **result, "kernels": verify.summary()}
         path = self.out_dir / f"eval-{Path(checkpoint).stem}.json"
         if self.is_main:
             write_json(path, result)
-        finish(summary, {"results": path, **(outputs or {})}, [], rank=self.env.rank)
+        finish(summary, {"results": path, **(outputs or {}), "kernels": _fallback_note()}, [],
+               rank=self.env.rank)
         dist.cleanup()
         return result
+
+
+def _fallback_note() -> str | None:
+    """What the `done |` block says when a Triton kernel failed its check in this run."""
+    fell = verify.summary()["fallback"]
+    return (f"{', '.join(fell)} ran on the PyTorch reference: its Triton kernel failed its check "
+            "here (see the warning; python -m pqae.doctor)") if fell else None
 
 
 def start(cfg: RunOptions, batch_size: int, claim: bool = True, min_local_batch: int = 1) -> Run:
@@ -214,7 +224,8 @@ def start(cfg: RunOptions, batch_size: int, claim: bool = True, min_local_batch:
     if batch_size // env.world_size < min_local_batch:
         raise BadInput(f"{batch_size // env.world_size} sample(s) per process: BatchNorm needs "
                        f"at least {min_local_batch}")
-    run = Run(cfg, env, run_header(env.device, env.world_size), batch_size)
+    header = f"{run_header(env.device, env.world_size)}\n{verify.header(env.device)}"
+    run = Run(cfg, env, header, batch_size)
     run.print(run.header)
     if claim:
         ckpt.claim_out_dir(run.out_dir, cfg.resume, cfg.overwrite, env.rank)

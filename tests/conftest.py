@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,10 @@ from torch.utils._pytree import tree_flatten
 # when it is first imported, so it is set here, before any test module can import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernels' first-use verdicts (kernels/verify.py) of a test session go to a folder of its
+# own, not the user's ~/.cache: every session checks afresh, and leaves nothing behind.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pqae-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -26,6 +26,45 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 AIRPLANES = SHARED_DATA / "modelnet40_airplanes" / "airplanes_2048.npz"
+# Where the Triton kernels really run: a GPU, unless the interpreter was asked for.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A user's GPU machine: auto mode takes the Triton path for DEV, an empty verdict cache of
+    its own, no verdicts in memory. Yields the cache folder."""
+    pytest.importorskip("triton")
+    import kernels
+    from kernels import verify
+
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PQAE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cuda", DEV.type})
+    kernels.set_backend("auto")
+    verify.reset()
+    yield tmp_path / "cache"
+    verify.reset()
+    kernels.set_backend("auto")
+
+
+def corrupt_fps(monkeypatch) -> None:
+    """Every FPS launch writes wrong output: indices + 1 and centres shifted by 0.25."""
+    from kernels import triton_ops as T
+
+    launch = T._launch
+
+    def wrong(kernel, grid, *args, trips=None, **meta):
+        launch(kernel, grid, *args, trips=trips, **meta)
+        if kernel is T._fps_kernel:
+            args[2].add_(1)
+            if meta["WRITE_CENTER"]:
+                args[3].add_(0.25)
+
+    monkeypatch.setattr(T, "_launch", wrong)
 
 
 def need(path: Path) -> Path:

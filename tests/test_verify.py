@@ -21,42 +21,9 @@ import kernels
 from kernels import reference as R
 from kernels import verify
 
+from conftest import DEV, corrupt_fps, small_pretrain_config
+
 ROOT = Path(__file__).resolve().parents[1]
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-DEV = torch.device("cuda" if ON_GPU else "cpu")
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """A user's GPU machine: auto mode takes the Triton path for DEV, an empty verdict cache of
-    its own, no verdicts in memory. Yields the cache folder."""
-    pytest.importorskip("triton")
-    if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("PQAE_KERNELS", raising=False)
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cuda", DEV.type})
-    kernels.set_backend("auto")
-    verify.reset()
-    yield tmp_path / "cache"
-    verify.reset()
-    kernels.set_backend("auto")
-
-
-def corrupt_fps(monkeypatch) -> None:
-    """Every FPS launch writes wrong output: indices + 1 and centres shifted by 0.25."""
-    from kernels import triton_ops as T
-
-    launch = T._launch
-
-    def wrong(kernel, grid, *args, trips=None, **meta):
-        launch(kernel, grid, *args, trips=trips, **meta)
-        if kernel is T._fps_kernel:
-            args[2].add_(1)
-            if meta["WRITE_CENTER"]:
-                args[3].add_(0.25)
-
-    monkeypatch.setattr(T, "_launch", wrong)
 
 
 def cloud(B: int, N: int, seed: int = 0) -> torch.Tensor:
@@ -177,7 +144,6 @@ def test_pretraining_with_a_wrong_kernel_trains_on_the_reference(fresh, monkeypa
     grouping fell back; the Chamfer loss still runs in Triton, equal to rounding), and the
     fallback is in results.json."""
     import pretrain
-    from tests.conftest import small_pretrain_config
 
     def run(name: str) -> dict:
         cfg = small_pretrain_config(tmp_path / name, batch_size=4, procedural_shapes=8,

@@ -41,8 +41,9 @@ import warnings
 from pathlib import Path
 
 # Without a GPU the kernels can only run under Triton's interpreter, which Triton reads when it
-# is first imported.
-if "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+# is first imported. (Only as `python -m pqae.doctor`: importing this module changes nothing.)
+if (__name__ == "__main__" and "triton" not in sys.modules
+        and not os.environ.get("TRITON_INTERPRET")):
     try:
         import torch as _torch
 
@@ -260,15 +261,17 @@ def check_kernels(device: torch.device, timing: bool) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 3. the benchmark
-def pretrain_benchmark(device: str, steps: int, toy: bool, compile: bool = True) -> dict:
+def pretrain_benchmark(device: str, steps: int, toy: bool, compile: bool = True,
+                       phases: bool = False) -> dict:
     """ms/step and peak memory of the reference pretraining step at batch 128 on generated
     8192-point clouds: the plain-PyTorch fp32 path and --amp (--compile). toy: the tiny preset
-    at toy sizes, no compile (a CPU). Returns pretrain.benchmark's results."""
+    at toy sizes, no compile (a CPU). phases: also the per-phase profile (.ci/gpu). Returns
+    pretrain.benchmark's results."""
     import pretrain
 
     over = dict(data="procedural", procedural_points=512 if toy else 8192,
                 procedural_shapes=64 if toy else 1024, benchmark_steps=steps, amp=True,
-                compile=compile and not toy, benchmark_phases=False, device=device)
+                compile=compile and not toy, benchmark_phases=phases, device=device)
     cfg = dataclasses.replace(pretrain.PRESETS["tiny" if toy else "reference"], **over)
     return pretrain.main(cfg)
 
@@ -358,8 +361,8 @@ def run(device: str | None = None, benchmark: bool = True, steps: int = 20,
               "timed": dev.type == "cuda", "machine": machine()}
     if dev.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
         report["kernels"] = [{"scripts": c.scripts, "what": c.what, "op": c.op, "ok": False,
-                              "detail": "TRITON_INTERPRET=1 was not set before triton was "
-                                        "imported"} for c in CASES]
+                              "detail": "the CPU runs the kernels under Triton's "
+                                        "interpreter: run with TRITON_INTERPRET=1"} for c in CASES]
     else:
         report["kernels"] = check_kernels(dev, timing=dev.type == "cuda")
     if benchmark:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["tests", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
+STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
 
 
@@ -48,6 +48,9 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["pretrain.resume"]["figures"]["steps"][-1] > real["steps"][-1]
     assert {r["op"] for r in by["kernels.bench"]["figures"]["rows"]} >= {"fps", "knn", "group (2 views)"}
     assert by["kernels.static"]["figures"]["rows"][0]["estimate_us"] > 0
+    doc = by["doctor"]["figures"]
+    assert doc["ready"] and len(doc["kernels"]) == 8 and all(k["ok"] for k in doc["kernels"])
+    assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md

@@ -297,7 +297,9 @@ def verdict(report: dict) -> list[str]:
                        "(correct, slower); please report this output")
     b = report.get("benchmark")
     if b and b.get("error"):
-        out.append(f"the pretraining benchmark failed ({b['error']}): see its log above")
+        fix = ("install the package and its dependencies: pip install -e ." if
+               b["error"].startswith("ModuleNotFoundError") else "see its log above")
+        out.append(f"the pretraining benchmark failed ({b['error']}): {fix}")
     return out
 
 
@@ -341,6 +343,8 @@ def _print_report(r: dict, out) -> None:
             p(f"{name:<28} {x['ms_per_step']:9.2f} ms/step | peak {peak}{proj}")
         if b.get("error"):
             p(f"FAILED: {b['error']}")
+            for line in b.get("log_tail", "").splitlines()[-15:]:
+                p(f"       {line}")
     p("")
     fix = r["verdict"]
     if fix:

@@ -100,3 +100,32 @@ def test_machine_lists_a_missing_compiler_python_h_and_gpu(monkeypatch):
     # a CPU build of torch on a machine without a GPU is not a problem by default
     if not torch.cuda.is_available():
         assert not any("CUDA device" in p for p in doctor.machine()["problems"])
+
+
+BARE = """
+import io, json, sys
+class Missing:  # a machine with torch and Triton, and none of the package's other dependencies
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tyro", "safetensors", "h5py", "tensorboard"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Missing())
+from pqae import doctor
+doctor.CASES = [c for c in doctor.CASES if c.op in ("chamfer_loss", "knn")]
+rep = doctor.run(device="cpu", out=io.StringIO())
+print(json.dumps(rep))
+"""
+
+
+def test_doctor_reports_on_a_bare_install(tmp_path):
+    """Only torch and Triton installed: the machine and kernel checks still run; the benchmark,
+    which needs the package's dependencies, is named as what failed."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", BARE], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rep["kernels"]) == 3 and all(k["ok"] for k in rep["kernels"])
+    assert not rep["ready"] and rep["benchmark"]["error"].startswith("ModuleNotFoundError")
+    assert rep["verdict"] == [f"the pretraining benchmark failed ({rep['benchmark']['error']}): "
+                              "install the package and its dependencies: pip install -e ."]

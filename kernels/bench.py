@@ -26,7 +26,8 @@ import torch
 from . import reference
 
 
-def _median_us(fn, warmup: int, reps: int, device: torch.device) -> float:
+def median_us(fn, warmup: int, reps: int, device: torch.device) -> float:
+    """Median time of fn() in µs after warm-up: CUDA events on a GPU (wall time elsewhere)."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":  # --smoke on CPU: wall time, meaningless but exercises the path
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
     print("-" * len(header), file=out)
     rows = []
     for op, shape, tri, ref in _cases(device, smoke=args.smoke):
-        t = _median_us(tri, warmup, reps, device)
-        r = _median_us(ref, warmup // 2 if args.smoke else max(1, warmup // 2),
+        t = median_us(tri, warmup, reps, device)
+        r = median_us(ref, warmup // 2 if args.smoke else max(1, warmup // 2),
                        reps if args.smoke else max(3, reps // 3), device)
         rows.append({"op": op, "shape": shape, "triton_us": t, "torch_us": r})
         print(f"{op:<18} {shape:<32} {t:>11.1f} {r:>11.1f} {r / t:>6.1f}x", flush=True, file=out)

@@ -201,6 +201,12 @@ def _locked(path: Path):
 
 
 # ----------------------------------------------------------------------------- the check
+def verdict(spec: Spec, device: torch.device) -> dict | None:
+    """This process's verdict of the variant on `device` (ok, error, detail, from_cache), once
+    ensure() has given it; else None."""
+    return _verdicts.get((str(device), spec.key))
+
+
 def ensure(spec: Spec | None, device: torch.device, forced: bool = False) -> bool:
     """Whether the Triton path of this variant may run on `device`: its verdict from this
     process, else from the machine's cache file, else from running its check now."""

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -213,25 +212,11 @@ def _inputs(case: KernelCase, sizes: dict, device: torch.device):
     raise ValueError(case.op)
 
 
-def _cuda_ms(fn, device, warmup: int = 3, reps: int = 15) -> float:
-    """Median of CUDA-event timings of fn() after warm-up, in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def check_kernels(device: torch.device, timing: bool) -> list[dict]:
     """Every case: its variant's check (from this machine's cache when it was checked before)
     and, with timing, Triton's and the reference's median time at the case's sizes."""
     from kernels import verify
+    from kernels.bench import median_us
 
     rows = []
     for case in CASES:
@@ -245,13 +230,13 @@ def check_kernels(device: torch.device, timing: bool) -> list[dict]:
             with warnings.catch_warnings():  # this report says it, with what to do
                 warnings.simplefilter("ignore", verify.KernelCheckWarning)
                 row["ok"] = verify.ensure(spec, device)
-            v = verify._verdicts[(str(device), spec.key)]
+            v = verify.verdict(spec, device)
             row.update(error=v["error"], detail=v["detail"], cached=bool(v.get("from_cache")))
             if verify.checks_run > n0:  # else: the cache's verdict, or a case above's
                 row["check_s"] = round(time.perf_counter() - t0, 2)
             if timing and row["ok"]:
-                row["triton_ms"] = _cuda_ms(tri, device)
-                row["torch_ms"] = _cuda_ms(ref, device)
+                row["triton_ms"] = median_us(tri, 3, 15, device) / 1e3
+                row["torch_ms"] = median_us(ref, 3, 15, device) / 1e3
         except torch.cuda.OutOfMemoryError as e:
             row.update(ok=False, detail=f"out of memory at the recipe's size: {e}")
         except Exception as e:  # noqa: BLE001  (a broken install: reported, not raised)

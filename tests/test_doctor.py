@@ -129,3 +129,16 @@ def test_doctor_reports_on_a_bare_install(tmp_path):
     assert not rep["ready"] and rep["benchmark"]["error"].startswith("ModuleNotFoundError")
     assert rep["verdict"] == [f"the pretraining benchmark failed ({rep['benchmark']['error']}): "
                               "install the package and its dependencies: pip install -e ."]
+
+
+def test_timed_rows_carry_both_times(fresh, monkeypatch):
+    """The GPU path of the kernel rows (on a CPU: wall time of the interpreter, which proves
+    only that both paths run and are recorded)."""
+    monkeypatch.setattr(doctor, "CASES", [c for c in doctor.CASES if c.op == "chamfer_loss"])
+    rows = doctor.check_kernels(torch.device("cpu"), timing=True)
+    assert len(rows) == 2 and all(r["ok"] and r["triton_ms"] > 0 and r["torch_ms"] > 0
+                                  for r in rows)
+    out = io.StringIO()
+    doctor._print_report({"machine": doctor.machine(), "kernels": rows, "timed": True,
+                          "verdict": []}, out)
+    assert out.getvalue().count("| Triton ") == 2 and "verdict: ready\n" in out.getvalue()

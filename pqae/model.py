@@ -55,7 +55,10 @@ class PatchEmbed(nn.Module):
 
     The reference uses 1x1 Conv1d on channels-first tensors; a Linear on channels-last points is
     the same map, and BatchNorm over the flattened (P*M, C) points is the same statistic as
-    BatchNorm1d over (P, C, M).
+    BatchNorm1d over (P, C, M). Its second conv sees concat(patch max, point feature); here fc3
+    (same parameters) is applied to the two halves separately, the max's part once per patch,
+    so the 512-channel concatenation is never built and the per-point GEMM has K = 256, not
+    512 (the same map, to float32 rounding).
     """
 
     def __init__(self, dim: int, hidden: int = 128):
@@ -71,10 +74,14 @@ class PatchEmbed(nn.Module):
     def _forward(self, patches: torch.Tensor) -> torch.Tensor:
         P, M, _ = patches.shape
         x = self.fc2(F.relu(self.bn1(self.fc1(patches.reshape(P * M, 3)))))  # (P*M, 256)
-        x = x.reshape(P, M, -1)
-        glob = x.amax(dim=1, keepdim=True).expand(-1, M, -1)  # (P, M, 256) patch-global feature
-        x = torch.cat([glob, x], dim=-1).reshape(P * M, -1)  # global first, then local
-        x = self.fc4(F.relu(self.bn2(self.fc3(x))))  # (P*M, C)
+        h2 = x.shape[-1]
+        glob = x.reshape(P, M, h2).amax(dim=1)  # (P, 256) patch-global feature
+        # fc3 of concat(global, local) = W_g global + W_l local + b: the global part once per
+        # patch, the local part per point; the (P*M, 512) concatenation never exists.
+        w_glob, w_loc = self.fc3.weight[:, :h2], self.fc3.weight[:, h2:]  # global came first
+        g = F.linear(glob, w_glob, self.fc3.bias)  # (P, 512)
+        x = (F.linear(x, w_loc).reshape(P, M, -1) + g[:, None]).reshape(P * M, -1)
+        x = self.fc4(F.relu(self.bn2(x)))  # (P*M, C)
         return x.reshape(P, M, -1).amax(dim=1)  # (P, C)
 
 

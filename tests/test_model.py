@@ -270,3 +270,49 @@ def test_train_mode_batchnorm_over_flattened_points_differs_by_rounding_only():
         assert rel(reference_layout(m64, x.double())) < 1e-12  # the same statistic
         ours, theirs = rel(m32._forward(x)), rel(reference_layout(m32, x))
     assert ours < 2e-5 and theirs < 2e-5, (ours, theirs)
+
+
+def _concat_patch_embed(mod, x):
+    """The reference's patch embedding as written: fc3 on concat(patch max, point feature)."""
+    import torch.nn.functional as F
+    P, M, _ = x.shape
+    h = mod.fc2(F.relu(mod.bn1(mod.fc1(x.reshape(P * M, 3))))).reshape(P, M, -1)
+    h = torch.cat([h.amax(1, keepdim=True).expand(-1, M, -1), h], -1).reshape(P * M, -1)
+    return mod.fc4(F.relu(mod.bn2(mod.fc3(h)))).reshape(P, M, -1).amax(1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_split_fc3_equals_the_concatenation(dtype, tol):
+    """fc3 applied to the two halves (the max's once per patch) is the reference's fc3 on the
+    512-channel concatenation: train-mode output, every gradient (parameters and points) and
+    the BatchNorm running statistics agree to rounding; eval mode too."""
+    from pqae.model import PatchEmbed
+
+    torch.manual_seed(0)
+    ours = PatchEmbed(32, 16).to(dtype).train()
+    ref = PatchEmbed(32, 16).to(dtype).train()
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(24, 16, 3) * 0.3).to(dtype)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(24, 32, dtype=dtype)
+    a, b = ours._forward(xa), _concat_patch_embed(ref, xb)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+
+    def close(u, v):
+        return ((u - v).abs().max() / v.abs().max().clamp_min(1e-30)).item() < tol
+
+    assert close(a, b) and close(xa.grad, xb.grad)
+    # gradients against the largest one: the biases before a BatchNorm (and fc2's, whose
+    # shift passes the max and fc3 into bn2) have gradients that are zero up to rounding
+    gmax = max(q.grad.abs().max() for q in ref.parameters())
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert (p.grad - q.grad).abs().max() < tol * gmax, name
+    for (name, s), t in zip(ours.named_buffers(), ref.buffers()):
+        assert torch.equal(s, t) if s.dtype == torch.long else close(s, t), name
+    with torch.no_grad():
+        assert close(ours.eval()._forward(x), _concat_patch_embed(ref.eval(), x))
+        # the halves the other way round give another map: the test would see a swap
+        h2 = ours.fc3.weight.shape[1] // 2
+        ours.fc3.weight.copy_(torch.cat([ours.fc3.weight[:, h2:], ours.fc3.weight[:, :h2]], 1))
+        assert not close(ours._forward(x), _concat_patch_embed(ref, x))

@@ -4,6 +4,7 @@
     python pretrain.py --data-path data/shapenet55.h5      # the reference recipe, one GPU
     torchrun --nproc_per_node=8 pretrain.py --lr 1e-3      # the reference recipe, 8 GPUs
     python pretrain.py --benchmark-steps 50                # ms/step and shapes/s, then exit
+    python pretrain.py --cost-model                        # the step's H100 cost, estimated
 
 The whole data set is held in one tensor on the device and each step's batch is sampled
 there (random 1024 of 8192 points, unit sphere, random rotation about y), so there is no
@@ -14,6 +15,7 @@ sees exactly the data, crops and DropPath draws of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -24,7 +26,7 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, collapse, data, dist, probe, syncbn
+from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, syncbn
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
@@ -89,6 +91,12 @@ class Task:
     amp, no compile) in the same run, and print the ratio."""
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
+    cost_model: bool = False
+    """print the step's estimated time on an H100 per phase, for the fp32 plain path and for
+    --amp --compile, and exit: an estimate from the step's ops on the meta device
+    (pqae/costmodel.py), no GPU and no data needed."""
+    json: bool = False
+    """with --cost-model: print one JSON object instead of the table."""
     # model architecture; the defaults are the reference's
     decoder_depth: int = 4
     """number of transformer blocks of the decoder."""
@@ -196,6 +204,8 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
 
 
 def main(cfg: Config) -> dict:
+    if cfg.cost_model:
+        return cost_model(cfg)
     run = start(cfg, cfg.batch_size, claim=not cfg.benchmark_steps)
     clouds = load_clouds(cfg).to(run.device)  # (S, N, 3), resident on the device
     if cfg.num_points > clouds.shape[1]:
@@ -276,6 +286,40 @@ def main(cfg: Config) -> dict:
          "checkpoint": str(final)},
         final, [f"python finetune_cls.py {tiny}--pretrained {final}"])
     return {**result, "model": model}
+
+
+def cost_model_of(cfg: Config) -> costmodel.StepModel:
+    """The real step closure on the meta device, for pqae.costmodel to record, at
+    the mean crop ratio and ShapeNet-55's 8192 points per cloud (procedural_points with
+    --data procedural)."""
+    meta = torch.device("meta")
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    ratio = (1.0 + cfg.min_crop_rate) / 2 if cfg.min_crop_rate < 1 else 1.0
+    points = cfg.procedural_points if cfg.data == "procedural" else 8192
+
+    def make_step(amp_on: bool):
+        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
+        model = build_model(c).to(meta)
+        model.check_inputs = False
+        model.draw_crop_ratios = lambda rng=None: (ratio, ratio)
+        optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, foreach=True)
+        clouds = torch.empty(c.batch_size, points, 3, device=meta)
+        perm = torch.empty(c.batch_size, dtype=torch.long, device=meta)
+        step = make_train_step(c, model, model, optimizer, clouds, env)
+        return lambda: step(0, perm)
+
+    return costmodel.StepModel(
+        PHASES, make_step,
+        config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
+                "cloud_points": points, "crop_ratio": ratio, "dim": cfg.dim,
+                "depth": cfg.depth, "num_group": cfg.num_group, "group_size": cfg.group_size})
+
+
+def cost_model(cfg: Config) -> dict:
+    """--cost-model: print the estimate (a table, or with --json one JSON object)."""
+    r = costmodel.estimate(cost_model_of(cfg))
+    print(json.dumps(r) if cfg.json else costmodel.format_report(r), flush=True)
+    return r
 
 
 def collapse_text(const: dict) -> str:

@@ -7,7 +7,7 @@ training step pays nothing for the labels.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -20,7 +20,34 @@ def enabled(flag: bool) -> None:
 
 
 def phase(name: str):
-    return torch.profiler.record_function(f"phase:{name}") if _ENABLED else nullcontext()
+    if _ENABLED:
+        return torch.profiler.record_function(f"phase:{name}")
+    return _tracked(name) if _TRACKING else nullcontext()
+
+
+_TRACKING = False
+_STACK: list[str] = []
+
+
+def tracking(flag: bool) -> None:
+    """Keep the phase stack for current() (pqae.costmodel, which records a step op by op)."""
+    global _TRACKING
+    _TRACKING = flag
+    _STACK.clear()
+
+
+def current() -> str | None:
+    """The innermost phase being run (when tracking), else None."""
+    return _STACK[-1] if _STACK else None
+
+
+@contextmanager
+def _tracked(name: str):
+    _STACK.append(name)
+    try:
+        yield
+    finally:
+        _STACK.pop()
 
 
 def breakdown(prof, device: torch.device) -> tuple[dict[str, float], str]:

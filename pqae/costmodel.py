@@ -1,0 +1,587 @@
+"""What a training step costs on a GPU, estimated without one: `python pretrain.py --cost-model`.
+
+An estimate, not a measurement. Every assumption is a named constant of `GPU` or of this
+module, and the README's Performance section sets the estimate beside the measured benchmark
+where one exists.
+
+How it is made
+--------------
+1. **Record.** The real step (the script's own step closure: data, views, grouping, forward,
+   backward, optimizer) runs once on the `meta` device, where tensors have shapes and no
+   values, under a dispatch mode that records every aten op: its phase (the `pqae.profiling`
+   labels; a backward op takes the phase of the forward op whose gradient it computes), its
+   FLOPs (torch.utils.flop_counter's formulas), and the tensors it reads and writes with their
+   bytes. View and metadata ops launch nothing and are dropped. `--amp` is recorded with
+   autocast's casts emulated at the torch-function level (meta tensors have no autocast),
+   so bf16 GEMMs, the fp32 LayerNorms and the fp32 residual stream are what they would be.
+2. **Cost two paths** from the records:
+   * `fp32_plain`: float32, eager, every op one launch, the grouping and Chamfer loss as the
+     PyTorch reference computes them, for-each AdamW;
+   * `amp_compile`: bf16 autocast; the compiled modules (patch embedding, encoder, query,
+     decoder, head; forward and backward) fused by the rule below; every `kernels.*` call
+     (FPS, kNN, grouping, Chamfer) in its Triton kernels, replayed at the recorded shapes by
+     `kernels.static` (its estimate of the compiled SASS times `KERNEL_MODEL_FACTOR`); fused
+     AdamW.
+   Attention (F.scaled_dot_product_attention, which meta decomposes) counts as one fused kernel
+   per call and per backward, reading q, k, v (and o, dO) and writing o (dq, dk, dv), as the
+   flash / memory-efficient kernels do, in both paths.
+3. **Fusion rule** (what torch.compile is assumed to do): within a compiled phase and pass,
+   the non-GEMM ops between two GEMMs form one kernel; a reduction ends it, and a BatchNorm
+   reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
+   did not produce and writes the ones read outside it (later ops, the backward). Inductor's
+   recomputation of cheap ops in the backward, which saves some of those writes, is not
+   modelled.
+4. **Time.** A kernel takes max(FLOPs / (peak x GEMM_EFF), bytes / (HBM x MEM_EFF),
+   KERNEL_MIN_US); the GPU idles GAP_US between kernels; the host spends HOST_EAGER_US per
+   eager op or HOST_COMPILED_US per compiled launch. A phase takes the GPU's time or the
+   host's, whichever is longer (the host runs ahead only as far as the GPU queue lets it: a
+   step whose host time exceeds the GPU's is launch-bound), and says which bounds it.
+
+Not modelled: cache reuse between kernels (L2 is 50 MB: small tensors are charged HBM
+bytes), DDP's all-reduce (one GPU), the data loader (the data are on the GPU), the clock
+dropping below boost, and any CUDA-graph capture (none is used).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from pqae import profiling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Peak figures of the datasheet and the fractions real kernels reach (assumptions)."""
+    name: str
+    bf16_tflops: float  # dense tensor-core peak
+    fp32_tflops: float  # CUDA-core FMA peak: fp32 matmuls with TF32 off, torch's default
+    hbm_gbs: float
+    gemm_eff: float = 0.6  # fraction of peak FLOPs a GEMM of these shapes reaches
+    mem_eff: float = 0.75  # fraction of HBM bandwidth a streaming kernel reaches
+    kernel_min_us: float = 2.5  # a kernel's shortest time, launch to end, however little it does
+    gap_us: float = 1.0  # GPU idle between two queued kernels
+    host_eager_us: float = 7.0  # host time per eager op: Python, dispatcher, launch
+    host_compiled_us: float = 3.0  # host time per launch of a compiled graph's wrapper
+
+
+H100 = GPU("H100 SXM (132 SMs, 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 3.35 TB/s)",
+           bf16_tflops=989, fp32_tflops=67, hbm_gbs=3350)
+KERNEL_MODEL_FACTOR = 1.6
+"""kernels.static's estimates times this: its issue model takes every instruction at full rate
+(one per cycle per scheduler), while the SASS control codes put 2-4 cycles between dependent
+issues of the half-rate pipes, shuffles and loads, and it leaves out L2 traffic and wave
+tails; hand-checked at 1.25-2x (issue 24). Until kernels/static.py models those, the middle."""
+
+# the ops that are GEMMs (FLOPs on tensor cores), reductions (end a fused kernel) and
+# BatchNorms (read their input twice)
+_GEMM = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution"}
+_REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std", "argmax",
+           "argmin", "topk", "sort", "cumsum", "norm", "linalg_vector_norm", "_softmax",
+           "_log_softmax", "native_layer_norm", "native_layer_norm_backward",
+           "_softmax_backward_data"}
+_BATCHNORM = {"native_batch_norm", "_native_batch_norm_legit",
+              "_native_batch_norm_legit_functional", "_batch_norm_with_update",
+              "batch_norm_backward", "native_batch_norm_backward"}
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "detach", "alias",
+              "_unsafe_view",
+              "_record_function_enter_new", "_record_function_exit", "set_", "resize_",
+              "_to_copy_meta", "is_same_size", "_has_compatible_shallow_copy_type"}
+COMPILED_PHASES = ("patch_embed", "encoder", "decoder")
+"""What PointPQAE.compile_fixed_shapes compiles (the encoder with its patch embedding; the
+positional query, decoder and head run in the `decoder` phase)."""
+
+
+@dataclass
+class Op:
+    name: str
+    phase: str
+    pass_: str  # "fwd", "bwd" or "opt"
+    kind: str  # "gemm", "attn", "reduce", "batchnorm" or "other"
+    flops: float
+    reads: dict  # tensor key -> bytes
+    writes: dict
+    attn_call: int = -1  # which attention call (fwd) or backward of one (bwd) it belongs to
+    low: bool = False  # reads bf16/fp16 tensors (a GEMM: on bf16 tensor cores)
+    launches: int = 1  # a for-each op launches one kernel per chunk of tensors
+    kernel_call: int = -1  # the kernels.* call (Recording.calls) it belongs to, if any
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+_AUTOCAST_LOW = {F.linear, torch.matmul, torch.bmm, torch.mm, torch.addmm, torch.baddbmm,
+                 F.scaled_dot_product_attention, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_AUTOCAST_FP32 = {F.layer_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
+                  F.group_norm, torch.cdist, torch.exp, torch.log, torch.pow, torch.rsqrt,
+                  torch.sum, torch.Tensor.sum, torch.norm, torch.cumsum}
+
+
+class _Record(TorchFunctionMode):
+    """Above autograd: emulates bf16 autocast (when `amp`, outside the data phase), maps each
+    forward autograd node to its phase, and marks attention calls."""
+
+    def __init__(self, rec: "_Recorder", amp: bool):
+        super().__init__()
+        self.rec, self.amp = rec, amp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.amp and profiling.current() not in ("data", None):
+            cast = (torch.bfloat16 if func in _AUTOCAST_LOW else
+                    torch.float32 if func in _AUTOCAST_FP32 else None)
+            if cast is not None:
+                args, kwargs = torch.utils._pytree.tree_map(
+                    lambda t: t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.dtype != cast else t, (args, kwargs))
+        attn = func is F.scaled_dot_product_attention
+        inputs = {t.grad_fn for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        if attn:
+            self.rec.attn_call = self.rec.next_attn = self.rec.next_attn + 1
+        out = func(*args, **kwargs)
+        if attn:
+            self.rec.attn_call = -1
+            self.rec.attn_out.add(_key(out))
+            _mark(out, inputs, self.rec.node_attn, self.rec.next_attn)
+        _mark(out, inputs, self.rec.node_phase, profiling.current() or "other")
+        return out
+
+
+def _mark(out, stop: set, marks: dict, value: int) -> None:
+    """Mark the autograd nodes one call made (from its outputs' nodes back to its inputs'),
+    so that its backward ops are known as its own: attention's backward is one kernel, a
+    kernels.* op's backward is its Triton backward."""
+    todo = [t.grad_fn for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    while todo:
+        n = todo.pop()
+        if n is None or n in stop or n in marks:
+            continue
+        marks[n] = value
+        todo += [m for m, _ in n.next_functions]
+
+
+KERNEL_OPS = ("fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss")
+"""The public ops of the kernels package: on a GPU, Triton kernels (costed from kernels.static);
+on meta, the PyTorch reference (recorded, and costed so in the fp32 plain path)."""
+
+
+def _describe(x):
+    """A kernels.* argument as JSON: tensors by shape, dtype and requires_grad."""
+    if isinstance(x, torch.Tensor):
+        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""),
+                "grad": x.requires_grad}
+    if isinstance(x, (list, tuple)):
+        return [_describe(v) for v in x]
+    return x
+
+
+@contextlib.contextmanager
+def _tag_kernel_calls(rec: "_Recorder"):
+    """While recording: every kernels.* call is noted (op, arguments, phase) and the aten ops
+    it runs, forward and backward, carry its index."""
+    import kernels
+
+    saved = {name: getattr(kernels, name) for name in KERNEL_OPS}
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            if rec.kernel_call >= 0:  # group_views -> group: the outer call is the launch
+                return fn(*args, **kwargs)
+            rec.calls.append({"op": name, "args": _describe(args), "phase": profiling.current()
+                              or "other", "kwargs": {k: v for k, v in kwargs.items()
+                                                     if k != "check"}})
+            rec.kernel_call = len(rec.calls) - 1
+            inputs = {t.grad_fn for t in torch.utils._pytree.tree_leaves(args)
+                      if isinstance(t, torch.Tensor)}
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                rec.kernel_call = -1
+            _mark(out, inputs, rec.node_kernel, len(rec.calls) - 1)
+            return out
+        return call
+
+    for name, fn in saved.items():
+        setattr(kernels, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
+
+
+class _Recorder(TorchDispatchMode):
+    """Below autograd: one Op per aten op that launches a kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.keep: list = []  # every tensor seen stays alive: its storage key stays unique
+        self.node_phase: dict = {}
+        self.node_attn: dict = {}
+        self.attn_out: set = set()
+        self.attn_call, self.next_attn = -1, -1
+        self.calls: list[dict] = []
+        self.kernel_call = -1
+        self.node_kernel: dict = {}
+        self._bwd_phase = "backward"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in _NO_KERNEL:
+            return out
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor)]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.keep += ins + outs
+        node = torch._C._current_autograd_node()
+        attn, call = self.attn_call, self.kernel_call
+        if profiling.current() == "optimizer":
+            phase, pass_ = "optimizer", "opt"
+        elif node is not None:  # backward: the phase of the forward call that made the node
+            phase = self.node_phase.get(node)
+            if phase is not None:
+                self._bwd_phase = phase
+            phase, pass_ = self._bwd_phase, "bwd"  # (a node made outside: the last one's)
+            attn = self.node_attn.get(node, -1)
+            call = self.node_kernel.get(node, -1)
+        else:
+            phase, pass_ = profiling.current() or "other", "fwd"
+        flops = 0.0
+        if func.overloadpacket in flop_registry:
+            flops = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+        kind = ("attn" if attn >= 0 else "gemm" if name in _GEMM else
+                "batchnorm" if name in _BATCHNORM else "reduce" if name in _REDUCE else "other")
+        reads = {_key(t): _nbytes(t) for t in ins}
+        writes = {_key(t): _nbytes(t) for t in outs}
+        first = args[0] if args else None
+        launches = 1
+        if name.startswith("_foreach_") and isinstance(first, (list, tuple)):
+            launches = max(1, math.ceil(len(first) / TENSORS_PER_LAUNCH))
+            if name.endswith("_"):  # in place: the first list is written
+                writes = {_key(t): _nbytes(t) for t in first}
+        elif name.endswith("_") and not outs and isinstance(first, torch.Tensor):
+            writes = {_key(first): _nbytes(first)}
+        low = any(t.dtype in (torch.bfloat16, torch.float16) for t in ins)
+        self.ops.append(Op(name, phase, pass_, kind, flops, reads, writes, attn, low, launches,
+                           call))
+        return out
+
+
+@dataclass
+class Recording:
+    ops: list[Op]
+    attn_out: set  # storage keys of the attention calls' outputs
+    calls: list[dict]  # the kernels.* calls: op, arguments, phase
+
+
+def record(step, amp: bool) -> Recording:
+    """Run step() (on meta tensors) twice and return the second run's ops: a steady-state
+    step, without the optimizer's first-step state allocation."""
+    rec = _Recorder()
+    profiling.tracking(True)
+    try:
+        with _tag_kernel_calls(rec), _Record(rec, amp), rec:
+            step()
+            for x in (rec.ops, rec.node_phase, rec.node_attn, rec.attn_out, rec.calls,
+                      rec.node_kernel):
+                x.clear()
+            step()
+    finally:
+        profiling.tracking(False)
+    return Recording(rec.ops, rec.attn_out, rec.calls)
+
+
+# ----------------------------------------------------------------------------- kernels
+@dataclass
+class Kernel:
+    """One launch of the modelled path."""
+    phase: str
+    flops: float
+    bytes: float
+    dtype_low: bool  # bf16 tensor-core GEMM
+    eager: bool  # launched from Python op by op (else from a compiled graph or a Triton op)
+    pass_: str = "fwd"
+    us: float | None = None  # a given time (Triton kernels)
+    gemm: bool = False
+    ops: tuple = ()  # the recorded ops it stands for (name, pass)
+
+
+def _groups(ops: list[Op], fused: bool) -> list[list[Op]]:
+    """Ops -> kernels: attention calls as one; with `fused`, the fusion rule above."""
+    out, cur = [], []
+    for op in ops:
+        if op.kind == "attn":
+            if cur and not (cur[-1].kind == "attn" and cur[-1].attn_call == op.attn_call
+                            and cur[-1].pass_ == op.pass_):
+                out.append(cur)
+                cur = []
+            cur.append(op)
+            continue
+        if cur and cur[-1].kind == "attn":
+            out.append(cur)
+            cur = []
+        if not fused or op.kind == "gemm":
+            if cur:
+                out.append(cur)
+            out.append([op])
+            cur = []
+            continue
+        cur.append(op)
+        if op.kind == "reduce":
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _traffic(group: list[Op], last_read: dict, index: dict, attn_out: set,
+             attn_internal: set) -> float:
+    """Bytes a kernel made of `group` moves: what it reads that it did not write, and what it
+    writes that something after it reads (a lone op: all its reads and writes)."""
+    if len(group) == 1 and group[0].kind != "batchnorm":
+        return sum(group[0].reads.values()) + sum(group[0].writes.values())
+    written, read = {}, {}
+    for op in group:
+        for k, b in op.reads.items():
+            if k not in written:
+                read[k] = max(read.get(k, 0), b)
+        written.update(op.writes)
+    end = group[-1]
+    out = {k: b for k, b in written.items() if last_read.get(k, -1) > index[id(end)]}
+    if group[0].kind == "attn" and group[0].pass_ == "fwd":  # flash: o only, no saved scores
+        out = {k: b for k, b in written.items() if k in attn_out}
+    if group[0].kind == "attn" and group[0].pass_ == "bwd":
+        read = {k: b for k, b in read.items() if k not in attn_internal}
+    extra = sum(op.reads and max(op.reads.values()) for op in group if op.kind == "batchnorm")
+    return sum(read.values()) + sum(out.values()) + extra
+
+
+def kernels_of(rec: Recording, path: str, triton_us: dict) -> list[Kernel]:
+    """The launches of `path` ("fp32_plain" or "amp_compile") from a step's recording."""
+    ops, attn_out = rec.ops, rec.attn_out
+    index = {id(op): i for i, op in enumerate(ops)}
+    last_read: dict = {}
+    for i, op in enumerate(ops):
+        for k in op.reads:
+            last_read[k] = i
+    # what attention writes besides its output (softmax scores in meta's decomposition) is
+    # internal to a flash kernel: the backward recomputes it
+    attn_internal = {k for op in ops if op.kind == "attn" and op.pass_ == "fwd"
+                      for k in op.writes if k not in attn_out}
+    compiled = path == "amp_compile"
+    out: list[Kernel] = []
+    segments: list[tuple[bool, list[Op]]] = []
+    for op in ops:
+        if compiled and op.kernel_call in triton_us:
+            continue  # replaced by its Triton kernels below
+        if compiled and op.pass_ == "opt":
+            continue  # fused AdamW below
+        fuse = compiled and op.phase in COMPILED_PHASES
+        if segments and segments[-1][0] == fuse and segments[-1][1][-1].phase == op.phase \
+                and segments[-1][1][-1].pass_ == op.pass_:
+            segments[-1][1].append(op)
+        else:
+            segments.append((fuse, [op]))
+    for fuse, seg in segments:
+        for g in _groups(seg, fuse):
+            flops = sum(op.flops for op in g)
+            gemm = [op for op in g if op.kind in ("gemm", "attn")]
+            n = g[0].launches if len(g) == 1 else 1
+            for _ in range(n):
+                out.append(Kernel(g[0].phase, flops / n,
+                                  _traffic(g, last_read, index, attn_out, attn_internal) / n,
+                                  dtype_low=any(op.low for op in gemm), eager=not fuse,
+                                  pass_=g[0].pass_, gemm=bool(gemm),
+                                  ops=tuple((op.name, op.pass_) for op in g)))
+    if compiled:
+        for i, (us, launches) in triton_us.items():
+            for _ in range(launches):
+                # launched from Python by Triton's launcher: an eager op's host time
+                out.append(Kernel(rec.calls[i]["phase"], 0.0, 0.0, True, eager=True,
+                                  us=us / launches * KERNEL_MODEL_FACTOR,
+                                  ops=((rec.calls[i]["op"], "triton"),)))
+        params = [op for op in ops if op.pass_ == "opt"]
+        out += _fused_adamw(params)
+    return out
+
+
+def _fused_adamw(opt_ops: list[Op]) -> list[Kernel]:
+    """Fused AdamW from the for-each AdamW's record: the same parameters, one pass reading
+    param, grad, exp_avg, exp_avg_sq and writing three of them, launched per chunk of
+    TENSORS_PER_LAUNCH tensors."""
+    out = []
+    for lerp in (op for op in opt_ops if op.name == "_foreach_lerp_"):  # one per param group
+        param_bytes = sum(lerp.writes.values())  # exp_avg: one float32 per parameter
+        out += [Kernel("optimizer", 0.0, 7 * param_bytes / lerp.launches, False, eager=True,
+                       pass_="opt") for _ in range(lerp.launches)]
+    return out
+
+
+TENSORS_PER_LAUNCH = 36
+"""multi_tensor_apply's tensors per launch for four tensor lists (PyTorch's for-each and fused
+optimizers; fewer when tensors are large)."""
+
+
+def kernel_us(k: Kernel, gpu: GPU) -> tuple[float, str]:
+    """A kernel's time and what bounds it."""
+    if k.us is not None:
+        return max(k.us, gpu.kernel_min_us), "Triton kernel (static estimate)"
+    peak = (gpu.bf16_tflops if k.dtype_low else gpu.fp32_tflops) * 1e12 * gpu.gemm_eff
+    t_flop = k.flops / peak * 1e6 if k.gemm else 0.0
+    t_mem = k.bytes / (gpu.hbm_gbs * 1e9 * gpu.mem_eff) * 1e6
+    t = max(t_flop, t_mem, gpu.kernel_min_us)
+    bound = "FLOPs" if t == t_flop else "HBM bytes" if t == t_mem else "launch (tiny kernel)"
+    return t, bound
+
+
+def cost(kernels: list[Kernel], gpu: GPU, phases: list[str]) -> dict:
+    """Per phase (its backward included; gpu_bwd_ms: that part): GPU time (kernels + gaps),
+    host time, launches, GFLOP, HBM MB, what bounds it; and the step."""
+    out = {}
+    for ph in dict.fromkeys([*phases, *(k.phase for k in kernels)]):  # unlabelled: "other"
+        ks = [k for k in kernels if k.phase == ph]
+        if not ks:
+            continue
+        times = [kernel_us(k, gpu) for k in ks]
+        gpu_us = sum(t for t, _ in times) + gpu.gap_us * len(ks)
+        host_us = sum(gpu.host_eager_us if k.eager else gpu.host_compiled_us for k in ks)
+        by: dict = {}
+        for t, b in times:
+            by[b] = by.get(b, 0.0) + t
+        bound = "host launches" if host_us > gpu_us else max(by, key=by.get)
+        bwd_us = sum(t for (t, _), k in zip(times, ks) if k.pass_ == "bwd") + gpu.gap_us * sum(
+            k.pass_ == "bwd" for k in ks)
+        out[ph] = {"ms": round(max(gpu_us, host_us) / 1e3, 3), "gpu_ms": round(gpu_us / 1e3, 3),
+                   "gpu_bwd_ms": round(bwd_us / 1e3, 3),
+                   "host_ms": round(host_us / 1e3, 3), "launches": len(ks),
+                   "gflop": round(sum(k.flops for k in ks) / 1e9, 1),
+                   "hbm_mb": round(sum(k.bytes for k in ks) / 1e6, 1), "bound": bound}
+    gpu_ms = sum(p["gpu_ms"] for p in out.values())
+    host_ms = sum(p["host_ms"] for p in out.values())
+    return {"step_ms": round(sum(p["ms"] for p in out.values()), 2),
+            "gpu_ms": round(gpu_ms, 2), "host_ms": round(host_ms, 2),
+            "launches": sum(p["launches"] for p in out.values()),
+            "bound": "host launches" if host_ms > gpu_ms else "GPU", "phases": out}
+
+
+# ----------------------------------------------------------------------------- Triton estimates
+_STATIC = """
+import json, sys, torch
+from kernels import static as S, triton_ops as T
+
+def build(x):
+    if isinstance(x, dict):
+        return S._meta(*x["shape"], dtype=getattr(torch, x["dtype"])).requires_grad_(x["grad"])
+    return [build(v) for v in x] if isinstance(x, list) else x
+
+out = []
+for call in json.loads(sys.stdin.read()):
+    def run(call=call):
+        res = getattr(T, call["op"])(*build(call["args"]), **call["kwargs"])
+        leaves = [t for t in torch.utils._pytree.tree_leaves(res) if t.requires_grad]
+        if leaves:  # its backward, as the step runs it
+            sum(t.float().sum() for t in leaves).backward()
+    rows = [r for r in S.report([S.Workload(call["op"], "", run)]) if r["kernel"] != "total"]
+    out.append([sum(r["estimate_us"] for r in rows), len(rows)])
+print(json.dumps(out))
+"""
+
+
+def triton_estimates(calls: list[dict]) -> dict[int, tuple[float, int]]:
+    """{index of the call: (µs, launches)} of the Triton kernels of each kernels.* call of a
+    recording that launches any, from kernels.static: compiled for sm_90 in a subprocess
+    (compiling Triton needs a process without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, "-c", _STATIC], input=json.dumps(calls), cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"kernels.static failed: {r.stderr.strip()[-2000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {i: (us, n) for i, (us, n) in enumerate(res) if n}
+
+
+# ----------------------------------------------------------------------------- the report
+@dataclass
+class StepModel:
+    """What a script gives: its phases in order, its step on meta tensors, what to print of
+    its config."""
+    phases: list[str]
+    make_step: object  # (amp: bool) -> step(), on meta tensors
+    config: dict = field(default_factory=dict)
+
+
+def estimate(model: StepModel, gpu: GPU = H100) -> dict:
+    """The JSON object of --cost-model --json."""
+    paths, notes = {}, []
+    gemm_tflop = None
+    for path, amp in (("fp32_plain", False), ("amp_compile", True)):
+        rec = record(model.make_step(amp), amp)
+        if gemm_tflop is None:
+            gemm_tflop = sum(op.flops for op in rec.ops) / 1e12
+        tri = {}
+        if path == "amp_compile":
+            try:
+                tri = triton_estimates(rec.calls)
+            except Exception as e:  # noqa: BLE001  (said in the report)
+                notes.append(f"no Triton estimate ({type(e).__name__}: {str(e)[-300:]}): the "
+                             "kernels.* ops of amp_compile are costed as the reference ops")
+        paths[path] = cost(kernels_of(rec, path, tri), gpu, model.phases)
+        paths[path]["fwd_gflop"] = round(sum(op.flops for op in rec.ops
+                                             if op.pass_ == "fwd") / 1e9, 3)
+    paths["speedup"] = round(paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"], 2)
+    return {"device_model": dataclasses.asdict(gpu), "kernel_model_factor": KERNEL_MODEL_FACTOR,
+            "gemm_tflop": round(gemm_tflop, 4), "config": model.config, "paths": paths,
+            "notes": notes}
+
+
+def format_report(r: dict) -> str:
+    p = r["paths"]
+    lines = [f"cost model (an estimate, not a measurement) on {r['device_model']['name']}: "
+             f"{r['gemm_tflop']:.3f} TFLOP of GEMMs per step (fp32 record)",
+             "each phase with its backward; ms = max(GPU, host); HBM MB and bound of the "
+             "amp+compile path",
+             f"{'phase':<13} {'fp32 plain ms':>13} {'launches':>8} {'bound':<22} "
+             f"{'amp+compile ms':>14} {'(bwd)':>7} {'launches':>8} {'GFLOP':>8} {'HBM MB':>8} "
+             "bound"]
+    names = list(dict.fromkeys([*p["fp32_plain"]["phases"], *p["amp_compile"]["phases"]]))
+    for ph in names:
+        a = p["fp32_plain"]["phases"].get(ph, {})
+        b = p["amp_compile"]["phases"].get(ph, {})
+        lines.append(f"{ph:<13} {a.get('ms', 0):>13.3f} {a.get('launches', 0):>8} "
+                     f"{a.get('bound', '-'):<22} {b.get('ms', 0):>14.3f} "
+                     f"{b.get('gpu_bwd_ms', 0):>7.2f} "
+                     f"{b.get('launches', 0):>8} {b.get('gflop', 0):>8.1f} "
+                     f"{b.get('hbm_mb', 0):>8.1f} {b.get('bound', '-')}")
+    for name in ("fp32_plain", "amp_compile"):
+        x = p[name]
+        lines.append(f"{name:<13} step {x['step_ms']:.2f} ms (GPU {x['gpu_ms']:.2f}, host "
+                     f"{x['host_ms']:.2f}; {x['launches']} launches; bound: {x['bound']})")
+    lines.append(f"amp_compile is {p['speedup']:.1f}x the fp32 plain path (estimated)")
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

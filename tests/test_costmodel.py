@@ -1,0 +1,116 @@
+"""pqae.costmodel (`pretrain.py --cost-model`): the step recorded on the meta device has the
+GEMM FLOPs an independent count gives, the fusion rule and the emulated autocast do what the
+module says, and the command prints one JSON object with both paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import pretrain
+from conftest import small_pretrain_config
+from pqae import costmodel as C
+from pqae.profiling import phase
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _record(cfg, amp: bool) -> C.Recording:
+    """The pretraining step of cfg, recorded as --cost-model records it."""
+    return C.record(pretrain.cost_model_of(cfg).make_step(amp), amp)
+
+
+def forward_gemm_flops(cfg) -> int:
+    """Counted by hand from the architecture (two views, each: patch embedding, centre
+    embedding, encoder blocks, positional query, decoder blocks, head); 2 FLOPs per
+    multiply-add, attention as QK^T and PV."""
+    B, G, M, C_, h = cfg.batch_size, cfg.num_group, cfg.group_size, cfg.dim, cfg.embed_hidden
+    P, PM, L = B * G, B * G * M, G + 1
+    patch = 2 * PM * (3 * h + h * 2 * h + 2 * h * 4 * h + 4 * h * C_) + 2 * P * 2 * h * 4 * h
+    pos = 2 * P * (3 * 128 + 128 * C_)
+    block = lambda n_tok, seq: 24 * C_ * C_ * n_tok + 4 * (n_tok // seq) * seq * seq * C_  # noqa
+    enc = cfg.depth * block(B * L, L)
+    query = 2 * P * (C_ * C_ + 2 * C_ * C_ + C_ * C_) + 4 * B * G * G * C_
+    dec = cfg.decoder_depth * block(P, G)
+    head = 2 * P * C_ * 3 * M
+    return 2 * (patch + pos + enc + query + dec + head)
+
+
+def test_forward_gemm_flops_equal_an_independent_count(tmp_path):
+    cfg = small_pretrain_config(tmp_path)
+    rec = _record(cfg, amp=False)
+    got = sum(op.flops for op in rec.ops if op.pass_ == "fwd"
+              and op.phase in ("patch_embed", "encoder", "decoder"))
+    assert got == forward_gemm_flops(cfg)
+    # the backward: weight and input gradients of every GEMM, none for inputs without a
+    # gradient (the points, the centres, the positional queries): between 1.9x and 2x
+    bwd = sum(op.flops for op in rec.ops if op.pass_ == "bwd")
+    assert 1.9 * got < bwd <= 2 * got
+
+
+def test_amp_recording_runs_gemms_in_bf16_and_norms_in_fp32(tmp_path):
+    rec = _record(small_pretrain_config(tmp_path), amp=True)
+    fwd = [op for op in rec.ops if op.pass_ == "fwd"]
+    gemms = [op for op in fwd if op.kind == "gemm" and op.phase in C.COMPILED_PHASES]
+    assert gemms and all(op.low for op in gemms)
+    norms = [op for op in fwd if op.name == "native_layer_norm"]
+    assert norms and not any(op.low for op in norms)
+    assert not any(op.low for op in fwd if op.phase == "data")  # outside autocast
+    # the fp32 recording has no bf16 at all
+    assert not any(op.low for op in _record(small_pretrain_config(tmp_path), amp=False).ops)
+
+
+def test_fusion_rule_on_a_small_graph():
+    """linear -> relu -> + y -> linear: eager, 4 kernels that each read and write their
+    tensors; compiled, 3 kernels, the middle one reading the first GEMM's output and y once
+    and writing only what the second GEMM reads; attention is one kernel either way."""
+    N, H = 1000, 64
+    net = nn.Sequential(nn.Linear(H, H), nn.ReLU()).to("meta")
+    out = nn.Linear(H, H).to("meta")
+    x = torch.empty(N, H, device="meta")
+    y = torch.empty(N, H, device="meta")
+
+    def step():
+        with phase("encoder"):
+            q = out(net(x) + y).reshape(1, 1, N, H)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    rec = C.record(step, amp=False)
+    eager = [k for k in C.kernels_of(rec, "fp32_plain", {}) if k.pass_ == "fwd"]
+    fused = [k for k in C.kernels_of(rec, "amp_compile", {}) if k.pass_ == "fwd"]
+    attn = [k for k in fused if k.ops[0][0] != "addmm" and "bmm" in {n for n, _ in k.ops}]
+    assert len(attn) == 1 and [k.ops for k in eager[-1:]] == [attn[0].ops]
+    assert [len(k.ops) for k in eager[:4]] == [1, 1, 1, 1] and len(eager) == 5
+    assert [k.gemm for k in fused] == [True, False, True, True] and len(fused) == 4
+    act = N * H * 4
+    assert fused[1].bytes == 3 * act  # reads h and y, writes relu(h) + y
+    assert sum(k.bytes for k in eager[1:3]) == 5 * act  # relu: 2, add: 3
+    # flash-style attention: reads q (k and v are q), writes o; the scores never reach HBM
+    assert attn[0].bytes == 2 * act
+
+
+def test_cost_model_prints_one_json_object():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "pretrain.py", "--preset", "tiny", "--cost-model",
+                        "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["device_model"]["name"].startswith("H100") and rep["gemm_tflop"] > 0
+    assert rep["notes"] == []  # the Triton kernels were costed from their compiled code
+    plain, fast = rep["paths"]["fp32_plain"], rep["paths"]["amp_compile"]
+    for p in (plain, fast):
+        assert p["step_ms"] == pytest.approx(sum(x["ms"] for x in p["phases"].values()),
+                                             abs=0.02)
+        assert {"data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss",
+                "optimizer"} <= set(p["phases"])
+        assert all(x["bound"] and x["launches"] >= 1 for x in p["phases"].values())
+    assert fast["phases"]["grouping"]["launches"] == 2  # FPS and kNN of both views
+    assert fast["phases"]["grouping"]["bound"].startswith("Triton")
+    assert fast["launches"] < plain["launches"] and rep["paths"]["speedup"] > 1

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import tyro
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, data, dist, formats, syncbn
+from pqae import amp, bench, cli, costmodel, data, dist, formats, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError
 from pqae.log import print0
@@ -140,6 +140,12 @@ class Task:
     amp, no compile, for-each AdamW) and print the ratio."""
     benchmark_phases: bool = True
     """with --benchmark-steps: also print a breakdown of the step by phase (torch.profiler)."""
+    cost_model: bool = False
+    """print the step's estimated time on an H100 per phase, for the fp32 plain path and for
+    --amp --compile, and exit: an estimate from the step's ops on the meta device
+    (pqae/costmodel.py), no GPU and no data needed."""
+    json: bool = False
+    """with --cost-model: print one JSON object instead of the table."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
     num_group: int = 128
     """patches per cloud (FPS centres)."""
@@ -346,12 +352,43 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
                            f"{cfg.num_group} groups): global batch {cfg.batch_size} on "
                            f"{env.world_size} process(es), {cfg.benchmark_steps} timed steps, "
                            f"device {env.device}",
-            phase_order=["data", "grouping", "patch_embed", "encoder", "head", "loss",
-                         "backward", "optimizer"],
+            phase_order=PHASES,
             nested={"encoder": "patch_embed"},
             projections=[(f"{epochs} epochs of this data", epochs * steps_per_epoch)]))
     dist.cleanup()
     return results
+
+
+PHASES = ["data", "grouping", "patch_embed", "encoder", "head", "loss", "backward", "optimizer"]
+CLOUD_POINTS = {"scanobjectnn": 2048, "modelnet40": 8192}
+"""Points per stored cloud of each data set (procedural: --procedural-points)."""
+
+
+def cost_model_of(cfg: Config) -> costmodel.StepModel:
+    """The real step closure on the meta device, for pqae.costmodel to record (a randomly
+    initialised model: a checkpoint changes no cost)."""
+    meta, env = torch.device("meta"), costmodel.meta_env()
+    points = cfg.procedural_points if cfg.data == "procedural" else CLOUD_POINTS[cfg.data]
+
+    def make_step(amp_on: bool):
+        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False, pretrained="")
+        model = build_model(c).to(meta)
+        model.check_inputs = False
+        optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, head_lr_scale=10.0),
+                                      lr=base_lr(c), weight_decay=c.weight_decay, foreach=True)
+        clouds = torch.empty(c.batch_size, points, 3, device=meta)
+        labels = torch.empty(c.batch_size, dtype=torch.long, device=meta)
+        perm = torch.empty(c.batch_size, dtype=torch.long, device=meta)
+        step = make_train_step(c, model, model, optimizer, clouds, labels, env)
+        return lambda: step(0, perm)
+
+    # compile_fixed_shapes: the encoder (patch_embed, encoder) and the head
+    return costmodel.StepModel(
+        PHASES, ("patch_embed", "encoder", "head"), make_step,
+        config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
+                "cloud_points": points, "dim": cfg.dim, "depth": cfg.depth,
+                "num_group": cfg.num_group, "group_size": cfg.group_size, "head": cfg.head,
+                "fast_point_all": cfg.fast_point_all})
 
 
 def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
@@ -403,6 +440,8 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
 def main(cfg: Config, show: bool = True) -> dict:
     """Train (or, with eval_ckpt, evaluate) one classifier. `show`: end with what the run made
     and the next command (fewshot.py's folds, which it deletes, leave that out)."""
+    if cfg.cost_model:
+        return costmodel.main(cost_model_of(cfg), cfg.json)
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     run = start(cfg, cfg.batch_size, claim=not (cfg.eval_ckpt or cfg.benchmark_steps))
     test = TestSet(cfg, *load_split(cfg, "test"), run.env)

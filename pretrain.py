@@ -15,7 +15,6 @@ sees exactly the data, crops and DropPath draws of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -205,7 +204,7 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
 
 def main(cfg: Config) -> dict:
     if cfg.cost_model:
-        return cost_model(cfg)
+        return costmodel.main(cost_model_of(cfg), cfg.json)
     run = start(cfg, cfg.batch_size, claim=not cfg.benchmark_steps)
     clouds = load_clouds(cfg).to(run.device)  # (S, N, 3), resident on the device
     if cfg.num_points > clouds.shape[1]:
@@ -292,8 +291,7 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
     """The real step closure on the meta device, for pqae.costmodel to record, at
     the mean crop ratio and ShapeNet-55's 8192 points per cloud (procedural_points with
     --data procedural)."""
-    meta = torch.device("meta")
-    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=meta)
+    meta, env = torch.device("meta"), costmodel.meta_env()
     ratio = (1.0 + cfg.min_crop_rate) / 2 if cfg.min_crop_rate < 1 else 1.0
     points = cfg.procedural_points if cfg.data == "procedural" else 8192
 
@@ -308,18 +306,12 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
         step = make_train_step(c, model, model, optimizer, clouds, env)
         return lambda: step(0, perm)
 
+    # compile_fixed_shapes: the encoder (patch_embed, encoder), query, decoder and head (decoder)
     return costmodel.StepModel(
-        PHASES, make_step,
+        PHASES, ("patch_embed", "encoder", "decoder"), make_step,
         config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
                 "cloud_points": points, "crop_ratio": ratio, "dim": cfg.dim,
                 "depth": cfg.depth, "num_group": cfg.num_group, "group_size": cfg.group_size})
-
-
-def cost_model(cfg: Config) -> dict:
-    """--cost-model: print the estimate (a table, or with --json one JSON object)."""
-    r = costmodel.estimate(cost_model_of(cfg))
-    print(json.dumps(r) if cfg.json else costmodel.format_report(r), flush=True)
-    return r
 
 
 def collapse_text(const: dict) -> str:

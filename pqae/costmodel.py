@@ -17,8 +17,8 @@ How it is made
 2. **Cost two paths** from the records:
    * `fp32_plain`: float32, eager, every op one launch, the grouping and Chamfer loss as the
      PyTorch reference computes them, for-each AdamW;
-   * `amp_compile`: bf16 autocast; the compiled modules (patch embedding, encoder, query,
-     decoder, head; forward and backward) fused by the rule below; every `kernels.*` call
+   * `amp_compile`: bf16 autocast; the phases of the modules --compile compiles (forward
+     and backward) fused by the rule below; every `kernels.*` call
      (FPS, kNN, grouping, Chamfer) in its Triton kernels, replayed at the recorded shapes by
      `kernels.static` (its estimate of the compiled SASS times `KERNEL_MODEL_FACTOR`); fused
      AdamW.
@@ -102,9 +102,6 @@ _NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
               "_unsafe_view",
               "_record_function_enter_new", "_record_function_exit", "set_", "resize_",
               "_to_copy_meta", "is_same_size", "_has_compatible_shallow_copy_type"}
-COMPILED_PHASES = ("patch_embed", "encoder", "decoder")
-"""What PointPQAE.compile_fixed_shapes compiles (the encoder with its patch embedding; the
-positional query, decoder and head run in the `decoder` phase)."""
 
 
 @dataclass
@@ -381,8 +378,10 @@ def _traffic(group: list[Op], last_read: dict, index: dict, attn_out: set,
     return sum(read.values()) + sum(out.values()) + extra
 
 
-def kernels_of(rec: Recording, path: str, triton_us: dict) -> list[Kernel]:
-    """The launches of `path` ("fp32_plain" or "amp_compile") from a step's recording."""
+def kernels_of(rec: Recording, path: str, triton_us: dict,
+               compiled_phases: tuple = ()) -> list[Kernel]:
+    """The launches of `path` ("fp32_plain" or "amp_compile") from a step's recording; with
+    amp_compile, the ops of `compiled_phases` (what --compile compiles) are fused."""
     ops, attn_out = rec.ops, rec.attn_out
     index = {id(op): i for i, op in enumerate(ops)}
     last_read: dict = {}
@@ -401,7 +400,7 @@ def kernels_of(rec: Recording, path: str, triton_us: dict) -> list[Kernel]:
             continue  # replaced by its Triton kernels below
         if compiled and op.pass_ == "opt":
             continue  # fused AdamW below
-        fuse = compiled and op.phase in COMPILED_PHASES
+        fuse = compiled and op.phase in compiled_phases
         if segments and segments[-1][0] == fuse and segments[-1][1][-1].phase == op.phase \
                 and segments[-1][1][-1].pass_ == op.pass_:
             segments[-1][1].append(op)
@@ -529,11 +528,26 @@ def triton_estimates(calls: list[dict]) -> dict[int, tuple[float, int]]:
 # ----------------------------------------------------------------------------- the report
 @dataclass
 class StepModel:
-    """What a script gives: its phases in order, its step on meta tensors, what to print of
-    its config."""
+    """What a script gives: its phases in order, the phases --compile compiles, its step on
+    meta tensors, what to print of its config."""
     phases: list[str]
+    compiled: tuple
     make_step: object  # (amp: bool) -> step(), on meta tensors
     config: dict = field(default_factory=dict)
+
+
+def meta_env():
+    """A one-process Dist on the meta device, for a script's step closure."""
+    from pqae import dist
+
+    return dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("meta"))
+
+
+def main(model: StepModel, as_json: bool) -> dict:
+    """--cost-model: estimate, print (a table, or one JSON object) and return the estimate."""
+    r = estimate(model)
+    print(json.dumps(r) if as_json else format_report(r), flush=True)
+    return r
 
 
 def estimate(model: StepModel, gpu: GPU = H100) -> dict:
@@ -551,7 +565,7 @@ def estimate(model: StepModel, gpu: GPU = H100) -> dict:
             except Exception as e:  # noqa: BLE001  (said in the report)
                 notes.append(f"no Triton estimate ({type(e).__name__}: {str(e)[-300:]}): the "
                              "kernels.* ops of amp_compile are costed as the reference ops")
-        paths[path] = cost(kernels_of(rec, path, tri), gpu, model.phases)
+        paths[path] = cost(kernels_of(rec, path, tri, model.compiled), gpu, model.phases)
         paths[path]["fwd_gflop"] = round(sum(op.flops for op in rec.ops
                                              if op.pass_ == "fwd") / 1e9, 3)
     paths["speedup"] = round(paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"], 2)

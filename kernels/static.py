@@ -21,9 +21,19 @@ Cost model (estimates, not measurements; see the README's Performance section)
   later (``LATENCY``: ~4 cycles for ALU, 24 for shuffles, 30 for shared memory, 40 for a global
   load that hits L1, 20 for a barrier). Programs resident on an SM at once (occupancy) overlap;
   further ones come in waves.
-* **Estimate** = max(issue bound, latency bound). Not modelled: launch overhead (a few µs per
-  launch, which CUDA graphs remove), DRAM bandwidth (every kernel here moves a few MB at most),
-  cache misses, bank conflicts, and the clock dropping below its boost value.
+* **Estimate** = max(issue bound, latency bound): every instruction at full rate, so an
+  optimistic one (by 1.25-2x, checked by hand in issue 24).
+* **Calibrated estimate** = max(scheduler time, L2 time). The scheduler time replays the SASS
+  on one scheduler with the warps it really holds (occupancy x warps / 4), using the control
+  bits ptxas wrote beside each instruction (``control``): a warp waits its stall count before
+  its next issue (2 cycles after half-rate ALU ops, more before dependent ones) and waits on
+  the scoreboards of variable-latency results (loads, shuffles: ``LATENCY``), while the
+  scheduler issues one instruction a cycle from any ready warp; loop bodies take their
+  steady-state second pass, and the busiest SM runs its programs in whole waves of the
+  occupancy. The L2 time is the bytes of every global load and store (32 lanes x width,
+  assumed to miss L1) over ``L2_GBS``.
+* Not modelled: launch overhead (a few µs per launch, which CUDA graphs remove), DRAM
+  bandwidth, L1 hits, bank conflicts, and the clock dropping below its boost value.
 """
 from __future__ import annotations
 
@@ -97,7 +107,7 @@ class Compiled:
     regs: int
     stack_bytes: int  # per-thread stack frame (local memory)
     shared_bytes: int  # dynamic shared memory per program
-    sass: str  # nvdisasm -c -gi
+    sass: str  # nvdisasm -c -gi -hex
     kernel_file: str
     kernel_lines: tuple  # (first, last) line of the kernel function in kernel_file
     regions: list  # tagged source regions (Region)
@@ -149,7 +159,7 @@ def compile_launch(launch, arch: int = 90) -> Compiled:
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
         usage = _run_tool("cuobjdump", "--dump-resource-usage", path)
-        sass = _run_tool("nvdisasm", "-c", "-gi", path)
+        sass = _run_tool("nvdisasm", "-c", "-gi", "-hex", path)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
     if not m:
         raise RuntimeError(f"cannot read the resource usage of {fn.__name__}: {usage!r}")
@@ -175,6 +185,7 @@ class Instr:
     at_file: str | None  # the call site it was inlined at, if any
     at_line: int | None
     target: int | None = None  # branch target address
+    ctrl: int | None = None  # the scheduling control bits ptxas wrote (see `control`)
 
     @property
     def base(self) -> str:
@@ -182,15 +193,21 @@ class Instr:
 
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_HEX_HI = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")  # -hex: the word after an instruction
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 
 def parse_sass(text: str) -> list[Instr]:
-    """nvdisasm -c -gi output -> instructions with their source lines and branch targets."""
+    """nvdisasm -c -gi [-hex] output -> instructions with their source lines, branch targets
+    and (with -hex) control bits."""
     instrs, labels, pending, loc = [], {}, [], (None, None, None, None)
     for raw in text.splitlines():
+        m = _HEX_HI.match(raw)
+        if m and instrs and instrs[-1].ctrl is None:
+            instrs[-1].ctrl = int(m.group(1), 16) >> 41
+            continue
         m = _LINE.search(raw)
         if m:
             f, ln, af, al = m.groups()
@@ -513,6 +530,111 @@ def block_cycles(instrs: list[Instr], blocks: list[Block], loops: list[Loop]) ->
     return cyc
 
 
+# ----------------------------------------------------------------------------- calibrated
+L2_GBS = 5500.0
+"""L2 bandwidth of an H100 SXM for loads that miss L1 (public micro-benchmarks: ~5.5 TB/s)."""
+READ_BARRIER_CYCLES = 2
+"""Cycles until a read scoreboard releases (the source registers of a store or shuffle read)."""
+
+
+def control(ins: Instr) -> tuple[int, int, int, int]:
+    """(stall, write scoreboard, read scoreboard, wait mask) from the control bits ptxas
+    writes beside every sm_70+ instruction: the cycles before the warp's next instruction may
+    issue (ptxas sets 2 after a half-rate ALU op, more before a dependent fixed-latency one),
+    the scoreboard a variable-latency result releases, the one released when the sources have
+    been read (7: none), and the scoreboards this instruction waits for. Without control bits
+    (SASS read without -hex): one cycle, no scoreboards."""
+    c = ins.ctrl
+    if c is None:
+        return 1, 7, 7, 0
+    return c & 0xF, (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 0x3F
+
+
+def schedule(instrs: list[Instr], block_of: list[int], warps: int, passes: int = 1,
+             n_blocks: int = 0) -> list[float]:
+    """One scheduler running `warps` warps through `instrs` (in order, `passes` times), each
+    warp issuing when its stall count and the scoreboards it waits for allow, the scheduler
+    issuing at most one instruction a cycle, to the warp ready first. Returns the scheduler
+    cycles of the last pass attributed to each block: each issue is charged the cycles since
+    the scheduler's previous issue."""
+    ctrl = [control(i) for i in instrs]
+    lat = [_latency(i) for i in instrs]
+    n = len(instrs)
+    ready, bars = [0.0] * warps, [[0.0] * 6 for _ in range(warps)]
+    pos = [0] * warps
+    cyc = [0.0] * max(n_blocks, max(block_of, default=-1) + 1)
+    t, last = 0.0, 0.0
+    total = n * passes
+    active = list(range(warps))
+    while active:
+        best, when = -1, math.inf
+        for w in active:
+            _, _, _, wait = ctrl[pos[w] % n]
+            e = ready[w]
+            if wait:
+                e = max(e, max(bars[w][b] for b in range(6) if wait >> b & 1))
+            if e < when:
+                best, when = w, e
+        w, k = best, pos[best] % n
+        issue = max(t, when)
+        if pos[w] >= total - n:  # the last pass: charge this issue's cycles to its block
+            cyc[block_of[k]] += issue + 1 - last
+        last, t = issue + 1, issue + 1
+        stall, wr, rd, _ = ctrl[k]
+        ready[w] = issue + max(stall, 1)
+        if wr < 6:
+            bars[w][wr] = issue + lat[k]
+        if rd < 6:
+            bars[w][rd] = issue + READ_BARRIER_CYCLES
+        pos[w] += 1
+        if pos[w] == total:
+            active.remove(w)
+    return cyc
+
+
+def _access_bytes(ins: Instr) -> int:
+    """Bytes a warp moves through L2 with one global load, store or atomic (32 lanes)."""
+    if ins.base not in ("LDG", "STG", "RED", "ATOMG"):
+        return 0
+    op = ins.op
+    width = 16 if ".128" in op else 8 if ".64" in op else 2 if (".U16" in op or ".S16" in op) \
+        else 1 if (".U8" in op or ".S8" in op) else 4
+    return 32 * width
+
+
+def calibrated(c: Compiled, blocks: list[Block], loops: list[Loop], mult: list[float],
+               programs: int, occ: int, dev: DeviceModel) -> tuple[float, float, str]:
+    """(scheduler µs, L2 µs, what bounds the kernel) from the control bits, at the occupancy
+    the kernel really has, wave by wave, and from the bytes its global accesses move."""
+    instrs = c.instrs
+    block_of = [0] * len(instrs)
+    for k, b in enumerate(blocks):
+        for i in range(b.start, b.end):
+            block_of[i] = k
+    per_sm = math.ceil(programs / dev.sms)  # the busiest SM's programs
+    rounds = math.ceil(per_sm / occ)
+    last = per_sm - (rounds - 1) * occ
+
+    def cycles(resident: int) -> float:
+        w = max(1, math.ceil(resident * c.num_warps / dev.schedulers))
+        cyc = schedule(instrs, block_of, w, n_blocks=len(blocks))
+        for lp in sorted(loops, key=lambda lp: lp.head - lp.tail):  # outer first, then inner
+            idx = [i for i in range(len(instrs)) if lp.head <= block_of[i] <= lp.tail]
+            steady = schedule([instrs[i] for i in idx], [block_of[i] for i in idx], w,
+                              passes=2, n_blocks=len(blocks))
+            for k in range(lp.head, lp.tail + 1):
+                cyc[k] = steady[k]
+        return sum(m * t for m, t in zip(mult, cyc))
+
+    sched = (rounds - 1) * cycles(occ) + cycles(last)
+    sched_us = sched / (dev.clock_ghz * 1e3)
+    per_program = c.num_warps * sum(m * sum(_access_bytes(i) for i in instrs[b.start:b.end])
+                                    for b, m in zip(blocks, mult))
+    l2_us = programs * per_program / (L2_GBS * 1e3)
+    bound = "L2 bytes" if l2_us > sched_us else "issue + latency"
+    return sched_us, l2_us, bound
+
+
 # ----------------------------------------------------------------------------- estimate
 @dataclass
 class Estimate:
@@ -531,6 +653,10 @@ class Estimate:
     issue_us: float
     latency_us: float
     estimate_us: float
+    schedule_us: float = 0.0  # calibrated: control bits, real occupancy, waves
+    l2_us: float = 0.0  # calibrated: bytes of global accesses over L2 bandwidth
+    calibrated_us: float = 0.0  # the larger of the two
+    bound: str = ""
 
 
 def occupancy(c: Compiled, dev: DeviceModel = H100) -> int:
@@ -560,12 +686,14 @@ def estimate(c: Compiled, launch, workload: str, dev: DeviceModel = H100) -> Est
     lat_cycles = waves * chain
     issue_us = issue_cycles / (dev.clock_ghz * 1e3)
     lat_us = lat_cycles / (dev.clock_ghz * 1e3)
+    sched_us, l2_us, bound = calibrated(c, blocks, loops, mult, programs, occ, dev)
     return Estimate(kernel=c.name, workload=workload, arch=c.arch, regs=c.regs,
                     spills=c.spill_instructions, stack_bytes=c.stack_bytes,
                     shared_bytes=c.shared_bytes, num_warps=c.num_warps, programs=programs,
                     blocks_per_sm=occ, instructions_per_warp=per_warp,
                     instructions=per_warp * c.num_warps, issue_us=issue_us, latency_us=lat_us,
-                    estimate_us=max(issue_us, lat_us))
+                    estimate_us=max(issue_us, lat_us), schedule_us=sched_us, l2_us=l2_us,
+                    calibrated_us=max(sched_us, l2_us), bound=bound)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -716,6 +844,8 @@ def report(ws: list[Workload] | None = None, arch: int = 90, dev: DeviceModel = 
                              instructions_per_warp=round(e.instructions_per_warp),
                              issue_us=round(e.issue_us, 2), latency_us=round(e.latency_us, 2),
                              estimate_us=round(e.estimate_us, 2),
+                             schedule_us=round(e.schedule_us, 2), l2_us=round(e.l2_us, 2),
+                             calibrated_us=round(e.calibrated_us, 2), bound=e.bound,
                              target_us=w.target_us if len(ests) == 1 else None,
                              launches=1, what=w.what))
         if len(ests) > 1:
@@ -729,16 +859,22 @@ def report(ws: list[Workload] | None = None, arch: int = 90, dev: DeviceModel = 
                              issue_us=round(sum(e.issue_us for e in ests), 2),
                              latency_us=round(sum(e.latency_us for e in ests), 2),
                              estimate_us=round(sum(e.estimate_us for e in ests), 2),
+                             schedule_us=round(sum(e.schedule_us for e in ests), 2),
+                             l2_us=round(sum(e.l2_us for e in ests), 2),
+                             calibrated_us=round(sum(e.calibrated_us for e in ests), 2),
+                             bound=", ".join(dict.fromkeys(e.bound for e in ests)),
                              target_us=w.target_us, launches=len(ests), what=w.what))
     return rows
 
 
 def format_table(rows: list[dict], dev: DeviceModel = H100) -> str:
     lines = [f"static estimate on {dev.name}, from the compiled SASS (an estimate, not a "
-             "measurement); instructions: warp instructions per program (total row: all programs)",
+             "measurement); instructions: warp instructions per program (total row: all "
+             "programs); est: full-rate issue vs latency; cal: calibrated (control bits, "
+             "occupancy, waves; L2 bytes)",
              f"{'workload':<40} {'kernel':<22} {'regs':>4} {'spill':>5} {'warps':>5} "
              f"{'progs':>6} {'occ':>3} {'instr':>9} {'issue µs':>8} {'lat µs':>8} "
-             f"{'est µs':>8} {'target':>7}"]
+             f"{'est µs':>8} {'sched µs':>8} {'L2 µs':>7} {'cal µs':>8} {'target':>7} bound"]
     for r in rows:
         tgt = f"{r['target_us']:.0f}" if r.get("target_us") else "-"
         flag = "  OVER" if r.get("target_us") and r["estimate_us"] > r["target_us"] else ""
@@ -746,7 +882,8 @@ def format_table(rows: list[dict], dev: DeviceModel = H100) -> str:
             f"{r['workload']:<40} {r['kernel']:<22} {r['regs']:>4} {r['spills']:>5} "
             f"{r['num_warps'] or '-':>5} {r['programs']:>6} {r['blocks_per_sm'] or '-':>3} "
             f"{r['instructions']:>9} {r['issue_us']:>8.2f} {r['latency_us']:>8.2f} "
-            f"{r['estimate_us']:>8.2f} {tgt:>7}{flag}")
+            f"{r['estimate_us']:>8.2f} {r['schedule_us']:>8.2f} {r['l2_us']:>7.2f} "
+            f"{r['calibrated_us']:>8.2f} {tgt:>7} {r['bound']}{flag}")
     return "\n".join(lines)
 
 

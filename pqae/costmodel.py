@@ -20,8 +20,7 @@ How it is made
    * `amp_compile`: bf16 autocast; the phases of the modules --compile compiles (forward
      and backward) fused by the rule below; every `kernels.*` call
      (FPS, kNN, grouping, Chamfer) in its Triton kernels, replayed at the recorded shapes by
-     `kernels.static` (its estimate of the compiled SASS times `KERNEL_MODEL_FACTOR`); fused
-     AdamW.
+     `kernels.static` (its calibrated estimate from the compiled SASS); fused AdamW.
    Attention (F.scaled_dot_product_attention, which meta decomposes) counts as one fused kernel
    per call and per backward, reading q, k, v (and o, dO) and writing o (dq, dk, dv), as the
    flash / memory-efficient kernels do, in both paths.
@@ -81,11 +80,6 @@ class GPU:
 
 H100 = GPU("H100 SXM (132 SMs, 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 3.35 TB/s)",
            bf16_tflops=989, fp32_tflops=67, hbm_gbs=3350)
-KERNEL_MODEL_FACTOR = 1.6
-"""kernels.static's estimates times this: its issue model takes every instruction at full rate
-(one per cycle per scheduler), while the SASS control codes put 2-4 cycles between dependent
-issues of the half-rate pipes, shuffles and loads, and it leaves out L2 traffic and wave
-tails; hand-checked at 1.25-2x (issue 24). Until kernels/static.py models those, the middle."""
 
 # the ops that are GEMMs (FLOPs on tensor cores), reductions (end a fused kernel) and
 # BatchNorms (read their input twice)
@@ -422,7 +416,7 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
             for _ in range(launches):
                 # launched from Python by Triton's launcher: an eager op's host time
                 out.append(Kernel(rec.calls[i]["phase"], 0.0, 0.0, True, eager=True,
-                                  us=us / launches * KERNEL_MODEL_FACTOR,
+                                  us=us / launches,
                                   ops=((rec.calls[i]["op"], "triton"),)))
         params = [op for op in ops if op.pass_ == "opt"]
         out += _fused_adamw(params)
@@ -449,7 +443,7 @@ optimizers; fewer when tensors are large)."""
 def kernel_us(k: Kernel, gpu: GPU) -> tuple[float, str]:
     """A kernel's time and what bounds it."""
     if k.us is not None:
-        return max(k.us, gpu.kernel_min_us), "Triton kernel (static estimate)"
+        return max(k.us, gpu.kernel_min_us), "Triton kernel (calibrated static estimate)"
     peak = (gpu.bf16_tflops if k.dtype_low else gpu.fp32_tflops) * 1e12 * gpu.gemm_eff
     t_flop = k.flops / peak * 1e6 if k.gemm else 0.0
     t_mem = k.bytes / (gpu.hbm_gbs * 1e9 * gpu.mem_eff) * 1e6
@@ -506,7 +500,7 @@ for call in json.loads(sys.stdin.read()):
         if leaves:  # its backward, as the step runs it
             sum(t.float().sum() for t in leaves).backward()
     rows = [r for r in S.report([S.Workload(call["op"], "", run)]) if r["kernel"] != "total"]
-    out.append([sum(r["estimate_us"] for r in rows), len(rows)])
+    out.append([sum(r["calibrated_us"] for r in rows), len(rows)])
 print(json.dumps(out))
 """
 
@@ -569,7 +563,7 @@ def estimate(model: StepModel, gpu: GPU = H100) -> dict:
         paths[path]["fwd_gflop"] = round(sum(op.flops for op in rec.ops
                                              if op.pass_ == "fwd") / 1e9, 3)
     paths["speedup"] = round(paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"], 2)
-    return {"device_model": dataclasses.asdict(gpu), "kernel_model_factor": KERNEL_MODEL_FACTOR,
+    return {"device_model": dataclasses.asdict(gpu),
             "gemm_tflop": round(gemm_tflop, 4), "config": model.config, "paths": paths,
             "notes": notes}
 

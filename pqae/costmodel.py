@@ -562,10 +562,10 @@ def estimate(model: StepModel, gpu: GPU = H100) -> dict:
         paths[path] = cost(kernels_of(rec, path, tri, model.compiled), gpu, model.phases)
         paths[path]["fwd_gflop"] = round(sum(op.flops for op in rec.ops
                                              if op.pass_ == "fwd") / 1e9, 3)
-    paths["speedup"] = round(paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"], 2)
+    speedup = paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"]
     return {"device_model": dataclasses.asdict(gpu),
             "gemm_tflop": round(gemm_tflop, 4), "config": model.config, "paths": paths,
-            "notes": notes}
+            "speedup": round(speedup, 2), "notes": notes}
 
 
 def format_report(r: dict) -> str:
@@ -590,6 +590,6 @@ def format_report(r: dict) -> str:
         x = p[name]
         lines.append(f"{name:<13} step {x['step_ms']:.2f} ms (GPU {x['gpu_ms']:.2f}, host "
                      f"{x['host_ms']:.2f}; {x['launches']} launches; bound: {x['bound']})")
-    lines.append(f"amp_compile is {p['speedup']:.1f}x the fp32 plain path (estimated)")
+    lines.append(f"amp_compile is {r['speedup']:.1f}x the fp32 plain path (estimated)")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)

@@ -109,6 +109,7 @@ def test_cost_model_prints_one_json_object(script, phases, triton_phases, eager_
     rep = json.loads(r.stdout)
     assert rep["device_model"]["name"].startswith("H100") and rep["gemm_tflop"] > 0
     assert rep["notes"] == []  # the Triton kernels were costed from their compiled code
+    assert set(rep["paths"]) == {"fp32_plain", "amp_compile"}
     plain, fast = rep["paths"]["fp32_plain"], rep["paths"]["amp_compile"]
     for p in (plain, fast):
         assert p["step_ms"] == pytest.approx(sum(x["ms"] for x in p["phases"].values()),
@@ -118,7 +119,7 @@ def test_cost_model_prints_one_json_object(script, phases, triton_phases, eager_
     for name, launches in triton_phases.items():  # FPS + kNN of the grouping; the loss
         assert fast["phases"][name]["launches"] == launches  # its Triton kernels, no more
         assert plain["phases"][name]["launches"] > 10 * launches  # the reference's ops
-    assert fast["launches"] < plain["launches"] and rep["paths"]["speedup"] > 1
+    assert fast["launches"] < plain["launches"] and rep["speedup"] > 1
     # the launches outside the compiled modules, which a CUDA graph of those would not remove:
     # at the tiny preset pretraining has 88 (the two views alone 58), fine-tuning 38 (reference
     # recipes: 92 and 40); issue 24 asks <= 50

@@ -58,7 +58,9 @@ class PatchEmbed(nn.Module):
     BatchNorm1d over (P, C, M). Its second conv sees concat(patch max, point feature); here fc3
     (same parameters) is applied to the two halves separately, the max's part once per patch,
     so the 512-channel concatenation is never built and the per-point GEMM has K = 256, not
-    512 (the same map, to float32 rounding).
+    512 (the same map, to float32 rounding). The maxima are torch.max's, as the reference's:
+    the gradient of tied points (duplicates) goes to one of them, and the backward is one
+    scatter instead of amax's compare, count, divide and multiply over every point.
     """
 
     def __init__(self, dim: int, hidden: int = 128):
@@ -75,14 +77,14 @@ class PatchEmbed(nn.Module):
         P, M, _ = patches.shape
         x = self.fc2(F.relu(self.bn1(self.fc1(patches.reshape(P * M, 3)))))  # (P*M, 256)
         h2 = x.shape[-1]
-        glob = x.reshape(P, M, h2).amax(dim=1)  # (P, 256) patch-global feature
+        glob = x.reshape(P, M, h2).max(dim=1).values  # (P, 256) patch-global feature
         # fc3 of concat(global, local) = W_g global + W_l local + b: the global part once per
         # patch, the local part per point; the (P*M, 512) concatenation never exists.
         w_glob, w_loc = self.fc3.weight[:, :h2], self.fc3.weight[:, h2:]  # global came first
         g = F.linear(glob, w_glob, self.fc3.bias)  # (P, 512)
         x = (F.linear(x, w_loc).reshape(P, M, -1) + g[:, None]).reshape(P * M, -1)
         x = self.fc4(F.relu(self.bn2(x)))  # (P*M, C)
-        return x.reshape(P, M, -1).amax(dim=1)  # (P, C)
+        return x.reshape(P, M, -1).max(dim=1).values  # (P, C)
 
 
 class Attention(nn.Module):

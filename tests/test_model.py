@@ -273,19 +273,23 @@ def test_train_mode_batchnorm_over_flattened_points_differs_by_rounding_only():
 
 
 def _concat_patch_embed(mod, x):
-    """The reference's patch embedding as written: fc3 on concat(patch max, point feature)."""
+    """The reference's patch embedding as written: fc3 on concat(patch max, point feature),
+    the maxima by torch.max (whose gradient goes to one of tied points, not split)."""
     import torch.nn.functional as F
     P, M, _ = x.shape
     h = mod.fc2(F.relu(mod.bn1(mod.fc1(x.reshape(P * M, 3))))).reshape(P, M, -1)
-    h = torch.cat([h.amax(1, keepdim=True).expand(-1, M, -1), h], -1).reshape(P * M, -1)
-    return mod.fc4(F.relu(mod.bn2(mod.fc3(h)))).reshape(P, M, -1).amax(1)
+    h = torch.cat([torch.max(h, 1, keepdim=True)[0].expand(-1, M, -1), h], -1)
+    return torch.max(mod.fc4(F.relu(mod.bn2(mod.fc3(h.reshape(P * M, -1))))).reshape(P, M, -1),
+                     1)[0]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_split_fc3_equals_the_concatenation(dtype, tol):
     """fc3 applied to the two halves (the max's once per patch) is the reference's fc3 on the
     512-channel concatenation: train-mode output, every gradient (parameters and points) and
-    the BatchNorm running statistics agree to rounding; eval mode too."""
+    the BatchNorm running statistics agree to rounding; eval mode too. Every patch holds a
+    duplicated point (as resampled clouds do), so its maxima tie: their gradient goes to one
+    point, as torch.max's in the reference (amax would split it)."""
     from pqae.model import PatchEmbed
 
     torch.manual_seed(0)
@@ -293,6 +297,7 @@ def test_split_fc3_equals_the_concatenation(dtype, tol):
     ref = PatchEmbed(32, 16).to(dtype).train()
     ref.load_state_dict(ours.state_dict())
     x = (torch.randn(24, 16, 3) * 0.3).to(dtype)
+    x[:, 5] = x[:, 2]
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     w = torch.randn(24, 32, dtype=dtype)
     a, b = ours._forward(xa), _concat_patch_embed(ref, xb)

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "finetune.benchmark", "pretrain.real",
+STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "cost-model",
+         "finetune.benchmark", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
 
 
@@ -48,6 +49,9 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["pretrain.resume"]["figures"]["steps"][-1] > real["steps"][-1]
     assert {r["op"] for r in by["kernels.bench"]["figures"]["rows"]} >= {"fps", "knn", "group (2 views)"}
     assert by["kernels.static"]["figures"]["rows"][0]["estimate_us"] > 0
+    # the cost model's phases beside the measured ones (here: CPU time of the toy sizes)
+    assert by["cost-model"]["figures"]["paths"]["amp_compile"]["step_ms"] > 0
+    assert "| amp_compile | encoder |" in md and "| fp32_plain | step |" in md
     doc = by["doctor"]["figures"]
     assert doc["ready"] and len(doc["kernels"]) == 8 and all(k["ok"] for k in doc["kernels"])
     assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md

@@ -615,6 +615,7 @@ def calibrated(c: Compiled, blocks: list[Block], loops: list[Loop], mult: list[f
     rounds = math.ceil(per_sm / occ)
     last = per_sm - (rounds - 1) * occ
 
+    @functools.lru_cache(maxsize=None)  # the full waves and the last one often hold as many
     def cycles(resident: int) -> float:
         w = max(1, math.ceil(resident * c.num_warps / dev.schedulers))
         cyc = schedule(instrs, block_of, w, n_blocks=len(blocks))
@@ -626,7 +627,7 @@ def calibrated(c: Compiled, blocks: list[Block], loops: list[Loop], mult: list[f
                 cyc[k] = steady[k]
         return sum(m * t for m, t in zip(mult, cyc))
 
-    sched = (rounds - 1) * cycles(occ) + cycles(last)
+    sched = (rounds - 1) * (cycles(occ) if rounds > 1 else 0.0) + cycles(last)
     sched_us = sched / (dev.clock_ghz * 1e3)
     per_program = c.num_warps * sum(m * sum(_access_bytes(i) for i in instrs[b.start:b.end])
                                     for b, m in zip(blocks, mult))

@@ -405,12 +405,11 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
             flops = sum(op.flops for op in g)
             gemm = [op for op in g if op.kind in ("gemm", "attn")]
             n = g[0].launches if len(g) == 1 else 1
-            for _ in range(n):
-                out.append(Kernel(g[0].phase, flops / n,
-                                  _traffic(g, last_read, index, attn_out, attn_internal) / n,
-                                  dtype_low=any(op.low for op in gemm), eager=not fuse,
-                                  pass_=g[0].pass_, gemm=bool(gemm),
-                                  ops=tuple((op.name, op.pass_) for op in g)))
+            k = Kernel(g[0].phase, flops / n,
+                       _traffic(g, last_read, index, attn_out, attn_internal) / n,
+                       dtype_low=any(op.low for op in gemm), eager=not fuse, pass_=g[0].pass_,
+                       gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))
+            out += [dataclasses.replace(k) for _ in range(n)]
     if compiled:
         for i, (us, launches) in triton_us.items():
             for _ in range(launches):

@@ -45,10 +45,11 @@ from pathlib import Path
 
 import finetune_cls
 from pqae import checkpoint as ckpt
-from pqae import cli, dist
+from pqae import cli, dist, lock, preempt
 from pqae.episodes import FOLDS, SHOTS, WAYS, episode_name, episode_path, procedural_episode
 from pqae.errors import BadInput, MissingFile
 from pqae.log import finish, print0, write_json
+from pqae.run import resume_command
 from pqae.model import TINY_ENCODER
 
 # The reference's few-shot configuration, on top of the ModelNet40-1k fine-tuning preset. It
@@ -225,6 +226,9 @@ def main(cfg: Config) -> dict:
     rank = env.rank
     out_dir = Path(cfg.out_dir)
     ckpt.claim_out_dir(out_dir, cfg.resume, cfg.overwrite, rank)  # before anything is written
+    preempt.hold(verbose=rank == 0)  # across the folds: a signal between two stops there
+    if rank == 0:
+        (out_dir / "preempted.json").unlink(missing_ok=True)
     dist.barrier()
     settings = [(w, s) for w in cfg.ways for s in cfg.shots]
     plan = [(w, s, f) for w, s in settings for f in cfg.folds]
@@ -250,9 +254,14 @@ def main(cfg: Config) -> dict:
         if result is not None:
             print0(f"{tag} already finished: {fold_cfg.out_dir}/results.json", rank=rank)
         else:
+            if dist.agree_any(preempt.received() is not None):
+                raise preempted(out_dir, rank, f"before {tag}")
             print0(f"{tag} {'resuming' if fold_cfg.resume else 'starting'} {fold_cfg.out_dir}",
                    rank=rank)
-            result = run_fold(fold_cfg)
+            try:
+                result = run_fold(fold_cfg)
+            except preempt.Preempted:  # the fold saved and said so; the job script's cue:
+                raise preempted(out_dir, rank, f"in {tag}", quiet=True) from None
         if rank == 0 and not cfg.keep_checkpoints:
             for name in ("ckpt-last", "ckpt-best", "ckpt-last.old", "ckpt-best.old"):
                 shutil.rmtree(Path(fold_cfg.out_dir) / name, ignore_errors=True)
@@ -275,8 +284,26 @@ def main(cfg: Config) -> dict:
                                "table": out_dir / "fewshot_table.txt", "fold runs": out_dir},
            [f"python partseg.py {tiny}--pretrained {cfg.finetune.pretrained}"]
            if cfg.finetune.pretrained else [], rank=rank)
+    lock.release(out_dir)
+    preempt.release()
     dist.cleanup()
     return out
+
+
+def preempted(out_dir: Path, rank: int, where: str, quiet: bool = False) -> preempt.Preempted:
+    """A preemption signal stopped the folds: out_dir/preempted.json (a job script's cue to
+    requeue), the line saying how to resume (unless the fold's run said it), exit status 75."""
+    line = f"preempted {where}; resume with: {resume_command()}"
+    if rank == 0:
+        write_json(out_dir / "preempted.json", {"where": where, "signal": preempt.received(),
+                                                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                "resume": resume_command()})
+        if not quiet:
+            print(line, flush=True)
+    lock.release(out_dir)
+    preempt.release_all()
+    dist.cleanup()
+    return preempt.Preempted(line)
 
 
 if __name__ == "__main__":

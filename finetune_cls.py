@@ -461,15 +461,17 @@ def main(cfg: Config, show: bool = True) -> dict:
     total = sum(p.numel() for p in model.parameters())
     run.print(f"PointClassifier ({cfg.head}): {total / 1e6:.2f} M parameters, "
               f"{trainable / 1e6:.3f} M trainable")
-    state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1})
+    state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1},
+                       pending=None)
     step, history, best = state["step"], state["history"], state["best"]
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
                                  run.env)
     run.open_outputs()
 
-    progress = Progress(run, total_steps, step, cfg.epochs)
-    sums = torch.zeros(3, device=run.device)  # loss sum, correct, samples since the last line
-    epoch_sums = torch.zeros(3, device=run.device)  # the same since the epoch began
+    progress = Progress(run, total_steps, step, cfg.epochs, pending=state["pending"])
+    # loss sum, correct, samples since the last line, and the same since the epoch began
+    sums = progress.restore("sums", torch.zeros(3, device=run.device))
+    epoch_sums = progress.restore("epoch_sums", torch.zeros(3, device=run.device))
     epoch = step // steps_per_epoch
     perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], run.device)
     train_model.train()  # all protocols train in train() mode, the frozen encoder's too
@@ -507,13 +509,17 @@ def main(cfg: Config, show: bool = True) -> dict:
                 run.log(step, {"test/acc": row["acc"]})
                 progress.restart_interval()
             history.append(row)
-        if epoch_end or step == total_steps:
+        stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
+        if epoch_end or step == total_steps or stop:
             run.save("ckpt-last", model, epoch, step,
                      {"acc": history[-1]["acc"] if history else None}, optimizer,
-                     history=history, best=best)
+                     history=history, best=best,
+                     pending=progress.pending(sums=sums, epoch_sums=epoch_sums))
         if epoch_end:
             epoch += 1
             perm = epoch_perm(cfg.seed, epoch, train_points.shape[0], run.device)
+        if stop:
+            run.exit_preempted(step)
 
     dist.broadcast_buffers(model)
     vote_acc, vote_max = vote_test(model, test, cfg)

@@ -276,13 +276,14 @@ def main(cfg: Config) -> dict:
     model, train_model, optimizer = build_training(cfg, run.env)
     run.print(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
               f"parameters")
-    state = run.resume(model, optimizer, step=0, history=[], best={})
+    state = run.resume(model, optimizer, step=0, history=[], best={}, pending=None)
     step, history, best = state["step"], state["history"], state["best"]
     train_step = make_train_step(cfg, model, train_model, optimizer, train, run.env)
     run.open_outputs()
 
-    progress = Progress(run, total_steps, step, cfg.epochs - 1)
-    sums = torch.zeros(3, device=run.device)  # loss, correct points, points since the last line
+    progress = Progress(run, total_steps, step, cfg.epochs - 1, pending=state["pending"])
+    # loss, correct points, points since the last line
+    sums = progress.restore("sums", torch.zeros(3, device=run.device))
     epoch = step // steps_per_epoch
     perm = epoch_perm(cfg.seed, epoch, len(train), run.device)  # on the device: no copy per step
     last = history[-1] if history else {}
@@ -318,11 +319,15 @@ def main(cfg: Config) -> dict:
                       f" class mIoU {best['class_miou']:.2f} %")
             run.log(step, {f"test/{k}": scores[k] for k in METRICS})
             progress.restart_interval()
-        if epoch_end or step == total_steps:
-            run.save("ckpt-last", model, epoch, step, last, optimizer, history=history, best=best)
+        stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
+        if epoch_end or step == total_steps or stop:
+            run.save("ckpt-last", model, epoch, step, last, optimizer, history=history, best=best,
+                     pending=progress.pending(sums=sums))
         if epoch_end:
             epoch += 1
             perm = epoch_perm(cfg.seed, epoch, len(train), run.device)
+        if stop:
+            run.exit_preempted(step)
 
     result = {"step": step, "total_steps": total_steps, "history": history, "last": last,
               "best_on_test": best, "best_note": "each best is selected on the TEST set (the "

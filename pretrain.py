@@ -218,14 +218,15 @@ def main(cfg: Config) -> dict:
 
     model, train_model, optimizer = build_training(cfg, run.env)
     run.print(f"PointPQAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    state = run.resume(model, optimizer, step=0, history=[], metrics={})
+    state = run.resume(model, optimizer, step=0, history=[], metrics={}, pending=None)
     step, history, metrics = state["step"], state["history"], state["metrics"]
     train_step = make_train_step(cfg, model, train_model, optimizer, clouds, run.env)
     probe_data, probe_scores = load_probe_data(cfg, run), {}
     run.open_outputs()
 
-    progress = Progress(run, total_steps, step, cfg.epochs)
-    loss_sum = torch.zeros(3, device=run.device)  # total, view 1, view 2 since the last line
+    progress = Progress(run, total_steps, step, cfg.epochs, pending=state["pending"])
+    loss_sum = progress.restore("loss_sum", torch.zeros(3, device=run.device))  # total, view 1,
+    # view 2 since the last line
     epoch, warned_epoch, t_epoch = step // steps_per_epoch, -1, time.perf_counter()
     perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], run.device)
     train_model.train()
@@ -263,14 +264,17 @@ def main(cfg: Config) -> dict:
             report_probe(run, probe_scores, step, epoch, time.perf_counter() - t_epoch)
             history.append({"step": step, "epoch": epoch, **probe_scores})
             progress.restart_interval()
-        if epoch_end or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+        stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
+        if epoch_end or step == total_steps or stop or (cfg.save_every and step % cfg.save_every == 0):
             run.save("ckpt-last", model, epoch, step, {**metrics, **probe_scores}, optimizer,
-                     history=history)
+                     history=history, pending=progress.pending(loss_sum=loss_sum))
             if epoch_end and epoch % cfg.keep_every == 0 and epoch >= cfg.keep_from:
                 run.save(f"ckpt-epoch-{epoch}", model, epoch, step, {**metrics, **probe_scores})
         if epoch_end:
             epoch, t_epoch = epoch + 1, time.perf_counter()
             perm = epoch_perm(cfg.seed, epoch, clouds.shape[0], run.device)
+        if stop:
+            run.exit_preempted(step)
 
     # The weights at the end of the schedule under one name, whatever its length: the
     # checkpoint the downstream scripts are given (ckpt-last is the same, plus the optimizer).

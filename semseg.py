@@ -339,15 +339,17 @@ def main(cfg: Config) -> dict:
     model, train_model, optimizer = build_training(cfg, run.env)
     run.print(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
               f"parameters")
-    state = run.resume(model, optimizer, step=0, history=[], best_miou=-1.0)
+    state = run.resume(model, optimizer, step=0, history=[], best_miou=-1.0, pending=None)
     step, history, best_miou = state["step"], state["history"], state["best_miou"]
     best = ckpt.find_checkpoint(run.out_dir / "ckpt-best") if cfg.resume else None
     best_state = ckpt.load_weights(best) if best is not None else None  # for --test-rooms
     train_step = make_train_step(cfg, model, train_model, optimizer, train, weights, run.env)
     run.open_outputs()
 
-    progress = Progress(run, total_steps, step, cfg.epochs - 1, unit="blocks")
-    sums = torch.zeros(3, device=run.device)  # loss, accuracy, fallback blocks since the last line
+    progress = Progress(run, total_steps, step, cfg.epochs - 1, unit="blocks",
+                        pending=state["pending"])
+    # loss, accuracy, fallback blocks since the last line
+    sums = progress.restore("sums", torch.zeros(3, device=run.device))
     epoch, metrics = step // steps_per_epoch, {}
     order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
     train_model.train()
@@ -386,12 +388,15 @@ def main(cfg: Config) -> dict:
             run.log(step, {**{f"test/{k}": scores[k] for k in ("miou", "macc", "oa")},
                            **{f"test_iou/{c}": v for c, v in scores["iou"].items()}})
             progress.restart_interval()
-        if epoch_end or step == total_steps:
+        stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
+        if epoch_end or step == total_steps or stop:
             run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history,
-                     best_miou=best_miou)
+                     best_miou=best_miou, pending=progress.pending(sums=sums))
         if epoch_end:
             epoch += 1
             order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
+        if stop:
+            run.exit_preempted(step)
 
     evals = [h for h in history if "miou" in h]
     result = {"step": step, "total_steps": total_steps, "history": history, "metrics": metrics,

@@ -35,7 +35,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pqae.errors import BadInput, CheckpointMismatch, MissingFile
+from pqae import lock
+from pqae.errors import BadInput, CheckpointMismatch, MissingFile, UserError, WriteFailed
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -80,7 +81,7 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor],
         _fsync(tmp)
     except Exception as e:  # a full disk, an unwritable directory
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {e}; nothing was replaced") from e
+        raise WriteFailed(f"could not write {path} ({_why(e)}); nothing was replaced") from e
     os.replace(tmp, path)
 
 
@@ -193,10 +194,16 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
         (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
         _fsync(tmp / "meta.json")
         _fsync_dir(tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as RuntimeError ("file write failed", "unexpected
+        # pos"); any other RuntimeError is not a write failure and goes up as it is
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write checkpoint {final}: {e}. The previous checkpoint "
-                      f"{find_checkpoint(final)} is intact") from e
+        if isinstance(e, RuntimeError) and not _write_error(e):
+            raise
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+        raise WriteFailed(f"could not write checkpoint {final} ({_why(cause)}); its temporary "
+                          f"files were removed and the previous checkpoint "
+                          f"{find_checkpoint(final)} is intact") from None
     # Swap. At every moment the newest complete checkpoint is <name>, <name>.old or the new
     # .tmp-*: <name> becomes .old only when it is complete and .old is not the confirmed
     # predecessor of an unconfirmed <name> (which the new one then supersedes).
@@ -215,6 +222,19 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
     for stale in final.parent.glob(final.name + ".tmp-*"):  # interrupted writes: all older
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write_error(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return "write" in text or "unexpected pos" in text
+
+
+def _why(e: BaseException) -> str:
+    """A write failure in a few words: the errno's name and text when there is one."""
+    if isinstance(e, OSError) and e.errno is not None:
+        import errno as _errno
+        return f"{_errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+    return str(e).strip().splitlines()[0][:200]
 
 
 def checkpoint_problem(cand: Path) -> str | None:
@@ -446,10 +466,38 @@ def encoder_shape(path: str | Path) -> dict:
 
 
 def claim_out_dir(out_dir: str | Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run never destroys another one: a directory that already holds a run (config.json, a
-    checkpoint or results) is refused unless --resume continues it or --overwrite deletes it
-    first. Call on every rank before anything is written; rank 0 alone deletes."""
+    """A run never destroys or shares another one. Rank 0 takes the directory's lock
+    (`pqae.lock`: a second run in it refuses at once; an unwritable directory is refused before
+    any work), and every rank raises rank 0's refusal. A directory that already holds a run
+    (config.json, a checkpoint or results) is refused unless --resume continues it or
+    --overwrite deletes it first. Call on every rank before anything is written; rank 0 alone
+    deletes."""
     out_dir = Path(out_dir)
+    _refuse_existing_run(out_dir, resume, overwrite)  # before the lock: a refusal writes nothing
+    problem = note = None
+    if rank == 0:
+        try:
+            note = lock.acquire(out_dir)
+            _refuse_existing_run(out_dir, resume, overwrite)  # one that started meanwhile
+        except UserError as e:
+            lock.release(out_dir)
+            problem = e
+    problem = _from_rank0(problem)
+    if problem is not None:
+        raise problem
+    if note and rank == 0:
+        print(f"note: {note}", flush=True)
+    if overwrite and not resume and rank == 0:
+        for child in out_dir.iterdir():  # all but the lock this run holds
+            if child.name == lock.NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def _refuse_existing_run(out_dir: Path, resume: bool, overwrite: bool) -> None:
     found = [n for n in ("config.json", "results.json", "ckpt-last", "ckpt-last.old")
              if (out_dir / n).exists()]
     if resume or not found:
@@ -461,5 +509,13 @@ def claim_out_dir(out_dir: str | Path, resume: bool, overwrite: bool, rank: int 
     resolved = out_dir.resolve()
     if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)):
         raise BadInput(f"--overwrite would delete {resolved}: give a run directory as --out-dir")
-    if rank == 0:
-        shutil.rmtree(out_dir)
+
+
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (itself in a single process)."""
+    import torch.distributed as tdist
+    if not tdist.is_initialized():
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]

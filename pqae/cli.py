@@ -23,7 +23,7 @@ from typing import Callable, TypeVar
 import tyro
 
 from pqae import checkpoint as ckpt
-from pqae import dist
+from pqae import dist, lock, preempt
 from pqae.errors import BadInput, MissingFile, UserError
 from pqae.run import RunOptions
 
@@ -122,6 +122,8 @@ def run(main: Callable[[T], object], config_cls: type[T], presets: dict[str, T],
     collective that timed out on a stopped peer into a message naming it and exit status 3."""
     try:
         main(parse(config_cls, presets, doc=doc, resolve=resolve, prog=prog))
+    except preempt.Preempted:
+        raise  # saved and said so: exit status 75
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -129,6 +131,9 @@ def run(main: Callable[[T], object], config_cls: type[T], presets: dict[str, T],
         if dist.handle_timeout(e):  # a peer stopped answering: name it, end the job
             raise SystemExit(3) from None
         raise
+    finally:
+        lock.release_all()
+        preempt.release_all()
 
 
 def adopt(cfg: T, values: dict, explicit: set[str], source: str, prefix: str = "",

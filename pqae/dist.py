@@ -55,6 +55,8 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> Dist:
         global _timeout_s
         _timeout_s = timeout_s
         _store().set(f"pqae/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
+        global _cpu_group  # host-side agreement (preemption) without a device sync
+        _cpu_group = dist.new_group(backend="gloo") if dev.type == "cuda" else None
         # One group for the life of the process: a group re-created after a destroy would read
         # the old group's stale addresses from torchrun's store and hang, so a script's main()
         # run twice in one job (fewshot.py's folds) reuses this one instead.
@@ -123,6 +125,20 @@ def shard(n: int, rank: int, world_size: int) -> range:
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (rank < extra))
+
+
+_cpu_group = None
+"""A gloo group beside NCCL's, for flags the hosts agree on (None: the default group is gloo)."""
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (one all-reduce of one integer on the
+    host; no device synchronisation). Every rank must call it at the same point."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(t.item())
 
 
 def barrier() -> None:

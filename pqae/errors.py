@@ -22,3 +22,8 @@ class BadInput(UserError, ValueError):
 
 class CheckpointMismatch(UserError, KeyError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+class WriteFailed(UserError, OSError):
+    """A file of the run could not be written (a full disk, a read-only or unwritable
+    directory); the message names it and says what was kept."""

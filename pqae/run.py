@@ -12,7 +12,12 @@ keeps its own loop, in its own file, and calls these for the rest:
         if progress.due(step, epoch_end):
             run.check_loss(loss, step, epoch)   # NaN or exploding: stop, name the last good one
             progress.line(step, epoch, f"loss {loss:.4f}")
-        run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history)
+        stop = run.stopping(step)                # a preemption signal: every rank agrees
+        if epoch_end or stop:
+            run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history,
+                     pending=progress.pending(sums=sums))   # a mid-interval save keeps its sums
+        if stop:
+            run.exit_preempted(step)             # ranks meet, one line, exit status 75
     return run.finish(summary, result, best_checkpoint, next_commands)
 
 `RunOptions` holds the fields every training script takes (device, speed, output, resume);
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +39,7 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import dist
+from pqae import dist, lock, preempt
 from pqae.errors import BadInput
 from pqae.log import Timer, finish, format_eta, log_scalars, print0, run_header, write_json
 from kernels import verify
@@ -93,6 +101,9 @@ class Run:
     """the global batch, split evenly over the processes."""
     writer: object = None
     """the TensorBoard SummaryWriter on rank 0 once `open_outputs` ran, else None."""
+    claimed: bool = False
+    """out_dir is this run's: locked (rank 0) and preemption signals caught."""
+    _stop_step: int = -1
 
     @property
     def out_dir(self) -> Path:
@@ -182,6 +193,7 @@ class Run:
             write_json(self.out_dir / "results.json", result)
         if self.writer is not None:
             self.writer.close()
+        self.release()
         if show:
             finish(summary, {"checkpoint": checkpoint, "resumable": self.out_dir / "ckpt-last",
                              "results": self.out_dir / "results.json",
@@ -190,6 +202,46 @@ class Run:
                    next_steps, rank=self.env.rank)
         dist.cleanup()
         return {**result, "out_dir": str(self.out_dir)}
+
+    def stopping(self, step: int) -> bool:
+        """Whether the run stops after this step for a preemption signal (SIGTERM, SIGINT,
+        SIGUSR1: `pqae.preempt`) that any rank received. Call once per step, on every rank:
+        the ranks agree in one host-side all-reduce."""
+        if self._stop_step == step:
+            return True
+        if not self.claimed:
+            return False
+        if dist.agree_any(preempt.received() is not None):
+            self._stop_step = step
+            return True
+        return False
+
+    def exit_preempted(self, step: int) -> None:
+        """After the preempted step's ckpt-last was saved: every rank waits for it, rank 0
+        writes out_dir/preempted.json (a job script's cue to requeue) and says how to resume,
+        and the process exits with status 75 (`preempt.Preempted`)."""
+        dist.barrier()  # rank 0's checkpoint is complete before any rank exits
+        last = ckpt.find_checkpoint(self.out_dir / "ckpt-last")
+        command = resume_command()
+        line = (f"preempted at step {step} ({preempt.received() or 'signal'}): {last} saved; "
+                f"resume with: {command}")
+        if self.is_main:
+            write_json(self.out_dir / "preempted.json",
+                       {"step": step, "signal": preempt.received(), "checkpoint": str(last),
+                        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": command})
+            print(line, flush=True)
+        if self.writer is not None:
+            self.writer.close()
+        self.release()
+        dist.cleanup()
+        raise preempt.Preempted(line)
+
+    def release(self) -> None:
+        """The end of a claimed run, however it ends: out_dir's lock and the signals let go."""
+        if self.claimed:
+            self.claimed = False
+            lock.release(self.out_dir)
+            preempt.release()
 
     def finish_eval(self, summary: str, result: dict, checkpoint: str,
                     outputs: dict | None = None) -> dict:
@@ -229,8 +281,24 @@ def start(cfg: RunOptions, batch_size: int, claim: bool = True, min_local_batch:
     run.print(run.header)
     if claim:
         ckpt.claim_out_dir(run.out_dir, cfg.resume, cfg.overwrite, env.rank)
+        run.claimed = True
+        preempt.hold(verbose=env.is_main)
+        if env.is_main:
+            (run.out_dir / "preempted.json").unlink(missing_ok=True)  # this run goes on
         dist.barrier()
     return run
+
+
+def resume_command() -> str:
+    """This process's command line with --resume (and without --overwrite): under torchrun,
+    the torchrun command with this host's process count."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    script = " ".join(shlex.quote(a) for a in [sys.argv[0], *args, "--resume"])
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        extra = " (with the same rendezvous flags on every node)" if nodes > 1 else ""
+        return f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')} {script}{extra}"
+    return f"python {script}"
 
 
 class Progress:
@@ -239,16 +307,30 @@ class Progress:
     Rank 0 prints; every rank must call `line` at the same steps."""
 
     def __init__(self, run: Run, total_steps: int, start_step: int, last_epoch: int,
-                 unit: str = "shapes"):
+                 unit: str = "shapes", pending: dict | None = None):
         self.run, self.total, self.start_step = run, total_steps, start_step
         self.last_epoch, self.unit = last_epoch, unit
         self.timer = Timer(run.device)
         self.t0 = time.perf_counter()
+        self.saved = pending or {}  # what a checkpoint saved between two lines (`pending`)
+        self.carried = int(self.saved.get("steps", 0))
 
     @property
     def steps(self) -> int:
-        """steps since the last line."""
-        return self.timer.steps
+        """steps since the last line (those before a resume included)."""
+        return self.timer.steps + self.carried
+
+    def pending(self, **sums: torch.Tensor) -> dict:
+        """What a checkpoint saved between two lines must keep for the next line to be the
+        uninterrupted run's: the steps since the last line and the loop's running sums."""
+        return {"steps": self.steps, **{k: v.tolist() for k, v in sums.items()}}
+
+    def restore(self, name: str, sums: torch.Tensor) -> torch.Tensor:
+        """`sums` (the loop's zeroed running sums), holding what the checkpoint resumed from
+        saved under `name`."""
+        if name in self.saved:
+            sums.copy_(torch.tensor(self.saved[name], dtype=sums.dtype))
+        return sums
 
     def tick(self) -> None:
         """One optimizer step done."""
@@ -269,6 +351,7 @@ class Progress:
                        f"{ms:.0f} ms/step | {rate:.0f} {self.unit}/s | ETA {format_eta(eta)}")
         self.run.log(step, {"perf/ms_per_step": ms, f"perf/{self.unit}_per_s": rate})
         self.timer.reset()
+        self.carried = 0
         return ms
 
     def restart_interval(self) -> None:

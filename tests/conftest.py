@@ -73,6 +73,45 @@ def need(path: Path) -> Path:
     return path
 
 
+def signal_at(monkeypatch, steps: int, sig: int) -> None:
+    """Send this process the real signal `sig` while its `steps`-th training step (counted over
+    all runs from now) finishes, as a cluster's preemption would mid-run; once."""
+    import signal as _signal  # noqa: F401  (sig is one of its constants)
+    from pqae.run import Progress
+    tick, calls = Progress.tick, [0]
+
+    def ticking(self):
+        tick(self)
+        calls[0] += 1
+        if calls[0] == steps:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(Progress, "tick", ticking)
+
+
+def preempted_then_resumed(main, config, steps: int, sig: int, monkeypatch, **resume) -> dict:
+    """main(config) stopped by `sig` during its `steps`-th step: it exits with status 75 after
+    saving out_dir/ckpt-last at that step and writing preempted.json; then main(config with
+    --resume) to the end. Returns the resumed run's result."""
+    from pqae import checkpoint as ckpt
+    from pqae import preempt
+    out = Path(config.out_dir)
+    signal_at(monkeypatch, steps, sig)
+    with pytest.raises(preempt.Preempted) as stopped:
+        main(config)
+    assert stopped.value.code == preempt.STATUS == 75
+    assert f"preempted at step {steps} (" in stopped.value.message, stopped.value.message
+    assert "--resume" in stopped.value.message
+    assert ckpt.load_meta(ckpt.find_checkpoint(out / "ckpt-last"))["step"] == steps
+    import json
+    assert json.loads((out / "preempted.json").read_text())["step"] == steps
+    assert not (out / "results.json").exists()
+    monkeypatch.undo()
+    result = main(dataclasses.replace(config, resume=True, **resume))
+    assert not (out / "preempted.json").exists()  # the resumed run removed the cue
+    return result
+
+
 def small_pretrain_config(tmp_path: Path, **overrides):
     """A pretraining config small enough for a CPU test: a few seconds per dozen steps."""
     from pretrain import Config

@@ -23,6 +23,7 @@ import pretrain
 import semseg
 from conftest import ROOT
 from pqae import checkpoint as ckpt
+from pqae import lock
 from pqae.cli import explicit_fields, parse
 from pqae.errors import BadInput, UserError
 from pqae.model import EncoderShape, PointPQAE
@@ -215,8 +216,9 @@ def test_a_refused_run_changes_nothing_and_overwrite_replaces_it(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "keep.txt"]
     ckpt.claim_out_dir(run, resume=True, overwrite=False)  # continuing is fine
     ckpt.claim_out_dir(run, resume=False, overwrite=True)
-    assert not run.exists()
+    assert [p.name for p in run.iterdir()] == [".lock"]  # all gone but the lock this run holds
     ckpt.claim_out_dir(tmp_path / "new", resume=False, overwrite=False)  # nothing there: fine
+    lock.release_all()
 
 
 def script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import finetune_cls
-from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer
+from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed
 from data_prep.convert_checkpoint import Args
 from data_prep.convert_checkpoint import main as convert
 from pqae import PointClassifier, formats
@@ -250,6 +251,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [h["acc"] for h in resumed["history"]] == [h["acc"] for h in full["history"]]
+
+
+def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+    """SIGINT (Ctrl-C) mid-epoch 1 at step 9: saved, exit 75; resumed, the weights and the
+    whole history (the epoch's train loss and accuracy sums were saved) are the uninterrupted
+    run's."""
+    full = finetune_cls.main(small_config(tmp_path / "a", epochs=3, votes=0, log_every=4))
+    resumed = preempted_then_resumed(
+        finetune_cls.main, small_config(tmp_path / "b", epochs=3, votes=0, log_every=4), 9,
+        signal.SIGINT, monkeypatch)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["history"] == full["history"]
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):

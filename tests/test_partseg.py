@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 import partseg
-from conftest import ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need
+from conftest import (ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need,
+                      preempted_then_resumed)
 from data_prep import shapenetpart as convert
 from pqae import checkpoint as ckpt
 from pqae import dist
@@ -238,6 +240,19 @@ def test_end_to_end_resume_and_checkpoints(tmp_path, cap_h5):
     # and metrics.
     partseg.main(small_config(tmp_path / "b", cap_h5, epochs=2, max_steps=3))
     resumed = partseg.main(small_config(tmp_path / "b", cap_h5, epochs=2, resume=True))
+    assert resumed["history"] == full["history"]
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, cap_h5, monkeypatch):
+    """SIGUSR1 (SLURM's --signal) at step 3, mid-epoch 1: saved, exit 75; resumed, the
+    uninterrupted run's weights and history."""
+    full = partseg.main(small_config(tmp_path / "a", cap_h5, epochs=2, log_every=2))
+    resumed = preempted_then_resumed(
+        partseg.main, small_config(tmp_path / "b", cap_h5, epochs=2, log_every=2), 3,
+        signal.SIGUSR1, monkeypatch)
     assert resumed["history"] == full["history"]
     a, b = full["model"].state_dict(), resumed["model"].state_dict()
     for k in a:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 
 import pretrain
 from conftest import (AIRPLANES, ROOT, HostToDeviceCopies, NoOpOptimizer, need,
-                      small_pretrain_config)
+                      preempted_then_resumed, small_pretrain_config)
 from pqae import checkpoint as ckpt
 from pqae import data
 from pqae.model import crop_view
@@ -66,6 +67,22 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed["history"] == full["history"]
     saved = json.loads((tmp_path / "b" / "run" / "results.json").read_text())
     assert saved["history"] == full["history"] and saved["step"] == 12
+
+
+@pytest.mark.parametrize("sig,steps", [(signal.SIGTERM, 3), (signal.SIGINT, 6),
+                                       (signal.SIGUSR1, 9)])
+def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch, sig, steps):
+    """SIGTERM, SIGINT and SIGUSR1 at a step mid-epoch and mid-logging-interval (log_every 4):
+    the run saves that step, exits 75, and the resumed run ends with the uninterrupted one's
+    weights bit for bit and its very history (the interval's running loss sums were saved)."""
+    full = pretrain.main(small_pretrain_config(tmp_path / "a", log_every=4))
+    cfg = small_pretrain_config(tmp_path / "b", log_every=4)
+    resumed = preempted_then_resumed(pretrain.main, cfg, steps, sig, monkeypatch)
+    assert resumed["step"] == 12
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["history"] == full["history"]
 
 
 def test_checkpoints_kept_at_reference_epochs(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import semseg
-from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer
+from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed
 from data_prep import s3dis as prep
 from pqae import checkpoint as ckpt
 from pqae import s3dis
@@ -215,6 +216,20 @@ def test_resume_matches_uninterrupted_run(converted, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert [h["miou"] for h in full["history"]] == [h["miou"] for h in resumed["history"]]
     assert full["best_miou"] == resumed["best_miou"]
+
+
+def test_preempted_run_resumes_to_the_uninterrupted_one(converted, tmp_path, monkeypatch):
+    """SIGTERM at step 1, mid-epoch 0: saved, exit 75; resumed, the uninterrupted run's
+    weights, history and best."""
+    data_path, _, _ = converted
+    small = dict(epochs=2, sample_rate=0.5, log_every=2)
+    full = semseg.main(tiny_config(data_path, tmp_path / "a", **small))
+    resumed = preempted_then_resumed(semseg.main, tiny_config(data_path, tmp_path / "b", **small),
+                                     1, signal.SIGTERM, monkeypatch)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["history"] == full["history"] and full["best_miou"] == resumed["best_miou"]
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -197,11 +197,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
     except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as RuntimeError ("file write failed", "unexpected
         # pos"); any other RuntimeError is not a write failure and goes up as it is
+        free = _free(final.parent)  # before the temporary files go: what the write met
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and not _write_error(e):
             raise
         cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
-        raise WriteFailed(f"could not write checkpoint {final} ({_why(cause)}); its temporary "
+        raise WriteFailed(f"could not write checkpoint {final} ({_why(cause)}; {free}); its temporary "
                           f"files were removed and the previous checkpoint "
                           f"{find_checkpoint(final)} is intact") from None
     # Swap. At every moment the newest complete checkpoint is <name>, <name>.old or the new
@@ -234,7 +235,18 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         import errno as _errno
         return f"{_errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
-    return str(e).strip().splitlines()[0][:200]
+    text = str(e).strip().splitlines()[0]
+    if "] . " in text:  # c10's "[enforce fail at FILE:LINE] . what"
+        text = text.split("] . ", 1)[1]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _free(directory: Path) -> str:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return "free space unknown"
+    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on its file system"
 
 
 def checkpoint_problem(cand: Path) -> str | None:

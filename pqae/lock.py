@@ -107,13 +107,18 @@ def acquire(out_dir: str | Path) -> str | None:
 
 
 def release(out_dir: str | Path) -> None:
-    """Drop this process's lock of `out_dir` (a no-op when it holds none). The file stays (it
-    records the last holder), unless the run created the directory and wrote nothing else in
-    it: a run refused at its start leaves nothing behind."""
+    """Drop this process's lock of `out_dir` (a no-op when it holds none). The file stays,
+    emptied (a record names a holder only while it runs or after it died), unless the run
+    created the directory and wrote nothing else in it: a run refused at its start leaves
+    nothing behind."""
     key = Path(out_dir).resolve()
     fd, created = _held.pop(key, (None, None))
     if fd is None:
         return
+    try:
+        os.ftruncate(fd, 0)  # an empty record: no holder (the next run takes over nothing)
+    except OSError:
+        pass
     os.close(fd)  # closing the only descriptor releases the flock
     if created is not None:
         try:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import pytest
 import torch
 
 import fewshot
-from conftest import ROOT
+from conftest import ROOT, signal_at
 from data_prep import modelnet_fewshot as mf
 from pqae import checkpoint as ckpt
-from pqae import data
+from pqae import data, preempt
 
 
 def fake_modelnet(path: Path, train_per_class: int = 3, test_per_class: int = 2) -> Path:
@@ -288,6 +289,30 @@ def test_fold_killed_halfway_resumes_to_the_uninterrupted_result(tmp_path):
     assert strip(resumed["folds"]) == strip(whole["folds"])
     history = json.loads((Path(fold_cfg.out_dir) / "results.json").read_text())["history"]
     assert len(history) == cfg.finetune.epochs + 1
+
+
+def test_preempted_fold_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """SIGTERM during step 3 of fold 0 (of folds 0 and 1): the fold saves and exits 75, the
+    few-shot run marks its own out_dir (preempted.json) and starts no other fold; with
+    --resume the folds and the table equal the uninterrupted run's, train losses included."""
+    for fold in (0, 1):
+        toy_episode(tmp_path / "episodes", fold)
+    base = dataclasses.replace(fewshot.PRESETS["tiny"], data_dir=str(tmp_path / "episodes"),
+                               ways=(2,), shots=(8,), folds=(0, 1))
+    whole = fewshot.main(dataclasses.replace(base, out_dir=str(tmp_path / "whole")))
+    cfg = dataclasses.replace(base, out_dir=str(tmp_path / "stopped"))
+    signal_at(monkeypatch, 3, signal.SIGTERM)
+    with pytest.raises(preempt.Preempted) as stopped:
+        fewshot.main(cfg)
+    assert stopped.value.code == 75 and "fold 0" in stopped.value.message
+    mark = json.loads((tmp_path / "stopped" / "preempted.json").read_text())
+    assert mark["signal"] == "SIGTERM" and "--resume" in mark["resume"]
+    assert ckpt.load_meta(fewshot.fold_dir(cfg.out_dir, 2, 8, 0) / "ckpt-last")["step"] == 3
+    assert not fewshot.fold_dir(cfg.out_dir, 2, 8, 1).exists()
+    monkeypatch.undo()
+    resumed = fewshot.main(dataclasses.replace(cfg, resume=True))
+    assert resumed["folds"] == whole["folds"] and resumed["table"] == whole["table"]
+    assert not (tmp_path / "stopped" / "preempted.json").exists()
 
 
 def test_two_process_torchrun_runs_every_fold(tmp_path):

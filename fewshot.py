@@ -255,13 +255,13 @@ def main(cfg: Config) -> dict:
             print0(f"{tag} already finished: {fold_cfg.out_dir}/results.json", rank=rank)
         else:
             if dist.agree_any(preempt.received() is not None):
-                raise preempted(out_dir, rank, f"before {tag}")
+                raise preempted(out_dir, rank, f"before {tag}", preempt.received())
             print0(f"{tag} {'resuming' if fold_cfg.resume else 'starting'} {fold_cfg.out_dir}",
                    rank=rank)
             try:
                 result = run_fold(fold_cfg)
-            except preempt.Preempted:  # the fold saved and said so; the job script's cue:
-                raise preempted(out_dir, rank, f"in {tag}", quiet=True) from None
+            except preempt.Preempted as stop:  # the fold saved and said so; mark our out_dir
+                raise preempted(out_dir, rank, f"in {tag}", stop.signal, quiet=True) from None
         if rank == 0 and not cfg.keep_checkpoints:
             for name in ("ckpt-last", "ckpt-best", "ckpt-last.old", "ckpt-best.old"):
                 shutil.rmtree(Path(fold_cfg.out_dir) / name, ignore_errors=True)
@@ -290,20 +290,22 @@ def main(cfg: Config) -> dict:
     return out
 
 
-def preempted(out_dir: Path, rank: int, where: str, quiet: bool = False) -> preempt.Preempted:
+def preempted(out_dir: Path, rank: int, where: str, signal_name: str | None,
+              quiet: bool = False) -> preempt.Preempted:
     """A preemption signal stopped the folds: out_dir/preempted.json (a job script's cue to
     requeue), the line saying how to resume (unless the fold's run said it), exit status 75."""
     line = f"preempted {where}; resume with: {resume_command()}"
     if rank == 0:
-        write_json(out_dir / "preempted.json", {"where": where, "signal": preempt.received(),
+        write_json(out_dir / "preempted.json", {"where": where, "signal": signal_name,
                                                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                 "resume": resume_command()})
         if not quiet:
             print(line, flush=True)
     lock.release(out_dir)
+    preempt.consume()
     preempt.release_all()
     dist.cleanup()
-    return preempt.Preempted(line)
+    return preempt.Preempted(line, signal_name)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
-from pqae.run import Progress, Run, RunOptions, start
+from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
@@ -421,18 +421,24 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
             points = points[:, subset]  # ONE random subset for the whole batch, as the reference
             params = data.draw_augmentation(cfg.augment, len(idx), device=device)
             points = data.apply_augmentation(cfg.augment, points, params)
-        with amp.autocast(device, cfg.amp):
-            logits = train_model(points)
-        with phase("loss"):
-            labels = train_labels[idx]
-            loss = F.cross_entropy(logits.float(), labels)
-        with phase("backward"):
-            loss.backward()
+        labels, k, losses, hits = train_labels[idx], cfg.accum_steps, [], []
+        for part, sync in micro_batches(train_model, k, local_bs):
+            with sync:
+                with amp.autocast(device, cfg.amp):
+                    logits = train_model(points[part])
+                with phase("loss"):
+                    loss = F.cross_entropy(logits.float(), labels[part])
+                with phase("backward"):
+                    (loss / k if k > 1 else loss).backward()
+            losses.append(loss.detach())
+            hits.append((logits.detach().argmax(1) == labels[part]).sum())
         with phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+        if k == 1:
+            return losses[0], hits[0]
+        return torch.stack(losses).mean(), torch.stack(hits).sum()  # the batch's
 
     return train_step
 

@@ -32,7 +32,7 @@ from pqae import shapenetpart as spart
 from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
-from pqae.run import Progress, Run, RunOptions, start
+from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, feature_blocks_for
 
@@ -239,18 +239,24 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: spart.Par
         u = torch.rand(local_bs, cfg.num_points, device=device)
         points, labels = train.sample(idx, u)  # (b, n, 3), (b, n)
         points = spart.augment(points)
-        with amp.autocast(device, cfg.amp):
-            logp = train_model(points, train.category[idx]).float()  # (b, n, 50)
-        # NLL over all points and all 50 parts (no category restriction in the loss).
-        loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels.reshape(-1))
-        loss.backward()
+        category, k, losses, hits = train.category[idx], cfg.accum_steps, [], []
+        for part, sync in micro_batches(train_model, k, local_bs):
+            with sync:
+                with amp.autocast(device, cfg.amp):
+                    logp = train_model(points[part], category[part]).float()  # (b, n, 50)
+                # NLL over all points and all 50 parts (no category restriction in the loss).
+                loss = F.nll_loss(logp.reshape(-1, spart.NUM_CLASSES), labels[part].reshape(-1))
+                (loss / k if k > 1 else loss).backward()
+            losses.append(loss.detach())
+            hits.append((logp.detach().argmax(-1) == labels[part]).sum())
         if cfg.double_step:
             optimizer.step()  # the reference's first update, with the UNclipped gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        correct = (logp.detach().argmax(-1) == labels).sum()
-        return torch.stack([loss.detach(), correct.float(),
+        loss, correct = (losses[0], hits[0]) if k == 1 else \
+            (torch.stack(losses).mean(), torch.stack(hits).sum())
+        return torch.stack([loss, correct.float(),
                             torch.full((), float(labels.numel()), device=device)])
 
     return train_step

@@ -31,7 +31,7 @@ from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
-from pqae.run import Progress, Run, RunOptions, start
+from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, shared_seed, step_seed
 
 
@@ -190,10 +190,17 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
             points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
         crop_ratios = model.draw_crop_ratios(random.Random(shared_seed(cfg.seed, step)))  # all ranks
-        with amp.autocast(device, cfg.amp):
-            out = train_model(points, crop_ratios, return_outputs)
-        with phase("backward"):
-            out["loss"].backward()
+        k, losses = cfg.accum_steps, []
+        for part, sync in micro_batches(train_model, k, local_bs):
+            with sync:
+                with amp.autocast(device, cfg.amp):
+                    out = train_model(points[part], crop_ratios, return_outputs)
+                with phase("backward"):
+                    (out["loss"] / k if k > 1 else out["loss"]).backward()
+            if k > 1:
+                losses.append(torch.stack([out[n] for n in LOSSES]).detach())
+        if k > 1:  # the batch's losses: the mean over its micro-batches (outputs: the last's)
+            out.update(zip(LOSSES, torch.stack(losses).mean(0)))
         with phase("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -235,7 +242,7 @@ def main(cfg: Config) -> dict:
         vis = run.writer is not None and cfg.vis_every and step % cfg.vis_every == 0
         log_now = progress.due(step + 1, (step + 1) % steps_per_epoch == 0)
         out = train_step(step, perm, return_outputs=vis or (log_now and run.is_main))
-        loss_sum += torch.stack([out["loss"], out["loss_view1"], out["loss_view2"]]).detach()
+        loss_sum += torch.stack([out[n] for n in LOSSES]).detach()
         step += 1
         progress.tick()
         if vis:
@@ -414,6 +421,8 @@ def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:
     dist.cleanup()
     return results
 
+
+LOSSES = ("loss", "loss_view1", "loss_view2")
 
 PHASES = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss", "backward",
           "optimizer"]

@@ -29,7 +29,7 @@ from pqae import amp, cli, dist, formats, s3dis, syncbn
 from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
-from pqae.run import Progress, Run, RunOptions, start
+from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, step_seed
 from pqae.segmentation import PointSegmenter, feature_blocks_for
 
@@ -295,15 +295,23 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
         # per axis.
         scale = 0.8 + 0.45 * torch.rand(local_bs, 1, 1, device=device)
         shift = -0.1 + 0.2 * torch.rand(local_bs, 1, 3, device=device)
-        with amp.autocast(device, cfg.amp):
-            logp = train_model(points * scale + shift).float()  # (b, n, 13)
-        nll = -logp.gather(-1, labels[..., None])[..., 0]  # (b, n)
-        w = weights[labels]
+        w = weights[labels]  # (b, n)
         # PyTorch's weighted NLL mean (sum of w * nll / sum of w) over the GLOBAL batch: the
-        # denominator is summed over ranks and DDP averages gradients, hence the x world.
+        # denominator is summed over ranks and DDP averages gradients, hence the x world. Over
+        # micro-batches the parts' sums add up to it exactly.
         denom = dist.all_reduce_sum(w.sum().detach())
-        loss = (w * nll).sum() * world / denom
-        loss.backward()
+        points, k, losses, logps = points * scale + shift, cfg.accum_steps, [], []
+        for part, sync in micro_batches(train_model, k, local_bs):
+            with sync:
+                with amp.autocast(device, cfg.amp):
+                    logp = train_model(points[part]).float()  # (b, n, 13)
+                nll = -logp.gather(-1, labels[part][..., None])[..., 0]  # (b, n)
+                loss = (w[part] * nll).sum() * world / denom
+                loss.backward()
+            losses.append(loss.detach())
+            logps.append(logp.detach())
+        if k > 1:  # the batch's
+            loss, logp = torch.stack(losses).sum(), torch.cat(logps)
         if cfg.double_step:
             optimizer.step()  # the reference's first step: unclipped gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

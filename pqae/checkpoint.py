@@ -178,8 +178,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
         if resume is not None:
             fall_back(final)
         raise FloatingPointError(
-            f"refusing to write {final}: non-finite weights in {bad[:5]}"
-            f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint is {find_checkpoint(final)}")
+            f"refusing to write {final}: non-finite weights in {listing(bad)}. "
+            + (last_good(final) if resume is not None else
+               f"The last good checkpoint {find_checkpoint(final)} is kept as it was"))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{next(_counter)}")
     try:
@@ -206,12 +207,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict,
                           f"files were removed and the previous checkpoint "
                           f"{find_checkpoint(final)} is intact") from None
     # Swap. At every moment the newest complete checkpoint is <name>, <name>.old or the new
-    # .tmp-*: <name> becomes .old only when it is complete and .old is not the confirmed
-    # predecessor of an unconfirmed <name> (which the new one then supersedes).
+    # .tmp-*. For a resumable checkpoint, .old is the newest one whose loss was checked:
+    # <name> becomes .old only when it is complete and checked; an unchecked one is superseded.
     old = final.with_name(final.name + ".old")
     if final.exists():
-        keep_old = resume is not None and old.is_dir() and checkpoint_problem(old) is None
-        if checkpoint_problem(final) is not None or keep_old:
+        if checkpoint_problem(final) is not None or (resume is not None and not checked(final)):
             shutil.rmtree(final)
         else:
             shutil.rmtree(old, ignore_errors=True)
@@ -385,19 +385,35 @@ def loaded_note(path: str | Path, dropped: list[str]) -> str:
             f"{listing(dropped)}")
 
 
+CHECKED = "checked.json"
+"""A resumable checkpoint's mark that a loss computed with its weights passed the check."""
+
+
+def checked(directory: Path) -> bool:
+    return (Path(directory) / CHECKED).is_file()
+
+
+def _mark_checked(directory: Path, step: int, losses: list[float]) -> None:
+    tmp = directory / (CHECKED + ".tmp")
+    tmp.write_text(json.dumps({"checked_at_step": step, "losses": losses}))
+    os.replace(tmp, directory / CHECKED)
+
+
 def fall_back(directory: str | Path) -> None:
-    """A run diverged: a resumable checkpoint saved since the last passing loss check (its
-    confirmed predecessor `.old` still exists) is set aside as `<name>.diverged`, and the
-    predecessor becomes `<name>` again."""
+    """A run diverged: a resumable checkpoint saved since the last passing loss check is set
+    aside as `<name>.diverged`, and its checked predecessor `.old`, if there is one, becomes
+    `<name>` again (else no `<name>` remains: nothing of the run had a checked loss)."""
     last = Path(directory)
     old = last.with_name(last.name + ".old")
-    if old.is_dir() and checkpoint_problem(old) is None:
-        aside = last.with_name(last.name + ".diverged")
+    if last.is_dir() and checked(last):
+        return
+    aside = last.with_name(last.name + ".diverged")
+    if last.exists():
         shutil.rmtree(aside, ignore_errors=True)
-        if last.exists():
-            os.replace(last, aside)
+        os.replace(last, aside)
+    if old.is_dir() and checkpoint_problem(old) is None and checked(old):
         os.replace(old, last)
-        _fsync_dir(last.parent)
+    _fsync_dir(last.parent)
 
 
 def confirm(directory: str | Path, rank: int = 0) -> None:
@@ -419,15 +435,29 @@ def stop_if_diverged(losses: float | list[float], step: int, epoch: int,
     last = Path(out_dir) / "ckpt-last"
     old = last.with_name(last.name + ".old")
     if all(math.isfinite(v) and v <= max_loss for v in values):
-        if rank == 0 and old.is_dir() and last.is_dir() and _step(last) < step:
+        if rank == 0 and last.is_dir() and _step(last) < step and not checked(last) \
+                and checkpoint_problem(last) is None:
+            _mark_checked(last, step, values)
             shutil.rmtree(old, ignore_errors=True)
         return
     if rank == 0:
         fall_back(last)
     why = "not finite" if not all(math.isfinite(v) for v in values) else f"above --max-loss {max_loss:g}"
-    raise FloatingPointError(
-        f"loss is {values[0]} at step {step} (epoch {epoch}), {why}; stopping. The last good "
-        f"checkpoint is {find_checkpoint(last)} (resume from it with --resume)")
+    raise FloatingPointError(f"loss is {values[0]} at step {step} (epoch {epoch}), {why}; "
+                             f"stopping. {last_good(last)}")
+
+
+def last_good(last: Path) -> str:
+    """The sentence naming the last good checkpoint after a divergence (`fall_back` ran)."""
+    good = find_checkpoint(last)
+    if good is None or not checked(good):
+        return (f"No checkpoint of this run has had its loss checked yet (an unchecked one is "
+                f"set aside as {last.with_name(last.name + '.diverged')}): start the run again, "
+                f"e.g. with a lower --lr or a longer warmup")
+    at = json.loads((good / CHECKED).read_text())["checked_at_step"]
+    return (f"The last good checkpoint is {good}, saved at step {_step(good)} and checked by "
+            f"the loss at step {at} (resume from it with --resume; a lower --lr needs "
+            f"--allow-config-change)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pqae.errors import BadInput, MissingFile
+from pqae.errors import BadInput, MissingFile, reading
 
 SHAPENET55_POINTS = 8192
 SHAPENET55_SHAPES = 52_470
@@ -44,6 +44,34 @@ def check_finite(points: torch.Tensor, what: str) -> None:
         if bad.any():
             first = start + int(bad.nonzero()[0, 0])
             raise BadInput(f"{what}: sample {first} contains NaN or inf values")
+
+
+MAX_COORD = 1e9
+"""Largest coordinate a loader accepts: its square must not overflow float32 when a cloud is
+normalised to the unit sphere (|x| beyond ~1.8e19 does), with a wide margin."""
+
+
+def check_clouds(points: torch.Tensor, what: str) -> None:
+    """Refuse the clouds (along dim 0) that normalisation would turn into garbage: NaN or inf
+    values, a coordinate beyond +-MAX_COORD (a cloud x1e30, one point at 1e25), or zero extent
+    (every point the same: all zeros). The message names `what` and the first indices of each
+    kind, counted in `points` (the split as the file holds it). Works in chunks of clouds."""
+    found: dict[str, list[int]] = {"NaN or inf values": [],
+                                   f"coordinates beyond +-{MAX_COORD:g}": [],
+                                   "zero extent (every point the same)": []}
+    chunk = 1024
+    for start in range(0, points.shape[0], chunk):
+        x = points[start:start + chunk].float()  # (c, N, 3)
+        finite = torch.isfinite(x).flatten(1).all(1)
+        big = finite & (x.abs().flatten(1).amax(1) > MAX_COORD)
+        flat = finite & ~big & (x.amax(1) == x.amin(1)).all(1)
+        for kind, mask in zip(found, (~finite, big, flat)):
+            found[kind] += (start + mask.nonzero().flatten()).tolist()[:10]
+    bad = {k: v for k, v in found.items() if v}
+    if bad:
+        raise BadInput(f"{what}: cloud(s) that cannot be normalised: " + "; ".join(
+            f"{kind} in sample(s) {', '.join(map(str, idx[:5]))}{' ...' if len(idx) > 5 else ''}"
+            for kind, idx in bad.items()))
 
 
 def _check_split(split: str) -> None:
@@ -75,7 +103,7 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
         f"(S, {SHAPENET55_POINTS}, 3) and dtype float32"
     )
     groups = ("test", "train") if split == "all" else (split,)
-    with h5py.File(path, "r") as f:
+    with reading(path, f"an HDF5 file with {expected}"), h5py.File(path, "r") as f:
         dsets = []
         for g in groups:
             key = f"{g}/points"
@@ -95,13 +123,13 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
         total = sum(d.shape[0] for d in dsets)
         out = np.empty((total, SHAPENET55_POINTS, 3), dtype=np.float32)  # (S, 8192, 3)
         start = 0
-        for d in dsets:
+        for g, d in zip(groups, dsets):
             if d.shape[0]:
                 d.read_direct(out, dest_sel=np.s_[start : start + d.shape[0]])
+            # indices within the group, as the user knows the file
+            check_clouds(torch.from_numpy(out[start : start + d.shape[0]]), f"{path} '{g}/points'")
             start += d.shape[0]
-    points = torch.from_numpy(out)
-    check_finite(points, f"{path} (split {split!r})")
-    return points
+    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +152,7 @@ def load_airplanes(path: str | Path, split: str = "all") -> torch.Tensor:
     expected = (
         f"keys 'points' (S, {AIRPLANES_POINTS}, 3) float32 and 'is_test' (S,) bool"
     )
-    with np.load(path, allow_pickle=False) as f:
+    with reading(path, f"an .npz with {expected}"), np.load(path, allow_pickle=False) as f:
         missing = [k for k in ("points", "is_test") if k not in f.files]
         if missing:
             raise BadInput(f"{path}: expected {expected}; missing {missing} (has {f.files})")
@@ -141,11 +169,10 @@ def load_airplanes(path: str | Path, split: str = "all") -> torch.Tensor:
             f"{path}: expected {expected}; found 'points' {points.shape} {points.dtype} and "
             f"'is_test' {is_test.shape} {is_test.dtype}"
         )
+    check_clouds(torch.from_numpy(points), f"{path} 'points'")  # indices as in the file
     if split != "all":
         points = points[is_test if split == "test" else ~is_test]
-    out = torch.from_numpy(np.ascontiguousarray(points))
-    check_finite(out, f"{path} (split {split!r})")
-    return out
+    return torch.from_numpy(np.ascontiguousarray(points))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +385,7 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
                           f"try the built-in data first: `python finetune_cls.py --preset tiny`")
     expected = (f"groups 'train' and 'test', each with 'points' (S, {num_points}, 3) float32 "
                 f"and 'labels' (S,) int64 in [0, {num_classes})")
-    with h5py.File(path, "r") as f:
+    with reading(path, f"an HDF5 file with {expected}"), h5py.File(path, "r") as f:
         if f"{split}/points" not in f or f"{split}/labels" not in f:
             raise BadInput(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
                            + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
@@ -371,7 +398,7 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
         raise BadInput(f"{path}: '{split}/labels' outside [0, {num_classes}): "
                        f"min {labels.min()}, max {labels.max()}")
     out = torch.from_numpy(points)
-    check_finite(out, f"{path} (split {split!r})")
+    check_clouds(out, f"{path} '{split}/points'")
     return out, torch.from_numpy(labels.astype(np.int64))
 
 

@@ -4,6 +4,9 @@ for, so `except FileNotFoundError` and the like still catch it."""
 
 from __future__ import annotations
 
+import zipfile
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A mistake in the command line or the input files; the message says how to fix it."""
@@ -27,3 +30,19 @@ class CheckpointMismatch(UserError, KeyError):
 class WriteFailed(UserError, OSError):
     """A file of the run could not be written (a full disk, a read-only or unwritable
     directory); the message names it and says what was kept."""
+
+
+@contextmanager
+def reading(path, expected: str):
+    """Around the whole read of a data file: a file that cannot be read as `expected` (not
+    HDF5 or .npz, truncated, an object array, a damaged dataset) is a BadInput naming the
+    file, the expected layout and the cause in one line, instead of a library's traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError,
+            zipfile.BadZipFile) as e:
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise BadInput(f"{path} cannot be read as {expected}: {type(e).__name__}: {cause}") from None
+

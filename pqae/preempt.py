@@ -24,9 +24,9 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 class Preempted(SystemExit):
     """Raised after a preempted run saved and every rank met: exit status STATUS."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, signal_name: str | None = None):
         super().__init__(STATUS)
-        self.message = message
+        self.message, self.signal = message, signal_name
 
 
 class _Flag:
@@ -82,6 +82,12 @@ def release() -> None:
 def release_all() -> None:
     while _flag.holders:
         release()
+
+
+def consume() -> None:
+    """The stop a signal asked for happened: forget it (a run started later in this process
+    does not stop at its first step)."""
+    _flag.signal, _flag.count = None, 0
 
 
 def received() -> str | None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pqae import data
 from pqae.embed import PointEmbedder, load_encoder, random_encoder
-from pqae.errors import BadInput
+from pqae.errors import BadInput, reading
 from pqae.log import write_json
 
 
@@ -102,7 +102,8 @@ def load_data(kind: str, path: str, procedural_train: int = 200, procedural_test
                f"python -m data_prep.scanobjectnn --root data/ScanObjectNN --variant hardest --out {path}")
         raise BadInput(f"probe data {path} does not exist. Create it with `{how}`, or probe on "
                        f"the built-in shapes with --data procedural")
-    with h5py.File(path, "r") as f:
+    with reading(path, "a classification HDF5 file (data_prep.modelnet40 or .scanobjectnn)"), \
+            h5py.File(path, "r") as f:
         variant = f.attrs.get("variant")
         names = {s: [n.decode() if isinstance(n, bytes) else str(n) for n in f[f"{s}/names"][()]]
                  if f"{s}/names" in f else None for s in ("train", "test")}

@@ -26,6 +26,7 @@ a script's `Config` adds its own in front of them (see `pretrain.Config`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +72,11 @@ class RunOptions:
     fused_adamw: bool = True
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
+    accum_steps: int = 1
+    """split each process's batch into this many micro-batches and step the optimizer once per
+    batch: the global batch, and so the recipe's learning rate and schedule, stay; the
+    activation memory is a micro-batch's. Deviation when > 1: BatchNorm normalises each
+    micro-batch (the reference: the whole batch). DDP all-reduces on the last one only."""
     sync_bn: bool = True
     """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
     statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
@@ -88,6 +94,19 @@ class RunOptions:
     overwrite: bool = False
     """delete out_dir first when it already holds a run (without this or --resume, such a run
     is refused and left untouched)."""
+    allow_config_change: bool = False
+    """let --resume continue with another recipe (batch size, schedule, learning rate, data,
+    model, seed...); without it such a resume is refused. How a run is carried out (steps to
+    stop at, logging, saving, device, speed flags) may always change."""
+
+
+HOW_TO_RUN = frozenset({
+    "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw", "accum_steps",
+    "collective_timeout", "out_dir", "resume", "overwrite", "allow_config_change",
+    "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",
+    "benchmark_steps", "benchmark_compare", "benchmark_phases", "cost_model", "json"})
+"""Config fields that change how a run is carried out, not what it computes: --resume may
+change them freely (the others need --allow-config-change)."""
 
 
 @dataclass
@@ -148,6 +167,13 @@ class Run:
         ours = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))  # as saved
         changed = {k: (v, ours[k]) for k, v in meta.get("config", {}).items()
                    if k in ours and k not in ("resume", "overwrite") and v != ours[k]}
+        recipe = {k: v for k, v in changed.items() if k not in HOW_TO_RUN}
+        if recipe and not self.cfg.allow_config_change:
+            listed = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in recipe.items())
+            raise BadInput(f"--resume would continue {last} (step {state['step']}) with another "
+                           f"recipe: {listed}. Resume with the run's own values (its "
+                           f"{self.out_dir / 'config.json'}), start a new run in another "
+                           f"--out-dir, or pass --allow-config-change to go on anyway")
         self.print(f"resumed from {last} at step {state['step']}"
                    + (f"; config changed since: {changed}" if changed else ""))
         return {k: state.get(k, meta.get(k, v)) for k, v in defaults.items()}
@@ -232,9 +258,11 @@ class Run:
             print(line, flush=True)
         if self.writer is not None:
             self.writer.close()
+        name = preempt.received()
         self.release()
+        preempt.consume()
         dist.cleanup()
-        raise preempt.Preempted(line)
+        raise preempt.Preempted(line, name)
 
     def release(self) -> None:
         """The end of a claimed run, however it ends: out_dir's lock and the signals let go."""
@@ -271,22 +299,46 @@ def start(cfg: RunOptions, batch_size: int, claim: bool = True, min_local_batch:
     and, when `claim` (a training run), out_dir claimed on every rank before anything is read
     or written (a directory holding another run is refused unless --resume or --overwrite)."""
     env = dist.setup(cfg.device, cfg.collective_timeout)
-    if batch_size % env.world_size:
-        raise BadInput(f"batch_size {batch_size} is not divisible by {env.world_size} processes")
-    if batch_size // env.world_size < min_local_batch:
-        raise BadInput(f"{batch_size // env.world_size} sample(s) per process: BatchNorm needs "
-                       f"at least {min_local_batch}")
+    k = cfg.accum_steps
+    if k < 1:
+        raise BadInput(f"--accum-steps {k}: give 1 or more micro-batches per step")
+    if batch_size % (env.world_size * k):
+        raise BadInput(f"batch_size {batch_size} is not divisible by {env.world_size} "
+                       f"process(es) x {k} micro-batch(es) (--accum-steps)")
+    if batch_size // (env.world_size * k) < min_local_batch:
+        raise BadInput(f"{batch_size // (env.world_size * k)} sample(s) per micro-batch: "
+                       f"BatchNorm needs at least {min_local_batch}"
+                       + (" (lower --accum-steps)" if k > 1 else ""))
     header = f"{run_header(env.device, env.world_size)}\n{verify.header(env.device)}"
     run = Run(cfg, env, header, batch_size)
     run.print(run.header)
+    global _active
+    if _active is not None:  # a run of this process that ended by an exception (in process)
+        _active.release()
     if claim:
         ckpt.claim_out_dir(run.out_dir, cfg.resume, cfg.overwrite, env.rank)
-        run.claimed = True
+        run.claimed, _active = True, run
         preempt.hold(verbose=env.is_main)
         if env.is_main:
             (run.out_dir / "preempted.json").unlink(missing_ok=True)  # this run goes on
         dist.barrier()
     return run
+
+
+_active: Run | None = None
+"""The claimed run of this process, if any."""
+
+
+def micro_batches(train_model, k: int, n: int):
+    """The `k` micro-batches of a process's batch of `n` samples, as (slice, context) pairs:
+    run each one's forward and backward inside its context, which holds DDP's gradient
+    all-reduce back until the last one (no_sync). k = 1: the whole batch, synchronised."""
+    size = n // k
+    for j in range(k):
+        last = j == k - 1
+        sync = train_model.no_sync() if not last and hasattr(train_model, "no_sync") else \
+            contextlib.nullcontext()
+        yield slice(j * size, (j + 1) * size), sync
 
 
 def resume_command() -> str:

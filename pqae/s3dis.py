@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pqae.errors import BadInput, MissingFile
+from pqae.errors import BadInput, MissingFile, reading
 
 CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
            "sofa", "bookcase", "board", "clutter")
@@ -94,10 +94,12 @@ def load_rooms(path: str | Path, areas: tuple[int, ...]) -> Rooms:
     if path.is_dir():
         for f in sorted(path.glob("Area_*.npy")):
             if area_of(f.stem) in areas:
-                arrays[f.stem] = np.load(f)
+                with reading(f, "an (N, 7) float32 .npy room (x y z r g b label)"):
+                    arrays[f.stem] = np.load(f, allow_pickle=False)
     else:
         import h5py  # only this loader needs it
-        with h5py.File(path, "r") as f:
+        with reading(path, "the HDF5 file of data_prep.s3dis (group `rooms`)"), \
+                h5py.File(path, "r") as f:
             if "rooms" not in f:
                 raise BadInput(f"{path}: no `rooms` group; not written by data_prep.s3dis")
             for name, ds in f["rooms"].items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pqae.errors import BadInput, MissingFile
+from pqae.errors import BadInput, MissingFile, reading
 
 from pqae.data import check_finite
 
@@ -145,7 +145,7 @@ def load_split(path: str | Path, split: str) -> PartSplit:
             f"`python -m data_prep.shapenetpart --root "
             f"data/shapenetcore_partanno_segmentation_benchmark_v0_normal --out {path}`, or try "
             f"the built-in data first: `python partseg.py --preset tiny`")
-    with h5py.File(path, "r") as f:
+    with reading(path, f"an HDF5 file with {FORMAT}"), h5py.File(path, "r") as f:
         if split not in f:
             raise BadInput(f"{path}: expected {FORMAT}; found no group '{split}' "
                            f"(top-level keys: {sorted(f.keys())})")
@@ -168,8 +168,8 @@ def load_split(path: str | Path, split: str) -> PartSplit:
     if category.min() < 0 or category.max() >= len(CATEGORIES):
         raise BadInput(f"{path}: '{split}/category' has values outside 0..15")
     seg = np.repeat(np.arange(S), np.diff(offsets))
-    bad = ~part_mask().numpy()[category[seg], np.minimum(labels, NUM_CLASSES - 1)] \
-        | (labels >= NUM_CLASSES)
+    bad = ~part_mask().numpy()[category[seg], np.clip(labels, 0, NUM_CLASSES - 1)] \
+        | (labels < 0) | (labels >= NUM_CLASSES)  # -1 would index part 49
     if bad.any():
         s = int(seg[np.argmax(bad)])
         raise BadInput(f"{path}: shape {names[s]} ({CATEGORIES[category[s]]}) has part labels "

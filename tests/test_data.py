@@ -152,14 +152,16 @@ def test_load_shapenet55_wrong_layout(tmp_path):
 
 def test_load_shapenet55_nan(tmp_path):
     path = tmp_path / "nan.h5"
-    pts = np.zeros((3, 8192, 3), np.float32)
+    pts = np.random.default_rng(0).standard_normal((4, 8192, 3)).astype(np.float32)
     pts[2, 5, 0] = np.inf
     with h5py.File(path, "w") as f:
-        f.create_dataset("train/points", data=pts)
-        f.create_dataset("test/points", data=np.zeros((1, 8192, 3), np.float32))
-    with pytest.raises(ValueError, match=r"nan\.h5.*sample 2\b"):
+        f.create_dataset("train/points", data=pts[:3])
+        f.create_dataset("test/points", data=pts[3:])
+    with pytest.raises(ValueError, match=r"nan\.h5 'train/points'.*NaN or inf values in "
+                                         r"sample\(s\) 2$"):
         load_shapenet55(path, "train")
-    with pytest.raises(ValueError, match=r"sample 3\b"):  # test first, so it is index 1 + 2
+    # "all" reads test first; the index is still the one within 'train', as the file has it
+    with pytest.raises(ValueError, match=r"'train/points'.*sample\(s\) 2$"):
         load_shapenet55(path, "all")
 
 
@@ -197,11 +199,11 @@ def test_airplanes_errors(tmp_path):
     with pytest.raises(ValueError, match=r"nokey\.npz.*is_test"):
         load_airplanes(path)
     path = tmp_path / "nan.npz"
-    pts = np.zeros((4, 2048, 3), np.float32)
+    pts = np.random.default_rng(0).standard_normal((4, 2048, 3)).astype(np.float32)
     pts[1, 0, 0] = np.nan
     np.savez(path, points=pts, is_test=np.array([True, False, False, True]))
-    with pytest.raises(ValueError, match=r"nan\.npz.*sample 1\b"):
-        load_airplanes(path)
+    with pytest.raises(ValueError, match=r"nan\.npz 'points'.*NaN or inf values in sample\(s\) 1$"):
+        load_airplanes(path, "train")  # the index in the file, not in the train split
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,14 @@ def save(directory: Path, step: int) -> None:
                          {"optimizer": opt.state_dict(), "step": step})
 
 
+def checked_save(directory: Path, step: int) -> None:
+    """save(), then a passing loss check at the next step: the checkpoint is marked checked,
+    so the next save keeps it as `.old` (an unchecked one is superseded instead)."""
+    save(directory, step)
+    ckpt.stop_if_diverged(1.0, step + 1, 0, directory.parent)
+    assert ckpt.checked(directory)
+
+
 def killed_save(monkeypatch, directory: Path, step: int, at: int) -> bool:
     """save() killed at its `at`-th file-system operation (a rename, a removal, a file write);
     True if the kill happened (False: the save finished before reaching it)."""
@@ -86,7 +94,7 @@ def test_kills_at_every_point_of_two_writes_in_a_row_lose_nothing(monkeypatch, t
     cases = 0
     for a in itertools.count(1):
         run = tmp_path / f"a{a}"
-        save(run / "ckpt-last", 1)
+        checked_save(run / "ckpt-last", 1)
         if not killed_save(monkeypatch, run / "ckpt-last", 2, a):
             break
         after_first = newest(run / "ckpt-last")
@@ -108,15 +116,15 @@ def test_kills_at_every_point_of_two_writes_in_a_row_lose_nothing(monkeypatch, t
 def test_the_reported_double_kill_case(tmp_path):
     """A kill between the two renames of a swap, then a second one after the next write's
     removal of `.old`: only a complete `.tmp-*` remains, and it is found."""
-    save(tmp_path / "ckpt-last", 1)
-    save(tmp_path / "ckpt-last", 2)  # ckpt-last (2), ckpt-last.old (1, kept until confirmed)
+    checked_save(tmp_path / "ckpt-last", 1)
+    save(tmp_path / "ckpt-last", 2)  # ckpt-last (2), ckpt-last.old (1, checked)
     (tmp_path / "ckpt-last").rename(tmp_path / "ckpt-last.tmp-7-0")
     shutil.rmtree(tmp_path / "ckpt-last.old")
     assert newest(tmp_path / "ckpt-last") == 2
 
 
 def test_a_corrupt_checkpoint_is_skipped_for_its_intact_predecessor(tmp_path, capsys):
-    save(tmp_path / "ckpt-last", 1)
+    checked_save(tmp_path / "ckpt-last", 1)
     save(tmp_path / "ckpt-last", 2)
     weights = tmp_path / "ckpt-last" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])  # truncated
@@ -177,21 +185,37 @@ def test_a_run_that_explodes_without_nan_stops_and_keeps_the_confirmed_checkpoin
     # Epochs 0-1 warm up at ~1e-6; epoch 2 at an absurd lr. Saved every step; checked every 4.
     cfg = small_pretrain_config(tmp_path, lr=1e30, warmup_epochs=2, epochs=3, log_every=4,
                                 save_every=1)
-    with pytest.raises(FloatingPointError, match="last good checkpoint is .*ckpt-last"):
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint is .*ckpt-last, saved "
+                                                 r"at step 7 and checked by the loss at step 8"):
         pretrain.main(cfg)
     last = tmp_path / "run" / "ckpt-last"
     step = ckpt.load_meta(last)["step"]
-    assert step <= 8  # confirmed by the passing check at step 8
+    assert step == 7 and ckpt.checked(last)  # confirmed by the passing check at step 8
     assert ckpt.load_meta(last.with_name("ckpt-last.diverged"))["step"] > 8
     weights = ckpt.load_weights(last)
     assert max(v.abs().max().item() for v in weights.values()) < 100  # not exploded
     # Resuming from it starts from sane weights: its first logged loss is finite and small.
     resumed = pretrain.main(small_pretrain_config(tmp_path, resume=True, max_steps=step + 1,
-                                                  log_every=1, lr=1e-3))
+                                                  log_every=1, lr=1e-3, allow_config_change=True))
     assert 0 < resumed["history"][-1]["loss"] < 1
     # A loss above --max-loss stops a run that never goes NaN.
     with pytest.raises(FloatingPointError, match="above --max-loss 1e-06"):
         pretrain.main(small_pretrain_config(tmp_path / "m", max_loss=1e-6))
+
+
+def test_a_run_diverging_before_its_first_check_names_no_checkpoint_good(tmp_path):
+    """lr 1e6 from step 1, saved every step, checked every 4: the checkpoints of steps 1-3
+    were never loss-checked (once, the one of step 1 was named "the last good checkpoint" with
+    weights near 1e6). Now none is called good; the unchecked one is set aside."""
+    cfg = small_pretrain_config(tmp_path, lr=1e6, warmup_epochs=0, log_every=4, save_every=1)
+    with pytest.raises(FloatingPointError, match=r"No checkpoint of this run has had its loss "
+                                                 r"checked yet.*start the run again"):
+        pretrain.main(cfg)
+    run = tmp_path / "run"
+    assert ckpt.find_checkpoint(run / "ckpt-last") is None
+    assert not ckpt.checked(run / "ckpt-last.diverged")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        pretrain.main(small_pretrain_config(tmp_path, resume=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,14 +299,110 @@ def test_labels_beyond_num_classes_are_refused_at_load_time(tmp_path):
     path = tmp_path / "scan.h5"
     with h5py.File(path, "w") as f:
         for split in ("train", "test"):
-            f.create_dataset(f"{split}/points", data=np.zeros((4, pdata.SCANOBJECTNN_POINTS, 3),
-                                                              np.float32) + 0.1)
+            f.create_dataset(f"{split}/points", data=np.random.default_rng(0).standard_normal(
+                (4, pdata.SCANOBJECTNN_POINTS, 3)).astype(np.float32))
             f.create_dataset(f"{split}/labels", data=np.array([0, 3, 12, 1], np.int64))
     cfg = finetune_cls.Config(data="scanobjectnn", data_path=str(path), num_classes=10,
                               device="cpu", out_dir=str(tmp_path / "run"))
     with pytest.raises(UserError, match=r"scan\.h5: 'test' labels span 0\.\.12, beyond "
                                         r"--num-classes 10; give --num-classes 13"):
         finetune_cls.main(cfg)
+
+
+def _shapenet55(path: Path, shapes: int = 2) -> Path:
+    import h5py
+    from pqae import data as pdata
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f.create_dataset(f"{split}/points", data=np.random.default_rng(0).standard_normal(
+                (shapes, pdata.SHAPENET55_POINTS, 3)).astype(np.float32))
+    return path
+
+
+def test_unreadable_data_files_are_one_line_naming_the_file(tmp_path):
+    """A truncated or garbage HDF5 file, a truncated .npz and an .npz holding an object array:
+    each is a BadInput naming the file, the layout expected and the cause (was: a 21-29 line
+    traceback from h5py or numpy whose last line named no file). Through the command line:
+    one `error:` line, exit 2, no traceback, nothing written."""
+    from pqae import data as pdata
+    from pqae.errors import BadInput
+    whole = _shapenet55(tmp_path / "whole.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "junk.h5").write_bytes(b"not an hdf5 file at all" * 100)
+    for name in ("cut.h5", "junk.h5"):
+        with pytest.raises(BadInput, match=rf"{name} cannot be read as an HDF5 file with groups "
+                                           rf"'train' and 'test'.*: (OSError|ValueError|KeyError)"):
+            pdata.load_shapenet55(tmp_path / name)
+    points = np.zeros((3, pdata.AIRPLANES_POINTS, 3), np.float32)
+    np.savez(tmp_path / "whole.npz", points=points, is_test=np.zeros(3, bool))
+    raw = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    np.savez(tmp_path / "objects.npz", points=np.array([points[0], None], dtype=object),
+             is_test=np.zeros(2, bool))
+    for name, cause in (("cut.npz", "BadZipFile|EOFError|ValueError"),
+                        ("objects.npz", "ValueError: Object arrays")):
+        with pytest.raises(BadInput, match=rf"{name} cannot be read as an \.npz with keys "
+                                           rf"'points'.*: ({cause})"):
+            pdata.load_airplanes(tmp_path / name)
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--data", "shapenet55",
+                           "--data-path", str(tmp_path / "cut.h5"), "--device", "cpu",
+                           "--out-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {tmp_path / 'cut.h5'} cannot be read as an HDF5 file")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # the run's directory went with its lock
+
+
+def test_clouds_that_cannot_be_normalised_are_refused_with_their_indices(tmp_path):
+    """A cloud x1e30, one with a point at 1e25, and an all-zero one trained silently once (the
+    normalisation made them all zeros). Now the loader refuses them, naming each kind and the
+    indices within the group the user knows ('train', not test+train)."""
+    import h5py
+    from pqae import data as pdata
+    from pqae.errors import BadInput
+    rng = np.random.default_rng(0)
+    clouds = rng.standard_normal((5, pdata.SHAPENET55_POINTS, 3)).astype(np.float32)
+    clouds[1] *= 1e30
+    clouds[2, 7] = 1e25
+    clouds[4] = 0.0
+    with h5py.File(tmp_path / "s55.h5", "w") as f:
+        f["test/points"] = clouds[:1]  # one good test cloud, read first by split "all"
+        f["train/points"] = clouds
+    expected = (r"s55\.h5 'train/points': cloud\(s\) that cannot be normalised: coordinates "
+                r"beyond \+-1e\+09 in sample\(s\) 1, 2; zero extent \(every point the same\) "
+                r"in sample\(s\) 4$")
+    for split in ("all", "train"):
+        with pytest.raises(BadInput, match=expected):
+            pdata.load_shapenet55(tmp_path / "s55.h5", split)
+    assert pdata.load_shapenet55(tmp_path / "s55.h5", "test").shape[0] == 1
+    clouds[3, 0, 0] = np.nan
+    with h5py.File(tmp_path / "cls.h5", "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/points"] = clouds[:, : pdata.MODELNET40_POINTS]
+            f[f"{split}/labels"] = np.zeros(5, np.int64)
+    with pytest.raises(BadInput, match=r"cls\.h5 'test/points': .*: NaN or inf values in "
+                                       r"sample\(s\) 3; coordinates beyond .* 1, 2; zero extent"):
+        pdata.load_modelnet40(tmp_path / "cls.h5", "test")
+
+
+def test_a_negative_part_label_is_refused_at_load(tmp_path):
+    """Part label -1 once passed the check (it indexed part 49 of the table) and crashed at
+    step 1 with an IndexError, after config.json and tb/ were written."""
+    import h5py
+    from pqae import shapenetpart as sp
+    from pqae.errors import BadInput
+    with h5py.File(tmp_path / "parts.h5", "w") as f:
+        g = f.create_group("test")
+        g["points"] = np.full((6, 3), 0.1, np.float32)
+        # a table (category 15, parts 47..49): -1 read as part 49 passed as one of its own
+        g["labels"] = np.array([47, 48, -1, 49, 47, 48], np.int64)
+        g["offsets"] = np.array([0, 6], np.int64)
+        g["category"] = np.array([15], np.int64)
+        g["names"] = [b"table-1"]
+    with pytest.raises(BadInput, match=r"parts\.h5: shape table-1 \(Table\) has part labels "
+                                       r"outside its parts 47\.\.49"):
+        sp.load_split(tmp_path / "parts.h5", "test")
 
 
 def test_reference_converter_names_the_file_and_what_it_is(tmp_path):

@@ -267,6 +267,39 @@ def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
     assert resumed["history"] == full["history"]
 
 
+def _one_step_gradient(cfg, train_mode: bool) -> dict:
+    """The parameters' change in one optimizer step of the real training step, with the
+    optimizer replaced by SGD at lr 1 (so the change is the clipped gradient)."""
+    from pqae import dist
+    env = dist.setup("cpu")
+    model, train_model, _ = finetune_cls.build_training(cfg, env)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    points, labels = finetune_cls.load_split(cfg, "train")
+    model.train(train_mode)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    step = finetune_cls.make_train_step(cfg, model, train_model, sgd, points, labels, env)
+    loss, correct = step(0, torch.randperm(len(points), generator=torch.Generator().manual_seed(0)))
+    return {"loss": loss, "correct": correct,
+            **{k: before[k] - p.detach() for k, p in model.named_parameters()}}
+
+
+def test_accumulated_step_equals_the_one_batch_step_with_frozen_batchnorm(tmp_path):
+    """--accum-steps 4 on a batch of 16: with BatchNorm's statistics frozen (eval mode, which
+    also turns dropout and DropPath off) the update over 4 micro-batches of 4 equals the
+    one-batch update to float32 rounding, and so do the reported loss and hits. In train mode
+    it does not (BatchNorm normalises each micro-batch: the documented deviation)."""
+    one, four = (_one_step_gradient(small_config(tmp_path, accum_steps=k), train_mode=False)
+                 for k in (1, 4))
+    assert four["correct"] == one["correct"]
+    for k in one:
+        torch.testing.assert_close(four[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
+    one, four = (_one_step_gradient(small_config(tmp_path, accum_steps=k), train_mode=True)
+                 for k in (1, 4))
+    worst = max((four[k] - one[k]).abs().max() / one[k].abs().max().clamp_min(1e-12)
+                for k in one if k not in ("loss", "correct"))
+    assert worst > 1e-3  # not rounding: BatchNorm saw other statistics
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Epochs 0 and 1 warm up at 1e-6; epoch 2 jumps to an absurd lr and diverges.
     cfg = small_config(tmp_path, lr=1e30, warmup_epochs=2, epochs=4)

@@ -259,6 +259,12 @@ def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, cap_h5, monkey
         assert torch.equal(a[k], b[k]), k
 
 
+def test_accumulation_runs_the_double_step_once_per_batch(tmp_path, cap_h5):
+    """--accum-steps 2 with the reference's double AdamW step: 2 steps of 2 micro-batches."""
+    result = partseg.main(small_config(tmp_path, cap_h5, epochs=1, accum_steps=2))
+    assert result["step"] == 2 and math.isfinite(result["history"][-1]["instance_miou"])
+
+
 def test_two_process_evaluation_counts_each_shape_once(tmp_path, cap_h5):
     # 11 test shapes over 2 processes: shards of 6 and 5, no padding.
     script = tmp_path / "ddp_run.py"

@@ -85,6 +85,17 @@ def test_preempted_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch, s
     assert resumed["history"] == full["history"]
 
 
+def test_accumulation_keeps_the_global_batch(tmp_path, capsys):
+    """--accum-steps 2: the same schedule (steps, learning rates) in micro-batches of 8."""
+    full = pretrain.main(small_pretrain_config(tmp_path / "a", max_steps=4))
+    acc = pretrain.main(small_pretrain_config(tmp_path / "b", max_steps=4, accum_steps=2))
+    assert acc["step"] == full["step"] == 4
+    assert all(np.isfinite(h["loss"]) for h in acc["history"])
+    assert [h["epoch"] for h in acc["history"]] == [h["epoch"] for h in full["history"]]
+    with pytest.raises(ValueError, match=r"not divisible by 1 process\(es\) x 3 micro-batch"):
+        pretrain.main(small_pretrain_config(tmp_path / "c", accum_steps=3))
+
+
 def test_checkpoints_kept_at_reference_epochs(tmp_path):
     pretrain.main(small_pretrain_config(tmp_path, epochs=4, keep_every=2, keep_from=2))
     run = tmp_path / "run"
@@ -226,6 +237,23 @@ def test_malformed_dataset_is_a_clear_error(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt-last"):
         pretrain.main(small_pretrain_config(tmp_path, resume=True))
+
+
+def test_resume_with_another_recipe_is_refused_unless_allowed(tmp_path):
+    """A resume with another batch size once ran on and ended "after step 48/24"; now the
+    recipe's fields must match (how the run is carried out may change: --max-steps, logging,
+    saving, device, speed flags)."""
+    pretrain.main(small_pretrain_config(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"another recipe: --batch-size 16 -> 8, --epochs 2 -> 3"
+                                         r".*--allow-config-change"):
+        pretrain.main(small_pretrain_config(tmp_path, resume=True, batch_size=8, epochs=3))
+    assert ckpt.load_meta(tmp_path / "run" / "ckpt-last")["step"] == 2  # untouched
+    again = pretrain.main(small_pretrain_config(tmp_path, resume=True, max_steps=3, log_every=2,
+                                                save_every=1))
+    assert again["step"] == 3
+    changed = pretrain.main(small_pretrain_config(tmp_path, resume=True, max_steps=4, lr=2e-3,
+                                                  allow_config_change=True))
+    assert changed["step"] == 4
 
 
 def test_cli_presets_and_overrides():

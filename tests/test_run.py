@@ -120,3 +120,27 @@ def test_comments_explain_instead_of_citing_a_document_the_reader_lacks():
     for path in non_test_sources():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             assert "§" not in line and "SPEC" not in line, f"{path}:{i}: {line.strip()}"
+
+
+def test_micro_batches_hold_the_all_reduce_back_until_the_last():
+    """DDP all-reduces gradients when a backward ends outside no_sync: the first K-1
+    micro-batches run inside it, the last outside; the slices cover the batch once."""
+    import contextlib
+    from pqae.run import micro_batches
+
+    class FakeDDP:
+        entered = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            FakeDDP.entered += 1
+            yield
+
+    ddp, parts = FakeDDP(), []
+    for part, sync in micro_batches(ddp, 3, 12):
+        with sync:
+            parts.append(part)
+    assert FakeDDP.entered == 2
+    assert [(p.start, p.stop) for p in parts] == [(0, 4), (4, 8), (8, 12)]
+    assert [(p.start, p.stop) for p, _ in micro_batches(object(), 1, 12)] == [(0, 12)]
+

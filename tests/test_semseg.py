@@ -232,6 +232,29 @@ def test_preempted_run_resumes_to_the_uninterrupted_one(converted, tmp_path, mon
     assert resumed["history"] == full["history"] and full["best_miou"] == resumed["best_miou"]
 
 
+def test_accumulation_splits_the_weighted_loss_exactly(converted, tmp_path):
+    """--accum-steps 2: the class-weighted NLL of the global batch is the sum of its
+    micro-batches' parts over one denominator, so in eval mode (BatchNorm frozen, no DropPath)
+    the update and the reported loss equal the one-batch ones to rounding."""
+    from pqae import s3dis as rooms_mod
+    data_path, _, _ = converted
+    steps = {}
+    for k in (1, 2):
+        cfg = tiny_config(data_path, tmp_path / str(k), accum_steps=k)
+        env = semseg.dist.setup("cpu")
+        train, _ = semseg.load_data(cfg)
+        weights = rooms_mod.class_weights(train.labels)
+        order = rooms_mod.epoch_rooms(train.sizes(), cfg.num_points, cfg.sample_rate)
+        model, train_model, _ = semseg.build_training(cfg, env)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the change is the clipped gradient
+        model.eval()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = semseg.make_train_step(cfg, model, train_model, sgd, train, weights, env)(0, order)
+        steps[k] = {"out": out, **{n: before[n] - p.detach() for n, p in model.named_parameters()}}
+    for name in steps[1]:
+        torch.testing.assert_close(steps[2][name], steps[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_prep.s3dis"):
         semseg.main(tiny_config(tmp_path / "none.h5", tmp_path / "run"))

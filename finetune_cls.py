@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ import tyro
 from pqae import checkpoint as ckpt
 from pqae import amp, bench, cli, costmodel, data, dist, formats, syncbn
 from pqae.classifier import PointClassifier
-from pqae.errors import BadInput, MissingFile, UserError
+from pqae.errors import BadInput, MissingFile, UserError, reading
 from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
@@ -146,6 +147,11 @@ class Task:
     (pqae/costmodel.py), no GPU and no data needed."""
     json: bool = False
     """with --cost-model: print one JSON object instead of the table."""
+    plan: bool = False
+    """print the run's plan and exit: parameters, steps, the estimated peak device memory per
+    process for each --accum-steps (from the step's ops on the meta device, no GPU needed),
+    the device's free memory when there is one and the smallest --accum-steps that fits it.
+    With --benchmark-steps, the benchmark (measured ms/step, projected time) follows."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
     num_group: int = 128
     """patches per cloud (FPS centres)."""
@@ -391,6 +397,27 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
                 "fast_point_all": cfg.fast_point_all})
 
 
+def plan(cfg: Config) -> dict:
+    """--plan: the run's size (the train split's, read from the file's header when it exists)
+    and its device memory per process for each --accum-steps, printed on rank 0."""
+    import h5py
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    points = cfg.procedural_points if cfg.data == "procedural" else CLOUD_POINTS[cfg.data]
+    shapes = cfg.procedural_train if cfg.data == "procedural" else None
+    if shapes is None and cfg.data_path and Path(cfg.data_path).is_file():
+        with reading(cfg.data_path, "a classification HDF5 file"), h5py.File(cfg.data_path) as f:
+            shapes = len(f["train/labels"]) if "train/labels" in f else None
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    p = costmodel.plan(lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)),
+                       cfg.amp, cfg.batch_size // world, world,
+                       shapes * points * 3 * 4 if shapes else None, device)
+    params = sum(t.numel() for t in build_model(cfg).parameters())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(costmodel.format_plan(p, params, shapes // cfg.batch_size if shapes else None,
+                                    cfg.epochs + 1), flush=True)
+    return {**p, "params": params}
+
+
 def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
                     train_points: torch.Tensor, train_labels: torch.Tensor, env: dist.Dist):
     """The optimizer step of `step` (sampling, augmentation, clip, AdamW): its batch and every
@@ -448,6 +475,10 @@ def main(cfg: Config, show: bool = True) -> dict:
     and the next command (fewshot.py's folds, which it deletes, leave that out)."""
     if cfg.cost_model:
         return costmodel.main(cost_model_of(cfg), cfg.json)
+    if cfg.plan:
+        planned = plan(cfg)
+        if not cfg.benchmark_steps:
+            return planned
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     run = start(cfg, cfg.batch_size, claim=not (cfg.eval_ckpt or cfg.benchmark_steps))
     test = TestSet(cfg, *load_split(cfg, "test"), run.env)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ class Task:
     (pqae/costmodel.py), no GPU and no data needed."""
     json: bool = False
     """with --cost-model: print one JSON object instead of the table."""
+    plan: bool = False
+    """print the run's plan and exit: parameters, steps, the estimated peak device memory per
+    process for each --accum-steps (from the step's ops on the meta device, no GPU needed),
+    the device's free memory when there is one and the smallest --accum-steps that fits it.
+    With --benchmark-steps, the benchmark (measured ms/step, projected time) follows."""
     # model architecture; the defaults are the reference's
     decoder_depth: int = 4
     """number of transformer blocks of the decoder."""
@@ -212,6 +218,10 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
 def main(cfg: Config) -> dict:
     if cfg.cost_model:
         return costmodel.main(cost_model_of(cfg), cfg.json)
+    if cfg.plan:
+        planned = plan(cfg)
+        if not cfg.benchmark_steps:
+            return planned
     run = start(cfg, cfg.batch_size, claim=not cfg.benchmark_steps)
     clouds = load_clouds(cfg).to(run.device)  # (S, N, 3), resident on the device
     if cfg.num_points > clouds.shape[1]:
@@ -323,6 +333,23 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
         config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
                 "cloud_points": points, "crop_ratio": ratio, "dim": cfg.dim,
                 "depth": cfg.depth, "num_group": cfg.num_group, "group_size": cfg.group_size})
+
+
+def plan(cfg: Config) -> dict:
+    """--plan: the run's size and its device memory per process for each --accum-steps,
+    printed on rank 0 (the data are not read: their size is the data kind's)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    shapes, points = {"shapenet55": (data.SHAPENET55_SHAPES, data.SHAPENET55_POINTS),
+                      "airplanes": (717, data.AIRPLANES_POINTS)}.get(
+        cfg.data, (cfg.procedural_shapes, cfg.procedural_points))
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    p = costmodel.plan(lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)),
+                       cfg.amp, cfg.batch_size // world, world, shapes * points * 3 * 4, device)
+    steps_per_epoch = shapes // cfg.batch_size
+    params = sum(t.numel() for t in build_model(cfg).parameters())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(costmodel.format_plan(p, params, steps_per_epoch, cfg.epochs + 1), flush=True)
+    return {**p, "params": params}
 
 
 def collapse_text(const: dict) -> str:

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,136 @@ _AUTOCAST_FP32 = {F.layer_norm, F.softmax, F.log_softmax, torch.softmax, torch.T
                   torch.sum, torch.Tensor.sum, torch.norm, torch.cumsum}
 
 
+def _autocast(func, args, kwargs):
+    """bf16 autocast emulated on meta tensors (autocast itself does nothing there), outside
+    the data phase: (args, kwargs) cast as autocast would for `func`."""
+    if profiling.current() in ("data", None):
+        return args, kwargs
+    cast = (torch.bfloat16 if func in _AUTOCAST_LOW else
+            torch.float32 if func in _AUTOCAST_FP32 else None)
+    if cast is None:
+        return args, kwargs
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
+        and t.dtype != cast else t, (args, kwargs))
+
+
+class _Autocast(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args, kwargs = _autocast(func, args, kwargs or {})
+        return func(*args, **kwargs)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of meta storages alive, and their peak: each output storage counts from the
+    op that made it until its last reference (a view, the autograd graph's saved tensors, the
+    optimizer's state) is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                st = t.untyped_storage()
+                if st._cdata not in self.refs:
+                    n = st.nbytes()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    self.refs[st._cdata] = weakref.ref(st, functools.partial(self._free, st._cdata, n))
+        return out
+
+    def _free(self, key: int, n: int, _ref) -> None:
+        if self.refs.pop(key, None) is not None:
+            self.live -= n
+
+
+def memory(make_step, amp: bool) -> dict:
+    """Device memory of one process's training step, from its real ops on the meta device:
+    `static` (alive between steps: weights, optimizer state, the batch's inputs) and `peak`
+    (the most alive at once during a steady-state step), in bytes. make_step(amp) builds the
+    model, optimizer and step closure; everything it puts on the meta device counts. Not
+    counted: the caching allocator's rounding and fragmentation, CUDA's context, workspaces
+    (cuBLAS, compiled kernels) and the data set kept on the device."""
+    live = _LiveBytes()
+    profiling.tracking(True)
+    try:
+        with live, (_Autocast() if amp else contextlib.nullcontext()):
+            step = make_step(amp)
+            step()  # the optimizer's state is created here
+            static = live.live
+            live.peak = live.live
+            step()
+    finally:
+        profiling.tracking(False)
+    return {"static": static, "peak": live.peak}
+
+
+GIB = 2 ** 30
+ALLOCATOR_MARGIN = 1.2
+"""The caching allocator's rounding and fragmentation, CUDA's context and workspaces, on top
+of the tensors' bytes: what `plan` adds before comparing with a device's free memory."""
+
+
+def plan(step_model_at, amp: bool, local_batch: int, world: int, data_bytes: int,
+         device: torch.device) -> dict:
+    """--plan's memory part. step_model_at(b) is the script's StepModel at a per-process
+    batch of b; the step's memory is measured at b = local_batch and local_batch / 2 and is
+    linear in b in between (activations), which gives each --accum-steps K its micro-batch's
+    peak. Returns the per-K estimates, the device's free memory (when it is a GPU) and the
+    smallest K that fits it with ALLOCATOR_MARGIN."""
+    sizes = sorted({local_batch, max(1, local_batch // 2)})
+    mem = {b: memory(step_model_at(b).make_step, amp) for b in sizes}
+    hi, lo = sizes[-1], sizes[0]
+    per_sample = (mem[hi]["peak"] - mem[lo]["peak"]) / (hi - lo) if hi > lo else 0.0
+    fixed = mem[hi]["peak"] - per_sample * hi
+    rows = []
+    for k in [k for k in range(1, local_batch + 1) if local_batch % k == 0][:8]:
+        micro = local_batch // k
+        peak = fixed + per_sample * micro + (data_bytes or 0)
+        rows.append({"accum_steps": k, "micro_batch": micro, "peak_bytes": int(peak),
+                     "with_margin_bytes": int(peak * ALLOCATOR_MARGIN)})
+    free = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(device)[0]
+    budgets = {"this device": free} if free is not None else \
+        {f"{g} GiB": g * GIB for g in (24, 40, 80)}
+    fits = {name: next((r["accum_steps"] for r in rows if r["with_margin_bytes"] <= b), None)
+            for name, b in budgets.items()}
+    return {"world_size": world, "local_batch": local_batch, "data_bytes": data_bytes,
+            "static_bytes": mem[hi]["static"], "per_sample_bytes": int(per_sample),
+            "rows": rows, "free_bytes": free, "smallest_accum_steps": fits}
+
+
+def format_plan(p: dict, params: int, steps_per_epoch: int | None, epochs: int) -> str:
+    g = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 2 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    steps = (f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer "
+             f"steps" if steps_per_epoch is not None else
+             f"{epochs} epochs of a data set whose size is read when it exists")
+    lines = [f"plan | {params / 1e6:.2f} M parameters | {p['world_size']} process(es) x "
+             f"{p['local_batch']} samples | {steps}",
+             f"device memory per process, estimated from the step's ops on the meta device "
+             f"(no GPU used): weights, optimizer state and inputs {g(p['static_bytes'])}, "
+             f"{g(p['per_sample_bytes'])} per sample of a micro-batch, data set on the device "
+             + (g(p["data_bytes"]) if p["data_bytes"] is not None else
+                "unknown (its file is not there; add its size)"),
+             f"  --accum-steps  micro-batch  peak        x{ALLOCATOR_MARGIN:g} (allocator, CUDA "
+             f"context)"]
+    for r in p["rows"]:
+        lines.append(f"  {r['accum_steps']:>13}  {r['micro_batch']:>11}  "
+                     f"{g(r['peak_bytes']):>10}  {g(r['with_margin_bytes']):>10}")
+    for name, k in p["smallest_accum_steps"].items():
+        free = f" ({g(p['free_bytes'])} free)" if name == "this device" else ""
+        lines.append(f"fits {name}{free}: " + (f"--accum-steps {k}" if k is not None else
+                                                "no --accum-steps listed fits; lower the batch "
+                                                "or the points, or add processes"))
+    lines.append("time: add --benchmark-steps 20 to measure ms/step here and project the run")
+    return "\n".join(lines)
+
+
 class _Record(TorchFunctionMode):
     """Above autograd: emulates bf16 autocast (when `amp`, outside the data phase), maps each
     forward autograd node to its phase, and marks attention calls."""
@@ -138,13 +270,8 @@ class _Record(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.amp and profiling.current() not in ("data", None):
-            cast = (torch.bfloat16 if func in _AUTOCAST_LOW else
-                    torch.float32 if func in _AUTOCAST_FP32 else None)
-            if cast is not None:
-                args, kwargs = torch.utils._pytree.tree_map(
-                    lambda t: t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and t.dtype != cast else t, (args, kwargs))
+        if self.amp:
+            args, kwargs = _autocast(func, args, kwargs)
         attn = func is F.scaled_dot_product_attention
         inputs = {t.grad_fn for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}

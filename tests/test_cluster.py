@@ -160,6 +160,43 @@ def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path):
     assert "data procedural" not in text  # refused before the data were made
 
 
+def test_a_read_only_file_system_is_refused_before_any_work(tmp_path):
+    """--out-dir on a read-only mount (a tmpfs mounted ro, where this machine lets us): one
+    line, exit 2, before the data are made (root ignores permission bits, not a ro mount)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = pretrain(mnt / "run")
+        text, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+        assert re.search(rf"error: cannot write to --out-dir {mnt / 'run'}: Read-only file "
+                         rf"system", text), text[-2000:]
+        assert "data procedural" not in text
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_during_the_weights_keeps_the_previous_checkpoint(tmp_path):
+    """The safetensors write itself fails (a file-size limit below the weights' size): one
+    line naming the checkpoint and the cause, exit 2, nothing partial left, the previous
+    checkpoint intact."""
+    out = tmp_path / "run"
+    finished(pretrain(out, "--max-steps", "4"))
+    weights = (out / "ckpt-last" / "model.safetensors").stat().st_size
+    proc = pretrain(out, "--resume", "--save-every", "1",
+                    preexec_fn=_limit_file_size(weights // 2))
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+    assert re.search(rf"error: could not write checkpoint {out / 'ckpt-last'} \(.*model\."
+                     rf"safetensors.*\); its temporary files were removed and the previous "
+                     rf"checkpoint {out / 'ckpt-last'} is intact", text), text[-2000:]
+    assert not list(out.glob("ckpt-last.tmp-*"))
+    assert ckpt.load_meta(out / "ckpt-last")["step"] == 4
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],

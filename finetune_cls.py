@@ -147,11 +147,6 @@ class Task:
     (pqae/costmodel.py), no GPU and no data needed."""
     json: bool = False
     """with --cost-model: print one JSON object instead of the table."""
-    plan: bool = False
-    """print the run's plan and exit: parameters, steps, the estimated peak device memory per
-    process for each --accum-steps (from the step's ops on the meta device, no GPU needed),
-    the device's free memory when there is one and the smallest --accum-steps that fits it.
-    With --benchmark-steps, the benchmark (measured ms/step, projected time) follows."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
     num_group: int = 128
     """patches per cloud (FPS centres)."""
@@ -398,24 +393,18 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
 
 
 def plan(cfg: Config) -> dict:
-    """--plan: the run's size (the train split's, read from the file's header when it exists)
-    and its device memory per process for each --accum-steps, printed on rank 0."""
+    """--plan: the run's size (the train split's, from the file's header when it exists) and
+    its device memory per process for each --accum-steps."""
     import h5py
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     points = cfg.procedural_points if cfg.data == "procedural" else CLOUD_POINTS[cfg.data]
     shapes = cfg.procedural_train if cfg.data == "procedural" else None
     if shapes is None and cfg.data_path and Path(cfg.data_path).is_file():
         with reading(cfg.data_path, "a classification HDF5 file"), h5py.File(cfg.data_path) as f:
             shapes = len(f["train/labels"]) if "train/labels" in f else None
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    p = costmodel.plan(lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)),
-                       cfg.amp, cfg.batch_size // world, world,
-                       shapes * points * 3 * 4 if shapes else None, device)
-    params = sum(t.numel() for t in build_model(cfg).parameters())
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(costmodel.format_plan(p, params, shapes // cfg.batch_size if shapes else None,
-                                    cfg.epochs + 1), flush=True)
-    return {**p, "params": params}
+    return costmodel.run_plan(
+        lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)).make_step, cfg, shapes,
+        points * 3 * 4 + 8, sum(t.numel() for t in build_model(cfg).parameters()),
+        cfg.epochs + 1)
 
 
 def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,

@@ -20,15 +20,18 @@ instance mIoU, selected on the test set.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from pqae import checkpoint as ckpt
-from pqae import amp, cli, dist, formats, syncbn
+from pqae import amp, cli, costmodel, dist, formats, syncbn
 from pqae import shapenetpart as spart
+from pqae.errors import reading
 from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
@@ -262,12 +265,52 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: spart.Par
     return train_step
 
 
+def plan(cfg: Config) -> dict:
+    """--plan: the run's size (the train split's, from the file's header when it exists) and
+    its device memory per process for each --accum-steps, from the real step on the meta
+    device."""
+    import h5py
+    meta, env = torch.device("meta"), costmodel.meta_env()
+    shapes, points = (cfg.procedural_shapes, cfg.procedural_shapes * 2048) \
+        if cfg.data == "procedural" else (None, None)
+    if shapes is None and Path(cfg.data_path).is_file():
+        with reading(cfg.data_path, f"an HDF5 file with {spart.FORMAT}"), \
+                h5py.File(cfg.data_path) as f:
+            g = f[cfg.train_split]
+            shapes, points = g["category"].shape[0], g["points"].shape[0]
+
+    def make_step_at(b: int):
+        def make_step(amp_on: bool):
+            c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False,
+                                    pretrained="", batch_size=b)
+            model = build_model(c).to(meta)
+            optimizer = torch.optim.AdamW(build_param_groups(model, c.lr, c.weight_decay),
+                                          lr=c.lr, foreach=True)
+            n = 2048 * b  # the split's points: the step samples num_points per shape from them
+            train = spart.PartSplit(torch.empty(n, 3, device=meta),
+                                    torch.empty(n, dtype=torch.long, device=meta),
+                                    torch.empty(b + 1, dtype=torch.long, device=meta),
+                                    torch.empty(b, dtype=torch.long, device=meta), [])
+            step = make_train_step(c, model, model, optimizer, train, env)
+            perm = torch.empty(b, dtype=torch.long, device=meta)
+            return lambda: step(0, perm)
+        return make_step
+
+    # on the device: points (12 B) and labels (8 B) per point, offsets and category per shape
+    per_shape = (points * 20 // shapes + 16) if shapes else 0
+    return costmodel.run_plan(make_step_at, cfg, shapes, per_shape,
+                              sum(t.numel() for t in build_model(cfg).parameters()), cfg.epochs,
+                              benchmark=False)
+
+
 def percent(result: dict) -> dict:
     """The evaluation's scores in %."""
     return {k: 100.0 * result[k] for k in METRICS}
 
 
 def main(cfg: Config) -> dict:
+    if cfg.plan:
+        return plan(cfg)
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     run = start(cfg, cfg.batch_size, claim=not cfg.eval_ckpt, min_local_batch=2)
     train, test = (split.to(run.device) for split in load_data(cfg))

@@ -97,11 +97,6 @@ class Task:
     (pqae/costmodel.py), no GPU and no data needed."""
     json: bool = False
     """with --cost-model: print one JSON object instead of the table."""
-    plan: bool = False
-    """print the run's plan and exit: parameters, steps, the estimated peak device memory per
-    process for each --accum-steps (from the step's ops on the meta device, no GPU needed),
-    the device's free memory when there is one and the smallest --accum-steps that fits it.
-    With --benchmark-steps, the benchmark (measured ms/step, projected time) follows."""
     # model architecture; the defaults are the reference's
     decoder_depth: int = 4
     """number of transformer blocks of the decoder."""
@@ -336,20 +331,14 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
 
 
 def plan(cfg: Config) -> dict:
-    """--plan: the run's size and its device memory per process for each --accum-steps,
-    printed on rank 0 (the data are not read: their size is the data kind's)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """--plan: the run's size and its device memory per process for each --accum-steps (the
+    data are not read: their size is the data kind's)."""
     shapes, points = {"shapenet55": (data.SHAPENET55_SHAPES, data.SHAPENET55_POINTS),
                       "airplanes": (717, data.AIRPLANES_POINTS)}.get(
         cfg.data, (cfg.procedural_shapes, cfg.procedural_points))
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    p = costmodel.plan(lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)),
-                       cfg.amp, cfg.batch_size // world, world, shapes * points * 3 * 4, device)
-    steps_per_epoch = shapes // cfg.batch_size
-    params = sum(t.numel() for t in build_model(cfg).parameters())
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(costmodel.format_plan(p, params, steps_per_epoch, cfg.epochs + 1), flush=True)
-    return {**p, "params": params}
+    return costmodel.run_plan(
+        lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)).make_step, cfg, shapes,
+        points * 3 * 4, sum(t.numel() for t in build_model(cfg).parameters()), cfg.epochs + 1)
 
 
 def collapse_text(const: dict) -> str:

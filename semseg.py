@@ -15,6 +15,7 @@ epoch as in the reference but the same on any number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import amp, cli, dist, formats, s3dis, syncbn
+from pqae import amp, cli, costmodel, dist, formats, s3dis, syncbn
+from pqae.errors import reading
 from pqae.log import print0
 from pqae.model import TINY_ENCODER, EncoderShape
 from pqae.optim import param_groups, set_epoch_lr
@@ -275,7 +277,7 @@ def run_test(model, test: s3dis.Rooms, cfg: Config, run: Run, step: int) -> dict
 
 
 def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Rooms,
-                    weights: torch.Tensor, env: dist.Dist):
+                    weights: torch.Tensor, env: dist.Dist, sample_blocks=s3dis.sample_blocks):
     """The optimizer step of `step` (random 1 m blocks, scale and shift, class-weighted NLL, the
     reference's double AdamW step around the clipping), with no host sync: its randomness comes
     from (seed, step, rank) and `order` (the epoch's room slots, on the host)."""
@@ -289,7 +291,7 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % (len(order) // cfg.batch_size)  # order: this epoch's room slots (host)
         ids = order[i * cfg.batch_size + rank * local_bs:][:local_bs].tolist()
-        points, labels, fallbacks = s3dis.sample_blocks(
+        points, labels, fallbacks = sample_blocks(
             train, ids, cfg.num_points, cfg.block_size, cfg.min_block_points)  # (b, n, 3), (b, n)
         # The reference's augmentation: isotropic scale U(0.8, 1.25), then a shift U(-0.1, 0.1)
         # per axis.
@@ -323,7 +325,51 @@ def make_train_step(cfg: Config, model, train_model, optimizer, train: s3dis.Roo
     return train_step
 
 
+def plan(cfg: Config) -> dict:
+    """--plan: the run's size (the training blocks of an epoch, from the file's header when it
+    exists) and its device memory per process for each --accum-steps, from the real step on
+    the meta device (the blocks' sampling, which reads the rooms' values, gives shapes only)."""
+    meta, env = torch.device("meta"), costmodel.meta_env()
+    points = None
+    if cfg.data == "procedural":
+        train, _ = load_data(cfg)
+        points = len(train.xyz)
+    elif Path(cfg.data_path).is_file():
+        import h5py
+        with reading(cfg.data_path, "the HDF5 file of data_prep.s3dis"), \
+                h5py.File(cfg.data_path) as f:
+            points = sum(ds.shape[0] for name, ds in f["rooms"].items()
+                         if s3dis.area_of(name) != cfg.test_area)
+    blocks = int(points * cfg.sample_rate / cfg.num_points) if points else None
+
+    def blocks_on_meta(rooms, ids, n, *_):
+        return (torch.empty(len(ids), n, 3, device=meta),
+                torch.empty(len(ids), n, dtype=torch.long, device=meta),
+                torch.zeros((), device=meta))
+
+    def make_step_at(b: int):
+        def make_step(amp_on: bool):
+            c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False,
+                                    pretrained="", batch_size=b)
+            model = build_model(c).to(meta)
+            optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr,
+                                          foreach=True)
+            weights = torch.empty(len(s3dis.CLASSES), device=meta)
+            step = make_train_step(c, model, model, optimizer, None, weights, env, blocks_on_meta)
+            order = torch.arange(b)  # room slots: on the host, as in training
+            return lambda: step(0, order)
+        return make_step
+
+    # the rooms on the device: xyz (12 B) and labels (8 B) per point, over the epoch's blocks
+    per_block = points * 20 // blocks if blocks else 0
+    return costmodel.run_plan(make_step_at, cfg, blocks, per_block,
+                              sum(t.numel() for t in build_model(cfg).parameters()), cfg.epochs,
+                              benchmark=False)
+
+
 def main(cfg: Config) -> dict:
+    if cfg.plan:
+        return plan(cfg)
     cfg = resolve(cfg, set(), run=False)  # the model of --eval-ckpt / encoder of --pretrained
     run = start(cfg, cfg.batch_size, claim=not cfg.eval_ckpt)
     train, test = (rooms.to(run.device) for rooms in load_data(cfg))

@@ -204,15 +204,32 @@ ALLOCATOR_MARGIN = 1.2
 of the tensors' bytes: what `plan` adds before comparing with a device's free memory."""
 
 
-def plan(step_model_at, amp: bool, local_batch: int, world: int, data_bytes: int,
+def run_plan(make_step_at, cfg, shapes: int | None, bytes_per_shape: int, params: int,
+             epochs: int, benchmark: bool = True) -> dict:
+    """--plan of a training script: `plan` at this process count (torchrun's WORLD_SIZE, else
+    1) and the config's device, printed on rank 0. make_step_at(b) is the script's step
+    builder on the meta device at a per-process batch of b (make_step(amp) -> step());
+    `shapes` is the training set's size (None: unknown), each `bytes_per_shape` on the
+    device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    p = plan(make_step_at, cfg.amp, cfg.batch_size // world, world,
+             shapes * bytes_per_shape if shapes else None, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_plan(p, params, shapes // cfg.batch_size if shapes else None, epochs,
+                          benchmark), flush=True)
+    return {**p, "params": params}
+
+
+def plan(make_step_at, amp: bool, local_batch: int, world: int, data_bytes: int | None,
          device: torch.device) -> dict:
-    """--plan's memory part. step_model_at(b) is the script's StepModel at a per-process
-    batch of b; the step's memory is measured at b = local_batch and local_batch / 2 and is
+    """--plan's memory part. make_step_at(b) builds the script's step on the meta device at a
+    per-process batch of b; the step's memory is measured at b = local_batch and local_batch / 2 and is
     linear in b in between (activations), which gives each --accum-steps K its micro-batch's
     peak. Returns the per-K estimates, the device's free memory (when it is a GPU) and the
     smallest K that fits it with ALLOCATOR_MARGIN."""
     sizes = sorted({local_batch, max(1, local_batch // 2)})
-    mem = {b: memory(step_model_at(b).make_step, amp) for b in sizes}
+    mem = {b: memory(make_step_at(b), amp) for b in sizes}
     hi, lo = sizes[-1], sizes[0]
     per_sample = (mem[hi]["peak"] - mem[lo]["peak"]) / (hi - lo) if hi > lo else 0.0
     fixed = mem[hi]["peak"] - per_sample * hi
@@ -234,7 +251,8 @@ def plan(step_model_at, amp: bool, local_batch: int, world: int, data_bytes: int
             "rows": rows, "free_bytes": free, "smallest_accum_steps": fits}
 
 
-def format_plan(p: dict, params: int, steps_per_epoch: int | None, epochs: int) -> str:
+def format_plan(p: dict, params: int, steps_per_epoch: int | None, epochs: int,
+                benchmark: bool = True) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 2 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     steps = (f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer "
              f"steps" if steps_per_epoch is not None else
@@ -256,7 +274,9 @@ def format_plan(p: dict, params: int, steps_per_epoch: int | None, epochs: int) 
         lines.append(f"fits {name}{free}: " + (f"--accum-steps {k}" if k is not None else
                                                 "no --accum-steps listed fits; lower the batch "
                                                 "or the points, or add processes"))
-    lines.append("time: add --benchmark-steps 20 to measure ms/step here and project the run")
+    lines.append("time: add --benchmark-steps 20 to measure ms/step here and project the run"
+                 if benchmark else "time: this script has no benchmark mode; a run's progress "
+                 "lines show ms/step and the ETA")
     return "\n".join(lines)
 
 

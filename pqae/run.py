@@ -77,6 +77,11 @@ class RunOptions:
     batch: the global batch, and so the recipe's learning rate and schedule, stay; the
     activation memory is a micro-batch's. Deviation when > 1: BatchNorm normalises each
     micro-batch (the reference: the whole batch). DDP all-reduces on the last one only."""
+    plan: bool = False
+    """print the run's plan and exit: parameters, steps, the estimated peak device memory per
+    process for each --accum-steps (from the step's ops on the meta device, no GPU needed),
+    the device's free memory when there is one and the smallest --accum-steps that fits it.
+    With --benchmark-steps (pretraining, classification), the benchmark follows."""
     sync_bn: bool = True
     """BatchNorm over the global batch under multi-process DDP (pqae.syncbn: all-reduced
     statistics, no host sync), as the reference's single-GPU run sees it; off: per-process
@@ -101,7 +106,7 @@ class RunOptions:
 
 
 HOW_TO_RUN = frozenset({
-    "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw", "accum_steps",
+    "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw", "accum_steps", "plan",
     "collective_timeout", "out_dir", "resume", "overwrite", "allow_config_change",
     "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",
     "benchmark_steps", "benchmark_compare", "benchmark_phases", "cost_model", "json"})

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pqae.data import MAX_COORD
 from pqae.errors import BadInput, MissingFile, reading
 
 CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
@@ -72,6 +73,11 @@ def make_rooms(arrays: dict[str, np.ndarray], source: str) -> Rooms:
             raise BadInput(f"{source}: room {name} has shape {a.shape}, expected (N > 0, 7)")
         if not np.isfinite(a[:, :3]).all():
             raise BadInput(f"{source}: room {name} contains NaN or inf coordinates")
+        if np.abs(a[:, :3]).max() > MAX_COORD:
+            raise BadInput(f"{source}: room {name} has coordinates beyond +-{MAX_COORD:g} "
+                           f"(the blocks' normalisation would lose them)")
+        if (a[:, :3].max(0) == a[:, :3].min(0)).all():
+            raise BadInput(f"{source}: room {name} has zero extent (every point the same)")
         lab = a[:, 6]
         if lab.min() < 0 or lab.max() >= NUM_CLASSES or (lab != np.round(lab)).any():
             raise BadInput(f"{source}: room {name} has labels outside 0..{NUM_CLASSES - 1}")

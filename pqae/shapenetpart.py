@@ -22,7 +22,7 @@ import torch
 
 from pqae.errors import BadInput, MissingFile, reading
 
-from pqae.data import check_finite
+from pqae.data import MAX_COORD, check_finite
 
 # Official category order (synsetoffset2category.txt, alphabetical) and parts per category.
 CATEGORIES = ("Airplane", "Bag", "Cap", "Car", "Chair", "Earphone", "Guitar", "Knife", "Lamp",
@@ -177,6 +177,16 @@ def load_split(path: str | Path, split: str) -> PartSplit:
                        f"{PART_START[category[s]] + NUM_PARTS[category[s]] - 1}")
     pts, offs = torch.from_numpy(points), torch.from_numpy(offsets.astype(np.int64))
     check_finite(pts[None], f"{path} (split {split!r})")
+    starts = offsets[:-1].astype(np.int64)
+    flat = (np.maximum.reduceat(points, starts) == np.minimum.reduceat(points, starts)).all(1)
+    big = np.maximum.reduceat(np.abs(points).max(1), starts) > MAX_COORD
+    for mask, what in ((big, f"coordinates beyond +-{MAX_COORD:g}"),
+                       (flat & ~big, "zero extent (every point the same)")):
+        if mask.any():
+            bad = np.flatnonzero(mask)
+            raise BadInput(f"{path}: '{split}' shape(s) that cannot be normalised: {what} in "
+                           + ", ".join(f"{names[s]} (index {s})" for s in bad[:5])
+                           + (" ..." if len(bad) > 5 else ""))
     return PartSplit(_unit_sphere_segments(pts, offs), torch.from_numpy(labels.astype(np.int64)),
                      offs, torch.from_numpy(category.astype(np.int64)), names)
 

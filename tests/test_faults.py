@@ -386,6 +386,37 @@ def test_clouds_that_cannot_be_normalised_are_refused_with_their_indices(tmp_pat
         pdata.load_modelnet40(tmp_path / "cls.h5", "test")
 
 
+def test_degenerate_part_shapes_and_rooms_are_refused_with_their_names(tmp_path):
+    """Part segmentation: a shape whose points are all equal, one with a point at 1e25; the
+    shape is named with its index in the split. Semantic segmentation: the same per room."""
+    import h5py
+    from pqae import s3dis
+    from pqae import shapenetpart as sp
+    from pqae.errors import BadInput
+    rng = np.random.default_rng(0)
+    pts = rng.standard_normal((12, 3)).astype(np.float32)
+    pts[4:8] = 0.5  # shape 1: four equal points
+    with h5py.File(tmp_path / "parts.h5", "w") as f:
+        g = f.create_group("test")
+        g["points"] = pts
+        g["labels"] = np.array([47, 48, 49, 47] * 3, np.int64)
+        g["offsets"] = np.array([0, 4, 8, 12], np.int64)
+        g["category"] = np.array([15, 15, 15], np.int64)
+        g["names"] = [b"table-a", b"table-b", b"table-c"]
+    with pytest.raises(BadInput, match=r"parts\.h5: 'test' shape\(s\) that cannot be "
+                                       r"normalised: zero extent .* in table-b \(index 1\)$"):
+        sp.load_split(tmp_path / "parts.h5", "test")
+    room = np.concatenate([rng.uniform(0, 3, (50, 3)), np.zeros((50, 3)),
+                           np.zeros((50, 1))], 1).astype(np.float32)
+    far = room.copy()
+    far[7, 0] = 1e25
+    flat = room.copy()
+    flat[:, :3] = 1.0
+    for bad, what in ((far, r"coordinates beyond \+-1e\+09"), (flat, "zero extent")):
+        with pytest.raises(BadInput, match=rf"room Area_2_office_9 has {what}"):
+            s3dis.make_rooms({"Area_1_office_1": room, "Area_2_office_9": bad}, "rooms.h5")
+
+
 def test_a_negative_part_label_is_refused_at_load(tmp_path):
     """Part label -1 once passed the check (it indexed part 49 of the table) and crashed at
     step 1 with an IndexError, after config.json and tb/ were written."""

@@ -114,7 +114,7 @@ def test_the_smallest_accumulation_that_fits(tmp_path, capsys):
 
 
 def test_plan_on_the_command_line_writes_nothing(tmp_path):
-    for script in ("pretrain.py", "finetune_cls.py"):
+    for script in ("pretrain.py", "finetune_cls.py", "partseg.py", "semseg.py"):
         proc = subprocess.run([sys.executable, str(ROOT / script), "--preset", "tiny", "--plan",
                                "--out-dir", str(tmp_path / "run")], capture_output=True,
                               text=True, timeout=300, cwd=tmp_path,

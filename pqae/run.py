@@ -106,8 +106,9 @@ class RunOptions:
 
 
 HOW_TO_RUN = frozenset({
-    "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw", "accum_steps", "plan",
-    "collective_timeout", "out_dir", "resume", "overwrite", "allow_config_change",
+    "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw",
+    "accum_steps", "plan", "collective_timeout", "out_dir", "resume", "overwrite",
+    "allow_config_change",
     "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",
     "benchmark_steps", "benchmark_compare", "benchmark_phases", "cost_model", "json"})
 """Config fields that change how a run is carried out, not what it computes: --resume may
@@ -127,7 +128,6 @@ class Run:
     """the TensorBoard SummaryWriter on rank 0 once `open_outputs` ran, else None."""
     claimed: bool = False
     """out_dir is this run's: locked (rank 0) and preemption signals caught."""
-    _stop_step: int = -1
 
     @property
     def out_dir(self) -> Path:
@@ -238,32 +238,23 @@ class Run:
         """Whether the run stops after this step for a preemption signal (SIGTERM, SIGINT,
         SIGUSR1: `pqae.preempt`) that any rank received. Call once per step, on every rank:
         the ranks agree in one host-side all-reduce."""
-        if self._stop_step == step:
-            return True
-        if not self.claimed:
-            return False
-        if dist.agree_any(preempt.received() is not None):
-            self._stop_step = step
-            return True
-        return False
+        return self.claimed and dist.agree_any(preempt.received() is not None)
 
     def exit_preempted(self, step: int) -> None:
         """After the preempted step's ckpt-last was saved: every rank waits for it, rank 0
         writes out_dir/preempted.json (a job script's cue to requeue) and says how to resume,
         and the process exits with status 75 (`preempt.Preempted`)."""
         dist.barrier()  # rank 0's checkpoint is complete before any rank exits
-        last = ckpt.find_checkpoint(self.out_dir / "ckpt-last")
+        last, name = ckpt.find_checkpoint(self.out_dir / "ckpt-last"), preempt.received()
         command = resume_command()
-        line = (f"preempted at step {step} ({preempt.received() or 'signal'}): {last} saved; "
-                f"resume with: {command}")
+        line = f"preempted at step {step} ({name or 'signal'}): {last} saved; resume with: {command}"
         if self.is_main:
             write_json(self.out_dir / "preempted.json",
-                       {"step": step, "signal": preempt.received(), "checkpoint": str(last),
+                       {"step": step, "signal": name, "checkpoint": str(last),
                         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": command})
             print(line, flush=True)
         if self.writer is not None:
             self.writer.close()
-        name = preempt.received()
         self.release()
         preempt.consume()
         dist.cleanup()

@@ -14,9 +14,11 @@ seed by `--test-fraction`. P is `--points` (8192, ShapeNet-55's count, by defaul
 
 Formats read without extras: `.npy`, `.npz` (the array `points`, `xyz` or the only one),
 `.txt` / `.xyz` / `.pts` / `.csv` (whitespace or commas; the first three columns are x y z;
-a header line is skipped). `.ply` (ASCII and binary) needs `pip install -e ".[io]"`
-(plyfile); without it such a file is skipped with that reason. Other extensions are skipped
-as unknown.
+a header line is skipped). With `pip install -e ".[io]"`: `.ply` (ASCII and binary, plyfile),
+`.pcd` (ASCII, binary, binary_compressed; pypcd4), `.las` (laspy; `.laz` also needs a LAZ
+backend such as lazrs), and meshes `.obj` / `.off` / `.stl` / `.glb` (trimesh), sampled on
+their surface, area-weighted, at --points points. Without its reader such a file is skipped
+with the command that installs it. Other extensions are skipped as unknown.
 
 Every cloud: rows with a non-finite coordinate are dropped (counted); fewer than
 `--min-points` left: skipped; then resampled to --points, by farthest point sampling
@@ -45,7 +47,9 @@ from pqae.log import atomic_output
 
 TEXT = (".txt", ".xyz", ".pts", ".csv")
 NATIVE = (".npy", ".npz", *TEXT)
-EXTRA = {".ply": "plyfile"}  # extension -> the optional package that reads it ([io] extra)
+MESHES = (".obj", ".off", ".stl", ".glb")
+EXTRA = {".ply": "plyfile", ".pcd": "pypcd4", ".las": "laspy", ".laz": "laspy",
+         **{ext: "trimesh" for ext in MESHES}}  # extension -> its reader ([io] extra)
 CLS_FORMAT_VERSION = 1
 
 
@@ -76,8 +80,9 @@ class Skip(Exception):
     """A file that cannot be used; the message is the reason."""
 
 
-def read_cloud(path: Path) -> np.ndarray:
-    """(N, 3) float64 coordinates of one file, or Skip with the reason."""
+def read_cloud(path: Path, mesh_points: int = 8192, seed: int = 0) -> np.ndarray:
+    """(N, 3) float64 coordinates of one file, or Skip with the reason. A mesh gives
+    `mesh_points` points sampled on its surface, area-weighted, at `seed`."""
     ext = path.suffix.lower()
     try:
         if ext == ".npy":
@@ -91,7 +96,7 @@ def read_cloud(path: Path) -> np.ndarray:
         elif ext in TEXT:
             arr = _read_text(path)
         elif ext in EXTRA:
-            arr = _read_ply(path)
+            arr = _read_extra(path, ext, mesh_points, seed)
         else:
             raise Skip(f"unknown extension {ext or '(none)'}")
     except Skip:
@@ -123,13 +128,26 @@ def _read_text(path: Path) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 
-def _read_ply(path: Path) -> np.ndarray:
+def _read_extra(path: Path, ext: str, mesh_points: int, seed: int) -> np.ndarray:
+    """The formats read by a well-kept library of the [io] extra."""
+    package = EXTRA[ext]
     try:
-        from plyfile import PlyData
+        module = __import__(package)
     except ImportError:
-        raise Skip('a .ply needs the plyfile package: pip install -e ".[io]"') from None
-    vertex = PlyData.read(str(path))["vertex"]
-    return np.stack([np.asarray(vertex[c], dtype=np.float64) for c in ("x", "y", "z")], 1)
+        raise Skip(f'a {ext} file needs the {package} package: pip install -e ".[io]"') from None
+    if ext == ".ply":
+        vertex = module.PlyData.read(str(path))["vertex"]
+        return np.stack([np.asarray(vertex[c], dtype=np.float64) for c in ("x", "y", "z")], 1)
+    if ext == ".pcd":  # ASCII, binary and binary_compressed
+        return module.PointCloud.from_path(path).numpy(("x", "y", "z"))
+    if ext in (".las", ".laz"):  # scaled and offset coordinates; .laz needs a LAZ backend
+        las = module.read(str(path))
+        return np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1)
+    mesh = module.load(str(path), force="mesh")
+    if len(getattr(mesh, "faces", ())) == 0:
+        raise Skip("a mesh without faces")
+    points, _ = module.sample.sample_surface(mesh, mesh_points, seed=seed)  # area-weighted
+    return np.asarray(points)
 
 
 def resample(cloud: np.ndarray, points: int, how: str, rng: np.random.Generator) -> np.ndarray:
@@ -175,7 +193,7 @@ def main(cfg: Config) -> dict:
     clouds, classes, skipped, dropped = [], [], [], 0
     for path, label in items:
         try:
-            cloud = read_cloud(path)
+            cloud = read_cloud(path, cfg.points, cfg.seed)
             finite = np.isfinite(cloud).all(1)
             dropped += int((~finite).sum())
             cloud = cloud[finite]

@@ -139,7 +139,56 @@ def test_ply_files_through_the_io_extra(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_plyfile)
-    with pytest.raises(ConversionError, match=r'a \.ply needs the plyfile package: pip install '
-                                              r'-e "\.\[io\]"'):
+    with pytest.raises(ConversionError, match=r'a \.ply file needs the plyfile package: pip '
+                                              r'install -e "\.\[io\]"'):
         folder.main(folder.Config(root=root, out=tmp_path / "q.h5"))
+
+
+def test_point_cloud_and_mesh_formats_through_the_io_extra(tmp_path):
+    """.pcd in its three encodings (pypcd4), .las (laspy), and meshes .off / .obj / .stl /
+    .glb (trimesh), sampled on the surface, area-weighted: the points lie on the mesh, and a
+    face twice as large gets about twice the points."""
+    pypcd4 = pytest.importorskip("pypcd4")
+    laspy = pytest.importorskip("laspy")
+    trimesh = pytest.importorskip("trimesh")
+    root = tmp_path / "io"
+    root.mkdir()
+    pts = cloud(300, 8).astype(np.float32)
+    for enc in ("ascii", "binary", "binary_compressed"):
+        pc = pypcd4.PointCloud.from_xyz_points(pts)
+        pc.save(root / f"{enc}.pcd", encoding=getattr(pypcd4.Encoding, enc.upper()))
+    las = laspy.create(point_format=0, file_version="1.2")
+    las.header.scales = np.array([1e-4, 1e-4, 1e-4])
+    las.header.offsets = np.zeros(3)
+    las.x, las.y, las.z = pts[:, 0], pts[:, 1], pts[:, 2]
+    las.write(str(root / "scan.las"))
+    summary = folder.main(folder.Config(root=root, out=tmp_path / "pc.h5", points=300))
+    assert summary["clouds"] == 4 and summary["skipped"] == 0
+    with h5py.File(tmp_path / "pc.h5") as f:
+        got = f["train/points"][()]
+    def nearest(a, b):  # the largest distance from a point of a to the nearest of b
+        d = torch.cdist(torch.from_numpy(a).double(), torch.from_numpy(b).double(),
+                        compute_mode="donot_use_mm_for_euclid_dist")
+        return d.min(1).values.max().item()
+
+    # files in name order: ascii.pcd (printed digits), binary.pcd, binary_compressed.pcd
+    # (the very floats), scan.las (coordinates stored at a 1e-4 scale)
+    for k, tol in ((0, 1e-6), (1, 0.0), (2, 0.0), (3, 1e-4)):
+        assert nearest(got[k], pts) <= tol and nearest(pts, got[k]) <= tol, k
+
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    # two triangles in the plane z = 0: the first twice the area of the second
+    v = np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0], [3, 0, 0], [5, 0, 0], [3, 1, 0]], float)
+    mesh = trimesh.Trimesh(vertices=v, faces=[[0, 1, 2], [3, 4, 5]], process=False)
+    for ext in (".off", ".obj", ".stl", ".glb"):
+        mesh.export(str(meshes / f"m{ext}"))
+    summary = folder.main(folder.Config(root=meshes, out=tmp_path / "m.h5", points=3000))
+    assert summary["clouds"] == 4 and summary["skipped"] == 0
+    with h5py.File(tmp_path / "m.h5") as f:
+        for got in f["train/points"][()]:
+            got = got[:, [0, 1, 2]] if abs(got[:, 2]).max() < 1e-6 else got[:, [0, 2, 1]]
+            assert abs(got[:, 2]).max() < 1e-5  # on the plane (glTF may swap y and z)
+            first = (got[:, 0] <= 2.0001).mean()  # the big triangle spans x in [0, 2]
+            assert 0.6 < first < 0.73, first  # area 2 of 3: ~0.667
 

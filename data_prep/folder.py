@@ -63,7 +63,12 @@ class Config:
     """none: unlabelled, the pretraining format. folders: one class per first-level folder,
     the classification format."""
     points: int = 8192
-    """points per cloud in the output."""
+    """points per cloud in the output. Pretraining reads any count (at least its
+    --num-points); the classification loaders expect 8192 (--data modelnet40) or 2048
+    (--data scanobjectnn)."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """the stored coordinates' type; float16 halves the file of an unlabelled set
+    (pretraining widens it on load). The classification format is float32."""
     sample: Literal["fps", "random"] = "fps"
     """how a cloud is brought to --points: farthest point sampling, or uniform at random."""
     min_points: int = 64
@@ -186,6 +191,9 @@ def collect(cfg: Config) -> list[tuple[Path, str | None]]:
 
 def main(cfg: Config) -> dict:
     t0 = time.perf_counter()
+    if cfg.labels != "none" and cfg.dtype != "float32":
+        raise ConversionError("--dtype float16 is for unlabelled sets: the classification "
+                              "loaders read float32")
     items = collect(cfg)
     if not items:
         raise ConversionError(f"--root {cfg.root} holds no files")
@@ -216,8 +224,8 @@ def main(cfg: Config) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
         if cfg.labels == "none":
-            f["train/points"] = points
-            f["test/points"] = np.zeros((0, cfg.points, 3), np.float32)
+            f["train/points"] = points.astype(cfg.dtype)
+            f["test/points"] = np.zeros((0, cfg.points, 3), cfg.dtype)
             f.attrs["format_version"] = SHAPENET55_FORMAT_VERSION
             split = {"train": len(points)}
         else:

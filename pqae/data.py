@@ -84,7 +84,9 @@ def _check_split(split: str) -> None:
 
 
 def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
-    """Load ShapeNet-55 clouds (S, 8192, 3) float32 from the converter's HDF5 file.
+    """Load the pretraining clouds (S, N, 3) as float32 from an HDF5 file in the layout of
+    `data_prep.shapenet55` (ShapeNet-55: N = 8192) or `data_prep.folder` (any N, stored
+    float32 or float16).
 
     split "all" is test followed by train, the order the reference reads with `--whole`
     (the default): test.txt lines first, then train.txt — 10,518 + 41,952 = 52,470 shapes.
@@ -99,8 +101,8 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
             f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {path}`, "
             f"or try the built-in data first: `python pretrain.py --preset tiny`")
     expected = (
-        f"groups 'train' and 'test', each with a dataset 'points' of shape "
-        f"(S, {SHAPENET55_POINTS}, 3) and dtype float32"
+        "groups 'train' and 'test', each with a dataset 'points' of shape (S, N, 3) (the same "
+        f"N in both; ShapeNet-55: {SHAPENET55_POINTS}) and dtype float32 or float16"
     )
     groups = ("test", "train") if split == "all" else (split,)
     with reading(path, f"an HDF5 file with {expected}"), h5py.File(path, "r") as f:
@@ -113,15 +115,18 @@ def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
                     f"{sorted(f.keys())})"
                 )
             d = f[key]
-            if d.ndim != 3 or d.shape[1:] != (SHAPENET55_POINTS, 3) or d.dtype != np.float32:
+            if d.ndim != 3 or d.shape[2] != 3 or d.shape[1] < 1 or \
+                    d.dtype not in (np.float32, np.float16) or \
+                    (dsets and d.shape[1] != dsets[0].shape[1]):
                 raise BadInput(
                     f"{path}: expected {expected}; found '{key}' with shape {d.shape} and "
-                    f"dtype {d.dtype}"
-                )
+                    f"dtype {d.dtype}" + (f" (the other group has N = {dsets[0].shape[1]})"
+                                          if dsets else ""))
             dsets.append(d)
-        # Read straight into one preallocated array: concatenating would need twice the RAM.
+        # Read straight into one preallocated array: concatenating would need twice the RAM
+        # (float16 is widened by HDF5 on the way).
         total = sum(d.shape[0] for d in dsets)
-        out = np.empty((total, SHAPENET55_POINTS, 3), dtype=np.float32)  # (S, 8192, 3)
+        out = np.empty((total, dsets[0].shape[1], 3), dtype=np.float32)  # (S, N, 3)
         start = 0
         for g, d in zip(groups, dsets):
             if d.shape[0]:

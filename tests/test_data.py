@@ -134,12 +134,23 @@ def test_load_shapenet55_missing_file(tmp_path):
 def test_load_shapenet55_wrong_layout(tmp_path):
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("train/points", data=np.zeros((2, 1024, 3), np.float32))
+        f.create_dataset("train/points", data=np.zeros((2, 1024, 2), np.float32))
         f.create_dataset("test/points", data=np.zeros((2, 8192, 3), np.float64))
-    with pytest.raises(ValueError, match=r"bad\.h5.*\(S, 8192, 3\).*\(2, 1024, 3\)"):
+    with pytest.raises(ValueError, match=r"bad\.h5.*\(S, N, 3\).*\(2, 1024, 2\)"):
         load_shapenet55(path, "train")
     with pytest.raises(ValueError, match=r"bad\.h5.*float64"):
         load_shapenet55(path, "test")
+    # any N, float16 or float32, but one N for both groups
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixed.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("train/points", data=rng.standard_normal((2, 1024, 3)).astype(np.float16))
+        f.create_dataset("test/points", data=rng.standard_normal((1, 512, 3)).astype(np.float32))
+    train = load_shapenet55(path, "train")
+    assert train.shape == (2, 1024, 3) and train.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"found 'train/points' with shape \(2, 1024, 3\).*"
+                                         r"the other group has N = 512"):
+        load_shapenet55(path, "all")
 
     path = tmp_path / "nokey.h5"
     with h5py.File(path, "w") as f:

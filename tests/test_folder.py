@@ -63,6 +63,17 @@ def test_a_folder_becomes_pretraining_data(tmp_path):
     result = pretrain.main(small_pretrain_config(tmp_path, data="shapenet55", data_path=str(out),
                                                  batch_size=4, max_steps=2))
     assert result["step"] == 2 and np.isfinite(result["history"][-1]["loss"])
+    # any point count, stored float16: half the file, read back widened
+    half = tmp_path / "half.h5"
+    folder.main(folder.Config(root=tmp_path / "scans", out=half, points=512, dtype="float16"))
+    with h5py.File(half) as f:
+        assert f["train/points"].dtype == np.float16 and f["train/points"].shape == (4, 512, 3)
+        stored = torch.from_numpy(f["train/points"][()])
+    loaded = data.load_shapenet55(half, "all")
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, stored.float())
+    result = pretrain.main(small_pretrain_config(tmp_path / "b", data="shapenet55",
+                                                 data_path=str(half), batch_size=4, max_steps=1))
+    assert result["step"] == 1
 
 
 def test_fps_keeps_input_points_spread_out(tmp_path):

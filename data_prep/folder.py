@@ -42,15 +42,13 @@ import numpy as np
 import torch
 
 from data_prep.common import ConversionError, run
-from pqae.data import SHAPENET55_FORMAT_VERSION
+from pqae.data import CLS_FORMAT_VERSION, MAX_COORD, SHAPENET55_FORMAT_VERSION
 from pqae.log import atomic_output
 
 TEXT = (".txt", ".xyz", ".pts", ".csv")
-NATIVE = (".npy", ".npz", *TEXT)
 MESHES = (".obj", ".off", ".stl", ".glb")
 EXTRA = {".ply": "plyfile", ".pcd": "pypcd4", ".las": "laspy", ".laz": "laspy",
          **{ext: "trimesh" for ext in MESHES}}  # extension -> its reader ([io] extra)
-CLS_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -207,8 +205,9 @@ def main(cfg: Config) -> dict:
             cloud = cloud[finite]
             if len(cloud) < cfg.min_points:
                 raise Skip(f"{len(cloud)} finite points, fewer than --min-points {cfg.min_points}")
-            if np.abs(cloud).max() > 1e9 or (cloud.max(0) == cloud.min(0)).all():
-                raise Skip("zero extent or coordinates beyond +-1e9: it cannot be normalised")
+            if np.abs(cloud).max() > MAX_COORD or (cloud.max(0) == cloud.min(0)).all():
+                raise Skip(f"zero extent or coordinates beyond +-{MAX_COORD:g}: it cannot be "
+                           f"normalised")
         except Skip as why:
             if cfg.strict:
                 raise ConversionError(f"{path}: {why} (--strict)") from None

@@ -22,6 +22,7 @@ loss (they are checked to be finite); a disk that lies about fsync.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ import struct
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -233,8 +235,7 @@ def _write_error(e: RuntimeError) -> bool:
 def _why(e: BaseException) -> str:
     """A write failure in a few words: the errno's name and text when there is one."""
     if isinstance(e, OSError) and e.errno is not None:
-        import errno as _errno
-        return f"{_errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+        return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
     text = str(e).strip().splitlines()[0]
     if "] . " in text:  # c10's "[enforce fail at FILE:LINE] . what"
         text = text.split("] . ", 1)[1]
@@ -555,7 +556,6 @@ def _refuse_existing_run(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def _from_rank0(value):
     """Rank 0's `value` on every rank (itself in a single process)."""
-    import torch.distributed as tdist
     if not tdist.is_initialized():
         return value
     box = [value]

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, syncbn
+from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, stream, syncbn
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
@@ -45,8 +45,18 @@ class Task:
     airplane slice (.npz) shipped for tests; procedural: built-in generated shapes, no files."""
     data_path: str = ""
     """the .h5 (shapenet55) or .npz (airplanes) file; empty: data/shapenet55.h5 or
-    data/airplanes_2048.npz. Given without --data, the kind follows from the suffix (.h5:
-    shapenet55, .npz: airplanes); with --data procedural it is an error."""
+    data/airplanes_2048.npz. shapenet55 (any pretraining HDF5, e.g. from data_prep.folder)
+    also takes a directory of shards or several paths separated by commas, concatenated.
+    Given without --data, the kind follows from the suffix (.h5 or a directory: shapenet55,
+    .npz: airplanes); with --data procedural it is an error."""
+    data_on: Literal["auto", "device", "host"] = "auto"
+    """where the pretraining HDF5 clouds live during the run. device: all of them, read once
+    into device memory (the reference's way); host: left in their files, each step's clouds
+    read there by background threads a few steps ahead and copied to the GPU on a side
+    stream (for sets larger than device memory; the same batches and losses); auto: device
+    when their float32 copy takes at most 25% of the device's memory, else host."""
+    data_workers: int = 2
+    """--data-on host: threads reading clouds from the files."""
     split: Literal["all", "train", "test"] = "all"
     """all = test + train, as the reference (its --whole flag defaults to on)."""
     num_points: int = 1024
@@ -137,6 +147,8 @@ def resolve(cfg: Config, explicit: set[str]) -> Config:
     if "data_path" in explicit and cfg.data_path:
         suffix = Path(cfg.data_path).suffix
         kind = {".h5": "shapenet55", ".hdf5": "shapenet55", ".npz": "airplanes"}.get(suffix)
+        if "," in cfg.data_path or Path(cfg.data_path).is_dir():
+            kind = "shapenet55"
         if "data" not in explicit and kind is not None:
             cfg = dataclasses.replace(cfg, data=kind)
         elif cfg.data == "procedural":
@@ -145,13 +157,28 @@ def resolve(cfg: Config, explicit: set[str]) -> Config:
     return cfg
 
 
-def load_clouds(cfg: Config) -> torch.Tensor:
+def load_clouds(cfg: Config, run: Run) -> torch.Tensor | stream.HostStream:
+    """The training clouds: (S, N, 3) float32 resident on the device, or a HostStream that
+    reads each step's clouds from the files (--data-on)."""
     path = cfg.data_path or DATA_PATHS.get(cfg.data, "")
     if cfg.data == "shapenet55":
-        return data.load_shapenet55(path, cfg.split)
+        blocks = data.pretrain_blocks(path, cfg.split)
+        shape = (sum(b.count for b in blocks), blocks[0].points, 3)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # on this host
+        fits, why = stream.fits_on_device(shape, run.device, processes)
+        where = cfg.data_on if cfg.data_on != "auto" else ("device" if fits else "host")
+        run.print(f"data on {where} ({'--data-on ' + cfg.data_on if cfg.data_on != 'auto' else 'auto'}"
+                  f": {why})")
+        if where == "host":
+            host = stream.HostStream(blocks, cfg.batch_size, run.env.rank, run.env.world_size,
+                                     cfg.seed, run.device, cfg.data_workers)
+            host.files.check(run.print)
+            return host
+        return data.load_shapenet55(path, cfg.split).to(run.device)
     if cfg.data == "airplanes":
-        return data.load_airplanes(path, cfg.split)
-    return data.procedural_shapes(cfg.procedural_shapes, cfg.procedural_points, seed=cfg.seed)
+        return data.load_airplanes(path, cfg.split).to(run.device)
+    return data.procedural_shapes(cfg.procedural_shapes, cfg.procedural_points,
+                                  seed=cfg.seed).to(run.device)
 
 
 def build_model(cfg: Config) -> PointPQAE:
@@ -182,13 +209,18 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
     rank, device = env.rank, env.device
     local_bs = cfg.batch_size // env.world_size
     steps_per_epoch = clouds.shape[0] // cfg.batch_size
+    host = isinstance(clouds, stream.HostStream)
+    rows = torch.arange(local_bs, device=device)
 
     def train_step(step: int, perm: torch.Tensor, return_outputs: bool = False) -> dict:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]  # on the device
         with phase("data"):
-            points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
+            if host:  # the same clouds, read from the files ahead of time
+                points = data.sample_points(clouds.batch(step), rows, cfg.num_points)
+            else:
+                points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
             points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
         crop_ratios = model.draw_crop_ratios(random.Random(shared_seed(cfg.seed, step)))  # all ranks
         k, losses = cfg.accum_steps, []
@@ -218,7 +250,7 @@ def main(cfg: Config) -> dict:
         if not cfg.benchmark_steps:
             return planned
     run = start(cfg, cfg.batch_size, claim=not cfg.benchmark_steps)
-    clouds = load_clouds(cfg).to(run.device)  # (S, N, 3), resident on the device
+    clouds = load_clouds(cfg, run)  # (S, N, 3) on the device, or read from the files per step
     if cfg.num_points > clouds.shape[1]:
         raise BadInput(f"num_points {cfg.num_points} > {clouds.shape[1]} points per cloud")
     steps_per_epoch, total_steps = run.schedule(clouds.shape[0], cfg.epochs + 1)
@@ -291,6 +323,8 @@ def main(cfg: Config) -> dict:
     # The weights at the end of the schedule under one name, whatever its length: the
     # checkpoint the downstream scripts are given (ckpt-last is the same, plus the optimizer).
     metrics = {**metrics, **probe_scores}
+    if isinstance(clouds, stream.HostStream):
+        clouds.close()
     run.save("ckpt-final", model, epoch, step, metrics)
     final = run.out_dir / "ckpt-final"
     tiny = "--preset tiny " if cfg.data == "procedural" else (

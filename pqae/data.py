@@ -14,6 +14,7 @@ draws its batch on the device with `sample_points` — no DataLoader, no worker 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,12 @@ MAX_COORD = 1e9
 normalised to the unit sphere (|x| beyond ~1.8e19 does), with a wide margin."""
 
 
-def check_clouds(points: torch.Tensor, what: str) -> None:
+def check_clouds(points: torch.Tensor, what: str, first: int = 0) -> None:
     """Refuse the clouds (along dim 0) that normalisation would turn into garbage: NaN or inf
     values, a coordinate beyond +-MAX_COORD (a cloud x1e30, one point at 1e25), or zero extent
     (every point the same: all zeros). The message names `what` and the first indices of each
-    kind, counted in `points` (the split as the file holds it). Works in chunks of clouds."""
+    kind, counted in `points` (the split as the file holds it) from `first`. Works in chunks of
+    clouds."""
     found: dict[str, list[int]] = {"NaN or inf values": [],
                                    f"coordinates beyond +-{MAX_COORD:g}": [],
                                    "zero extent (every point the same)": []}
@@ -66,7 +68,7 @@ def check_clouds(points: torch.Tensor, what: str) -> None:
         big = finite & (x.abs().flatten(1).amax(1) > MAX_COORD)
         flat = finite & ~big & (x.amax(1) == x.amin(1)).all(1)
         for kind, mask in zip(found, (~finite, big, flat)):
-            found[kind] += (start + mask.nonzero().flatten()).tolist()[:10]
+            found[kind] += (first + start + mask.nonzero().flatten()).tolist()[:10]
     bad = {k: v for k, v in found.items() if v}
     if bad:
         raise BadInput(f"{what}: cloud(s) that cannot be normalised: " + "; ".join(
@@ -83,57 +85,131 @@ def _check_split(split: str) -> None:
 # ShapeNet-55 (pretraining)
 
 
+PRETRAIN_LAYOUT = (
+    "groups 'train' and 'test', each with a dataset 'points' of shape (S, N, 3) (the same N in "
+    f"both and in every file; ShapeNet-55: {SHAPENET55_POINTS}) and dtype float32 or float16")
+
+
+def pretrain_files(path: str | Path) -> list[Path]:
+    """The HDF5 files a pretraining --data-path names: one file, a directory (its `*.h5`
+    files, sorted: the shards of `data_prep.folder --shard-size`), or several of these
+    separated by commas, in that order."""
+    files: list[Path] = []
+    for part in str(path).split(","):
+        p = Path(part.strip())
+        if p.is_dir():
+            shards = sorted(q for q in p.iterdir() if q.suffix in (".h5", ".hdf5") and q.is_file())
+            if not shards:
+                raise MissingFile(f"{p} is a directory without .h5 files; expected the shards "
+                                  f"of `python -m data_prep.folder --shard-size K`")
+            files += shards
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise MissingFile(
+                f"ShapeNet-55 file not found: {p}. Create it from the official release with "
+                f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {p}`, your "
+                f"own clouds with `python -m data_prep.folder --root DIR --out {p}`, or try the "
+                f"built-in data first: `python pretrain.py --preset tiny`")
+    return files
+
+
+@dataclass(frozen=True)
+class CloudBlock:
+    """One pretraining dataset ('train/points' or 'test/points' of one file): where its clouds
+    are and how they are stored, read from the HDF5 metadata without reading the clouds."""
+    path: Path
+    group: str
+    count: int  # clouds
+    points: int  # N, points per cloud
+    dtype: np.dtype
+    offsets: np.ndarray | None  # byte offset of each run of clouds stored in one piece
+    run: int  # clouds per such run (the whole dataset when contiguous, else its chunk)
+    checked: bool  # written by a converter that already refused non-finite values
+
+    @property
+    def cloud_bytes(self) -> int:
+        return self.points * 3 * self.dtype.itemsize
+
+
+def pretrain_blocks(path: str | Path, split: str = "all") -> list[CloudBlock]:
+    """Every pretraining dataset of `path` (see `pretrain_files`) for `split`, validated: the
+    layout, one point count N and one dtype across all. Split "all" is test then train per
+    file, the order the reference reads with `--whole`."""
+    import h5py  # only the pretraining loaders need it
+
+    _check_split(split)
+    groups = ("test", "train") if split == "all" else (split,)
+    blocks: list[CloudBlock] = []
+    for file in pretrain_files(path):
+        with reading(file, f"an HDF5 file with {PRETRAIN_LAYOUT}"), h5py.File(file, "r") as f:
+            for g in groups:
+                key = f"{g}/points"
+                if key not in f:
+                    raise BadInput(f"{file}: expected {PRETRAIN_LAYOUT}; found no '{key}' "
+                                   f"(top-level keys: {sorted(f.keys())})")
+                d = f[key]
+                first = blocks[0] if blocks else None
+                if d.ndim != 3 or d.shape[2] != 3 or d.shape[1] < 1 or \
+                        d.dtype not in (np.float32, np.float16) or \
+                        (first and d.shape[1] != first.points):
+                    raise BadInput(
+                        f"{file}: expected {PRETRAIN_LAYOUT}; found '{key}' with shape {d.shape} "
+                        f"and dtype {d.dtype}" + (f" ({'the other group' if first.path == file else first.path}"
+                                                  f" has N = {first.points})" if first else ""))
+                offsets, run = _stored_runs(d)
+                blocks.append(CloudBlock(file, g, d.shape[0], d.shape[1], np.dtype(d.dtype),
+                                         offsets, run, bool(f.attrs.get("checked_finite", False))))
+    return blocks
+
+
+def _stored_runs(d) -> tuple[np.ndarray | None, int]:
+    """(byte offsets, clouds per run) of a dataset's clouds in its file when they can be read
+    straight from it: contiguous, or chunked along clouds only, unfiltered (the layouts our
+    converters write); (None, 0) otherwise (compressed, or chunks that split a cloud)."""
+    if d.shape[0] == 0:
+        return np.zeros(0, np.int64), 1
+    native = d.dtype.byteorder in ("=", "<", "|") if np.little_endian else d.dtype.byteorder != "<"
+    if not native:
+        return None, 0
+    if d.chunks is None:
+        offset = d.id.get_offset()
+        return (None, 0) if offset is None else (np.array([offset], np.int64), d.shape[0])
+    if d.compression or d.chunks[1:] != d.shape[1:] or len(d._filters):  # noqa: SLF001
+        return None, 0
+    n_chunks = -(-d.shape[0] // d.chunks[0])
+    offsets = np.empty(n_chunks, np.int64)
+    for i in range(n_chunks):
+        info = d.id.get_chunk_info_by_coord((i * d.chunks[0], 0, 0))
+        if info.byte_offset is None or info.filter_mask:
+            return None, 0
+        offsets[i] = info.byte_offset
+    return offsets, d.chunks[0]
+
+
 def load_shapenet55(path: str | Path, split: str = "all") -> torch.Tensor:
-    """Load the pretraining clouds (S, N, 3) as float32 from an HDF5 file in the layout of
+    """Load the pretraining clouds (S, N, 3) as float32 from HDF5 files in the layout of
     `data_prep.shapenet55` (ShapeNet-55: N = 8192) or `data_prep.folder` (any N, stored
-    float32 or float16).
+    float32 or float16): one file, a directory of shards, or several separated by commas
+    (`pretrain_files`), concatenated in that order.
 
     split "all" is test followed by train, the order the reference reads with `--whole`
     (the default): test.txt lines first, then train.txt — 10,518 + 41,952 = 52,470 shapes.
     """
-    import h5py  # only this loader needs it
+    import h5py
 
-    _check_split(split)
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFile(
-            f"ShapeNet-55 file not found: {path}. Create it from the official release with "
-            f"`python -m data_prep.shapenet55 --root data/ShapeNet55-34 --out {path}`, "
-            f"or try the built-in data first: `python pretrain.py --preset tiny`")
-    expected = (
-        "groups 'train' and 'test', each with a dataset 'points' of shape (S, N, 3) (the same "
-        f"N in both; ShapeNet-55: {SHAPENET55_POINTS}) and dtype float32 or float16"
-    )
-    groups = ("test", "train") if split == "all" else (split,)
-    with reading(path, f"an HDF5 file with {expected}"), h5py.File(path, "r") as f:
-        dsets = []
-        for g in groups:
-            key = f"{g}/points"
-            if key not in f:
-                raise BadInput(
-                    f"{path}: expected {expected}; found no '{key}' (top-level keys: "
-                    f"{sorted(f.keys())})"
-                )
-            d = f[key]
-            if d.ndim != 3 or d.shape[2] != 3 or d.shape[1] < 1 or \
-                    d.dtype not in (np.float32, np.float16) or \
-                    (dsets and d.shape[1] != dsets[0].shape[1]):
-                raise BadInput(
-                    f"{path}: expected {expected}; found '{key}' with shape {d.shape} and "
-                    f"dtype {d.dtype}" + (f" (the other group has N = {dsets[0].shape[1]})"
-                                          if dsets else ""))
-            dsets.append(d)
-        # Read straight into one preallocated array: concatenating would need twice the RAM
-        # (float16 is widened by HDF5 on the way).
-        total = sum(d.shape[0] for d in dsets)
-        out = np.empty((total, dsets[0].shape[1], 3), dtype=np.float32)  # (S, N, 3)
-        start = 0
-        for g, d in zip(groups, dsets):
-            if d.shape[0]:
-                d.read_direct(out, dest_sel=np.s_[start : start + d.shape[0]])
-            # indices within the group, as the user knows the file
-            check_clouds(torch.from_numpy(out[start : start + d.shape[0]]), f"{path} '{g}/points'")
-            start += d.shape[0]
+    blocks = pretrain_blocks(path, split)
+    # Read straight into one preallocated array: concatenating would need twice the RAM
+    # (float16 is widened by HDF5 on the way).
+    out = np.empty((sum(b.count for b in blocks), blocks[0].points, 3), np.float32)  # (S, N, 3)
+    start = 0
+    for b in blocks:
+        with reading(b.path, f"an HDF5 file with {PRETRAIN_LAYOUT}"), h5py.File(b.path) as f:
+            if b.count:
+                f[f"{b.group}/points"].read_direct(out, dest_sel=np.s_[start:start + b.count])
+        # indices within the group, as the user knows the file
+        check_clouds(torch.from_numpy(out[start:start + b.count]), f"{b.path} '{b.group}/points'")
+        start += b.count
     return torch.from_numpy(out)
 
 

@@ -108,6 +108,7 @@ class RunOptions:
 HOW_TO_RUN = frozenset({
     "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw",
     "accum_steps", "plan", "collective_timeout", "out_dir", "resume", "overwrite",
+    "data_on", "data_workers",
     "allow_config_change",
     "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",
     "benchmark_steps", "benchmark_compare", "benchmark_phases", "cost_model", "json"})

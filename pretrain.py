@@ -370,9 +370,21 @@ def plan(cfg: Config) -> dict:
     shapes, points = {"shapenet55": (data.SHAPENET55_SHAPES, data.SHAPENET55_POINTS),
                       "airplanes": (717, data.AIRPLANES_POINTS)}.get(
         cfg.data, (cfg.procedural_shapes, cfg.procedural_points))
+    on_device = cfg.data_on != "host"
+    if cfg.data == "shapenet55":  # the files' own size when they are there
+        try:
+            blocks = data.pretrain_blocks(cfg.data_path or DATA_PATHS["shapenet55"], cfg.split)
+            shapes, points = sum(b.count for b in blocks), blocks[0].points
+        except FileNotFoundError:
+            pass
+        if cfg.data_on == "auto":
+            device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available()
+                                  else "cpu")
+            on_device = stream.fits_on_device((shapes, points, 3), device)[0]
     return costmodel.run_plan(
         lambda b: cost_model_of(dataclasses.replace(cfg, batch_size=b)).make_step, cfg, shapes,
-        points * 3 * 4, sum(t.numel() for t in build_model(cfg).parameters()), cfg.epochs + 1)
+        points * 3 * 4 if on_device else 0,
+        sum(t.numel() for t in build_model(cfg).parameters()), cfg.epochs + 1)
 
 
 def collapse_text(const: dict) -> str:

@@ -262,8 +262,9 @@ def format_plan(p: dict, params: int, steps_per_epoch: int | None, epochs: int,
              f"device memory per process, estimated from the step's ops on the meta device "
              f"(no GPU used): weights, optimizer state and inputs {g(p['static_bytes'])}, "
              f"{g(p['per_sample_bytes'])} per sample of a micro-batch, data set on the device "
-             + (g(p["data_bytes"]) if p["data_bytes"] is not None else
-                "unknown (its file is not there; add its size)"),
+             + (g(p["data_bytes"]) if p["data_bytes"] else
+                "none (read from the files on the host, --data-on host)" if p["data_bytes"] == 0
+                else "unknown (its file is not there; add its size)"),
              f"  --accum-steps  micro-batch  peak        x{ALLOCATOR_MARGIN:g} (allocator, CUDA "
              f"context)"]
     for r in p["rows"]:

@@ -156,3 +156,9 @@ def test_clouds_that_cannot_be_read_one_by_one_or_normalised_are_refused(tmp_pat
 def test_benchmark_reports_the_host_paths_rate(shards):
     r = stream.benchmark(str(shards), batch_size=16, steps=6, workers=2)
     assert r["shapes_per_s"] > 0 and r["steps"] == 6 and r["points"] == 64
+
+
+def test_plan_counts_the_data_on_the_device_only_when_they_are_there(tmp_path, shards):
+    on_device = pretrain.plan(_cfg(tmp_path, shards, "p", data_on="device"))
+    assert on_device["data_bytes"] == 74 * 64 * 3 * 4  # the files' own size, widened
+    assert pretrain.plan(_cfg(tmp_path, shards, "p", data_on="host"))["data_bytes"] == 0

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, stream, syncbn
+from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, show, stream, syncbn
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
@@ -455,6 +455,10 @@ def log_clouds(writer, out: dict, step: int) -> None:
                           ("view1_reconstruction", out["pred1"][0] + centre, (230, 90, 40))):
         vertices, colors = cloud(pts, rgb)
         writer.add_mesh(f"clouds/{tag}", vertices=vertices, colors=colors, global_step=step)
+    # the same three clouds as a picture (pqae.show's three views), when matplotlib is there
+    image = show.rendering(f"step {step}: sample 0", show.reconstruction_rows(out, 0))
+    if image is not None:
+        writer.add_image("clouds/view1_reconstruction", image, step, dataformats="HWC")
 
 
 def benchmark(cfg: Config, clouds: torch.Tensor, env: dist.Dist) -> dict:

@@ -119,6 +119,8 @@ class HostStream:
         self.global_batch, self.local = batch_size, batch_size // world_size
         self.rank, self.seed, self.device = rank, seed, torch.device(device)
         self.steps_per_epoch = len(self.files) // batch_size
+        if self.steps_per_epoch == 0:
+            raise BadInput(f"{len(self.files)} clouds are fewer than one batch of {batch_size}")
         self.ahead = max(1, ahead)
         cuda = self.device.type == "cuda"
         shape = (self.local, self.files.points, 3)

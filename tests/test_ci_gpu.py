@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "cost-model",
-         "finetune.benchmark", "pretrain.real",
+         "finetune.benchmark", "pretrain.host", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
 
 

@@ -162,3 +162,8 @@ def test_plan_counts_the_data_on_the_device_only_when_they_are_there(tmp_path, s
     on_device = pretrain.plan(_cfg(tmp_path, shards, "p", data_on="device"))
     assert on_device["data_bytes"] == 74 * 64 * 3 * 4  # the files' own size, widened
     assert pretrain.plan(_cfg(tmp_path, shards, "p", data_on="host"))["data_bytes"] == 0
+
+
+def test_fewer_clouds_than_a_batch_is_a_clear_error(shards):
+    with pytest.raises(BadInput, match="74 clouds are fewer than one batch of 128"):
+        stream.HostStream(data.pretrain_blocks(shards), 128, 0, 1, 0, torch.device("cpu"))

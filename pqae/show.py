@@ -233,13 +233,19 @@ def example_clouds(pcfg, n: int) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.float32))
 
 
+def segmenter(name: str, cfg: Config):
+    """(the script's config, the saved segmenter in eval mode, its test split) of a partseg
+    or semseg checkpoint."""
+    module = script(name)
+    scfg = script_config(module, cfg.ckpt, cfg.device, cfg.data_path)
+    model = module.build_model(scfg).to(cfg.device).eval()
+    formats.load_model(model, cfg.ckpt, name)
+    return scfg, model, module.load_data(scfg)[1]
+
+
 def show_partseg(cfg: Config, w: Writer) -> None:
-    partseg = script("partseg")
     from pqae import shapenetpart as spart
-    pcfg = script_config(partseg, cfg.ckpt, cfg.device, cfg.data_path)
-    model = partseg.build_model(pcfg).to(cfg.device).eval()
-    formats.load_model(model, cfg.ckpt, "partseg")
-    _, test = partseg.load_data(pcfg)
+    pcfg, model, test = segmenter("partseg", cfg)
     test = test.to(cfg.device)
     n = min(cfg.shapes, len(test))
     idx = torch.arange(n)
@@ -260,12 +266,9 @@ def show_partseg(cfg: Config, w: Writer) -> None:
 
 
 def show_semseg(cfg: Config, w: Writer) -> None:
-    semseg = script("semseg")
     from pqae import dist, s3dis
-    scfg = script_config(semseg, cfg.ckpt, cfg.device, cfg.data_path)
-    model = semseg.build_model(scfg).to(cfg.device).eval()
-    formats.load_model(model, cfg.ckpt, "semseg")
-    _, test = semseg.load_data(scfg)
+    semseg = script("semseg")
+    scfg, model, test = segmenter("semseg", cfg)
     env = dist.Dist(0, 0, 1, torch.device(cfg.device))
     colours = palette(s3dis.NUM_CLASSES)
     for r in range(min(cfg.shapes, len(test))):

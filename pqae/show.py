@@ -63,14 +63,16 @@ def palette(n: int) -> np.ndarray:
                      for i in range(n)], np.uint8)
 
 
-def pca_colours(features: np.ndarray) -> np.ndarray:
-    """(n, C) features -> (n, 3) uint8: their first three principal components, each scaled to
-    0..255 over its 2nd..98th percentile."""
-    x = features - features.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = x @ vt[:3].T  # (n, <=3)
-    comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
-    lo, hi = np.percentile(comps, 2, 0), np.percentile(comps, 98, 0)
+def pca_colours(features: np.ndarray, fit: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) features -> (n, 3) uint8: their first three principal components (those of
+    `fit`, default the features themselves), each scaled to 0..255 over the 2nd..98th
+    percentile of `fit`."""
+    fit = features if fit is None else fit
+    mean = fit.mean(0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    basis = np.pad(vt[:3].T, ((0, 0), (0, 3 - min(3, vt.shape[0]))))  # (C, 3)
+    ref, comps = (fit - mean) @ basis, (features - mean) @ basis
+    lo, hi = np.percentile(ref, 2, 0), np.percentile(ref, 98, 0)
     return (np.clip((comps - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
 
 
@@ -302,18 +304,14 @@ def show_features(cfg: Config, w: Writer) -> None:
         clouds = example_clouds(pcfg, cfg.shapes)
     else:
         clouds = data.procedural_shapes(cfg.shapes, 2048, seed=cfg.seed)
-    with torch.no_grad():
-        points = encoder.prepare(clouds.to(cfg.device))
-        neighborhood, center = __import__("kernels").group(points, encoder.num_group,
-                                                           encoder.group_size, check=False)
-        _, tokens = encoder.encoder(neighborhood, center)  # (B, G, C)
+    patches, centers = encoder.embed(clouds.to(cfg.device), level="patch")  # (B, G, C)
+    per_point, used = encoder.embed(clouds.to(cfg.device), level="point")  # (B, n, C)
     for b in range(len(clouds)):
-        colour = pca_colours(tokens[b].float().cpu().numpy())  # (G, 3)
-        xyz = points[b].cpu().numpy()
-        near = torch.cdist(points[b], center[b]).argmin(1).cpu().numpy()  # each point's patch
-        c = center[b].cpu().numpy()
+        fit = patches[b].float().cpu().numpy()
         w.example(f"shape-{b}", f"{cfg.ckpt}: patch features, first 3 principal components",
-                  [("points by their patch", xyz, colour[near]), ("patch centres", c, colour)])
+                  [("points (interpolated features)", used[b].cpu().numpy(),
+                    pca_colours(per_point[b].float().cpu().numpy(), fit)),
+                   ("patch centres", centers[b].cpu().numpy(), pca_colours(fit))])
 
 
 def main(cfg: Config) -> dict:

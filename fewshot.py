@@ -89,7 +89,9 @@ class Config:
     is refused and left untouched)."""
     keep_checkpoints: bool = False
     """keep each finished fold's ckpt-last / ckpt-best (about 0.35 GB per fold at full size);
-    False deletes them once the fold's results.json is written (the table needs only that)."""
+    `python finetune_cls.py --eval-ckpt OUT_DIR/5way_10shot/fold0/ckpt-best` then evaluates one
+    again, to exactly the fold's best_acc. False deletes them once the fold's results.json is
+    written (the table needs only that)."""
     finetune: finetune_cls.Config = RECIPE
     """the fine-tuning run of every fold, a nested finetune_cls.Config (`--finetune.head`,
     `--finetune.lr`, ...); its data, data_path, out_dir, resume and overwrite are set per fold."""

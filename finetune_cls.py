@@ -27,6 +27,12 @@ Reported numbers, each named for what it is, written to out_dir/results.json:
 Under torchrun every test sample is evaluated exactly once (contiguous shards, summed counts).
 After a mid-epoch resume, that epoch's logged train_loss/train_acc cover only the steps since
 the resume; test accuracies and everything trained are exactly those of an unbroken run.
+
+A checkpoint stores, with the accuracy it reports, what that evaluation depends on
+(`EVAL_FIELDS`, device, processes: its metrics["evaluation"]). `--eval-ckpt` takes those fields
+from it and says whether it gives exactly the figures the run recorded for those weights (the
+plain test is deterministic; the vote test, recorded in results.json for the final weights,
+draws from --vote-seed), or what differs (eval-NAME.json: "reproduction").
 """
 
 from __future__ import annotations
@@ -113,9 +119,12 @@ class Task:
     eval_ckpt: str = ""
     """skip training: evaluate this fine-tuned checkpoint (our ckpt dir / .safetensors, or a
     reference fine-tuned .pth) on the test set, plain and with votes, into
-    out_dir/eval-NAME.json. The model's fields come from the checkpoint."""
+    out_dir/eval-NAME.json, and say whether the figures are those the run recorded for it. The
+    model's fields come from the checkpoint, its evaluation's fields (EVAL_FIELDS) too unless
+    given."""
     eval_batch_size: int = 32
-    """test batch in shapes per process (BatchNorm is in eval mode: results do not depend on it)."""
+    """test batch in shapes per process (BatchNorm is in eval mode: another batch changes the
+    accuracy by float rounding at most)."""
     votes: int = 10
     """votes of the vote test after training, each a random point subset plus vote_augment;
     their logits are averaged (0: skip it)."""
@@ -186,8 +195,12 @@ PRESETS = {
 
 MODEL_FIELDS = ("num_classes", "head", "num_group", "group_size") + ckpt.ENCODER_FIELDS
 """The fields that build the classifier: an evaluated checkpoint brings its own."""
-RUN_FIELDS = ("data", "data_path", "num_points", "procedural_train", "procedural_test",
-              "procedural_points", "vote_augment", "seed", "out_dir")
+EVAL_FIELDS = ("data", "data_path", "num_points", "procedural_test", "procedural_points", "seed",
+               "eval_batch_size", "votes", "vote_seed", "vote_runs", "vote_augment", "amp")
+"""What an evaluation's accuracies depend on besides the weights (the test data, the vote
+test's draws, the batch, bf16): recorded with them, and taken by --eval-ckpt from the
+checkpoint unless flags say otherwise."""
+RUN_FIELDS = EVAL_FIELDS + ("procedural_train", "out_dir")
 """What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
 
 
@@ -488,8 +501,9 @@ def main(cfg: Config, show: bool = True) -> dict:
     run.print(f"PointClassifier ({cfg.head}): {total / 1e6:.2f} M parameters, "
               f"{trainable / 1e6:.3f} M trainable")
     state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1},
-                       pending=None)
+                       pending=None, evaluation=None)
     step, history, best = state["step"], state["history"], state["best"]
+    evaluation = state["evaluation"]  # what the last accuracy depends on (`evaluation_record`)
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
                                  run.env)
     run.open_outputs()
@@ -527,9 +541,11 @@ def main(cfg: Config, show: bool = True) -> dict:
             if epoch != 0:  # the reference evaluates after every epoch but the first
                 dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
                 row["acc"], n = evaluate(model, test, cfg)
+                evaluation = eval_record(cfg, run, epoch, step)
                 if row["acc"] > best["acc"]:  # ">" as the reference: a tie keeps the first
                     best = {"acc": row["acc"], "epoch": epoch}
-                    run.save("ckpt-best", model, epoch, step, {"acc": row["acc"]})
+                    run.save("ckpt-best", model, epoch, step,
+                             {"acc": row["acc"], "evaluation": evaluation})
                 run.print(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
                           f"(epoch {best['epoch']}, test-set selection) | {n} samples")
                 run.log(step, {"test/acc": row["acc"]})
@@ -537,9 +553,10 @@ def main(cfg: Config, show: bool = True) -> dict:
             history.append(row)
         stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
         if epoch_end or step == total_steps or stop:
+            # the last accuracy, which is these weights' unless saved mid-epoch (the record's step)
             run.save("ckpt-last", model, epoch, step,
-                     {"acc": history[-1]["acc"] if history else None}, optimizer,
-                     history=history, best=best,
+                     {"acc": history[-1]["acc"] if history else None, "evaluation": evaluation},
+                     optimizer, history=history, best=best, evaluation=evaluation,
                      pending=progress.pending(sums=sums, epoch_sums=epoch_sums))
         if epoch_end:
             epoch += 1
@@ -557,7 +574,9 @@ def main(cfg: Config, show: bool = True) -> dict:
               "best_epoch": best["epoch"] if evaluated else None,
               "best_note": "epoch selected on the TEST set (the reference's reported number)",
               "vote_acc": vote_acc, "vote_seed": cfg.vote_seed, "votes": cfg.votes,
-              "vote_acc_max": vote_max, "vote_runs": cfg.vote_runs}
+              "vote_acc_max": vote_max, "vote_runs": cfg.vote_runs,
+              # what last_acc depends on; the vote test ran on the weights of `step`
+              "evaluation": evaluation}
     tiny = "--preset tiny " if cfg.data == "procedural" else ""
     best_ckpt = run.out_dir / ("ckpt-best" if evaluated else "ckpt-last")
     result = run.finish(summary(cfg, result, step), result, best_ckpt,
@@ -576,20 +595,51 @@ def summary(cfg: Config, result: dict, step: int) -> str:
             f"{vote_text(cfg, result['vote_acc'], result['vote_acc_max'])}")
 
 
+def eval_record(cfg: Config, run: Run, epoch: int | None, step: int | None) -> dict:
+    """What the accuracies of an evaluation of the weights of `step` depend on."""
+    return ckpt.evaluation_record(cfg, EVAL_FIELDS, run.device, run.env.world_size, epoch=epoch,
+                                  step=step)
+
+
+def recorded_figures(path: str) -> tuple[dict, dict | None, int | None]:
+    """(the figures a training run recorded for the weights in checkpoint `path`, the record of
+    their evaluation, the weights' step): the accuracy in its meta.json, and the vote test of
+    its run's results.json when these are the run's final weights (the same step)."""
+    recorded = ckpt.recorded_evaluation(path, EVAL_FIELDS)
+    if recorded is None:
+        return {}, None, None
+    figures = {"acc": recorded["metrics"].get("acc")}
+    final = ckpt.run_results(path)
+    if final.get("step") is not None and final.get("step") == recorded["step"]:
+        figures.update(vote_acc=final.get("vote_acc"), vote_acc_max=final.get("vote_acc_max"))
+    return figures, recorded["evaluation"], recorded["step"]
+
+
 def evaluate_checkpoint(cfg: Config, run: Run, test: TestSet) -> dict:
     """--eval-ckpt: the saved classifier (ours, or a reference .pth converted on the fly) on the
-    test set, plain and with votes, into out_dir/eval-NAME.json."""
+    test set, plain and with votes, into out_dir/eval-NAME.json, compared with the figures its
+    run recorded for it."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(run.device)
     model.check_inputs = run.device.type == "cpu"  # the data were checked for NaN when loaded
     formats.load_model(model, cfg.eval_ckpt, "finetune-cls")
+    if cfg.compile:
+        model.compile_fixed_shapes()
     acc, n = evaluate(model, test, cfg)
     vote_acc, vote_max = vote_test(model, test, cfg)
     scores = {"acc": acc, "vote_acc": vote_acc, "vote_acc_max": vote_max,
               "vote_runs": cfg.vote_runs, "test_samples": n}
+    figures, record, step = recorded_figures(cfg.eval_ckpt)
+    # The plain test does not depend on the epoch: only the weights' step says whether the
+    # recorded accuracy is theirs.
+    check = ckpt.reproduction(scores, figures, record,
+                              eval_record(cfg, run, (record or {}).get("epoch"), step),
+                              rounding=("eval_batch_size",), ignore=("epoch",))
+    run.print(check["note"])
     result = run.finish_eval(f"{cfg.eval_ckpt}: test acc {acc:.2f} % | "
                              f"{vote_text(cfg, vote_acc, vote_max)} | {n} samples",
-                             {"seed": cfg.seed, "test": scores}, cfg.eval_ckpt)
+                             {"seed": cfg.seed, "test": scores, "reproduction": check},
+                             cfg.eval_ckpt)
     return {**result, "model": model}
 
 

@@ -16,6 +16,13 @@ epoch the test split is evaluated (each shape exactly once across processes): ac
 class mIoU and instance mIoU, each prediction restricted to the parts of the shape's category.
 The best checkpoint, `ckpt-best`, is the reference's `best_model.pth`: the epoch of the best
 instance mIoU, selected on the test set.
+
+A checkpoint stores, with the scores it reports, the epoch whose test points they were
+computed on and what else they depend on (`EVAL_FIELDS`, device, processes: its
+metrics["evaluation"]). `--eval-ckpt` draws the test points of that epoch and takes those
+fields from it, so it prints exactly the scores the run reported for those weights; where a
+setting differs (another device, process count or batch: float rounding; another seed or
+epoch: other test points), its output names it (eval-NAME.json: "reproduction").
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ class Task:
     batch_size: int = 16
     """GLOBAL batch in shapes, split evenly over the processes (drop_last, as the reference)."""
     eval_batch_size: int = 32
-    """GLOBAL evaluation batch in shapes (does not change results: the model is in eval mode)."""
+    """GLOBAL evaluation batch in shapes (the model is in eval mode: another batch changes the
+    scores by float rounding at most)."""
     lr: float = 2e-4
     """base learning rate of AdamW (at 1e-4 or 5e-5 the head's conv layers use 10x it, as the
     reference)."""
@@ -82,9 +90,14 @@ class Task:
     again: two updates per batch. False: clip, then one step."""
     eval_ckpt: str = ""
     """skip training: evaluate this fine-tuned checkpoint once on the test split (the
-    reference's --test), with the test points drawn as in epoch 0's evaluation, into
-    out_dir/eval-NAME.json. The model's fields come from the checkpoint. A
-    reference `best_model.pth` is converted on the fly (the reference architecture)."""
+    reference's --test) into out_dir/eval-NAME.json, with the test points of the epoch its
+    scores were recorded at (see --eval-epoch), and say whether they are the recorded ones. The
+    model's fields come from the checkpoint, its evaluation's fields (EVAL_FIELDS) too unless
+    given. A reference `best_model.pth` is converted on the fly (the reference architecture)."""
+    eval_epoch: int = -1
+    """with --eval-ckpt: draw the test points of this epoch's evaluation (the reference
+    resamples them every epoch); -1: the epoch the checkpoint's scores were recorded at (0 for
+    a checkpoint that records none, e.g. a reference best_model.pth)."""
     # model architecture (a checkpoint brings its own; the defaults are the reference's)
     drop_path_rate: float = 0.1
     """stochastic depth rate of the last block, increasing linearly from 0 at the first block."""
@@ -123,7 +136,12 @@ TEN_X_LRS = (1e-4, 5e-5)
 MODEL_FIELDS = ckpt.ENCODER_FIELDS + ("num_group", "group_size", "feature_blocks", "fp_dims",
                                       "head_dims")
 """The fields that build the segmenter: an evaluated checkpoint brings its own."""
-RUN_FIELDS = ("data", "data_path", "procedural_shapes", "num_points", "seed", "out_dir")
+EVAL_FIELDS = ("data", "data_path", "procedural_shapes", "num_points", "seed", "eval_batch_size",
+               "amp")
+"""What an evaluation's scores depend on besides the weights and its epoch (the test data, the
+seed of its points, the batch, bf16): recorded with the scores, and taken by --eval-ckpt from
+the checkpoint unless flags say otherwise."""
+RUN_FIELDS = EVAL_FIELDS + ("out_dir",)
 """What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
 METRICS = ("acc", "class_miou", "instance_miou")
 """The scores of an evaluation, reported in % (point accuracy, class mIoU, instance mIoU)."""
@@ -325,8 +343,10 @@ def main(cfg: Config) -> dict:
     model, train_model, optimizer = build_training(cfg, run.env)
     run.print(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
               f"parameters")
-    state = run.resume(model, optimizer, step=0, history=[], best={}, pending=None)
+    state = run.resume(model, optimizer, step=0, history=[], best={}, pending=None,
+                       evaluation=None)
     step, history, best = state["step"], state["history"], state["best"]
+    evaluation = state["evaluation"]  # what the last scores depend on (`evaluation_record`)
     train_step = make_train_step(cfg, model, train_model, optimizer, train, run.env)
     run.open_outputs()
 
@@ -358,8 +378,10 @@ def main(cfg: Config) -> dict:
             scores = percent(evaluate(model, test, cfg, epoch, run.env))
             last = {"epoch": epoch, **scores}
             history.append(last)
+            evaluation = eval_record(cfg, run, epoch, step)
             if scores["instance_miou"] >= best.get("instance_miou", -1.0):  # as the reference's
-                run.save("ckpt-best", model, epoch, step, last)  # best_model.pth
+                run.save("ckpt-best", model, epoch, step,  # best_model.pth
+                         {**last, "evaluation": evaluation})
             for k in METRICS:  # each best tracked separately; ">" as the reference: on a tie
                 if scores[k] > best.get(k, -1.0):  # the first epoch is the reported one
                     best[k], best[f"{k}_epoch"] = scores[k], epoch
@@ -370,8 +392,10 @@ def main(cfg: Config) -> dict:
             progress.restart_interval()
         stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
         if epoch_end or step == total_steps or stop:
-            run.save("ckpt-last", model, epoch, step, last, optimizer, history=history, best=best,
-                     pending=progress.pending(sums=sums))
+            # the last scores, which are these weights' unless saved mid-epoch (the record's step)
+            run.save("ckpt-last", model, epoch, step, {**last, "evaluation": evaluation}
+                     if last else {}, optimizer, history=history, best=best,
+                     evaluation=evaluation, pending=progress.pending(sums=sums))
         if epoch_end:
             epoch += 1
             perm = epoch_perm(cfg.seed, epoch, len(train), run.device)
@@ -380,7 +404,7 @@ def main(cfg: Config) -> dict:
 
     result = {"step": step, "total_steps": total_steps, "history": history, "last": last,
               "best_on_test": best, "best_note": "each best is selected on the TEST set (the "
-              "reference's reported numbers); scores in %"}
+              "reference's reported numbers); scores in %", "evaluation": evaluation}
     tiny = "--preset tiny " if cfg.data == "procedural" else ""
     best_ckpt = run.out_dir / ("ckpt-best" if history else "ckpt-last")
     result = run.finish(summary(last, best, step), result, best_ckpt,
@@ -400,14 +424,32 @@ def summary(last: dict, best: dict, step: int) -> str:
             f"{best['class_miou_epoch']})")
 
 
+def eval_record(cfg: Config, run: Run, epoch: int, step: int) -> dict:
+    """What the scores of the evaluation at `epoch` of the weights of `step` depend on."""
+    return ckpt.evaluation_record(cfg, EVAL_FIELDS, run.device, run.env.world_size, epoch=epoch,
+                                  step=step)
+
+
 def evaluate_checkpoint(cfg: Config, run: Run, test: spart.PartSplit) -> dict:
     """--eval-ckpt: the saved segmenter (ours, or a reference best_model.pth converted on the
-    fly) evaluated once on the test split, with the test points of epoch 0's evaluation."""
+    fly) evaluated once on the test split, with the test points of the epoch its scores were
+    recorded at (or --eval-epoch), and compared with those scores."""
+    recorded = ckpt.recorded_evaluation(cfg.eval_ckpt, EVAL_FIELDS)
+    record, step = (recorded["evaluation"], recorded["step"]) if recorded else (None, None)
+    epoch = cfg.eval_epoch if cfg.eval_epoch >= 0 else (record or {}).get("epoch") or 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(run.device)
     formats.load_model(model, cfg.eval_ckpt, "partseg")
-    scores = percent(evaluate(model, test, cfg, 0, run.env))
-    result = run.finish_eval(f"{cfg.eval_ckpt}: {format_scores(scores)}", {"test": scores},
+    if cfg.compile:
+        model.compile_fixed_shapes()
+    scores = percent(evaluate(model, test, cfg, epoch, run.env))
+    check = ckpt.reproduction(scores, {k: recorded["metrics"].get(k) for k in METRICS}
+                              if recorded else {}, record,
+                              eval_record(cfg, run, epoch, step),
+                              rounding=("eval_batch_size",))
+    run.print(f"test points of epoch {epoch}'s evaluation: {check['note']}")
+    result = run.finish_eval(f"{cfg.eval_ckpt}: {format_scores(scores)}",
+                             {"test": scores, "epoch": epoch, "reproduction": check},
                              cfg.eval_ckpt)
     return {**result, "model": model}
 

@@ -4,13 +4,21 @@ one area (Area 5) with per-epoch random blocks and, optionally, whole-room slidi
     python semseg.py --preset tiny                                   # built-in rooms, ~11 s on 2 CPU cores
     python semseg.py --pretrained runs/pretrain/ckpt-epoch-300       # the reference recipe, 1 GPU
     torchrun --nproc_per_node=4 semseg.py --pretrained ... --test-rooms   # + whole-room test
-    python semseg.py --eval-ckpt runs/semseg/ckpt-best               # whole-room test only
+    python semseg.py --eval-ckpt runs/semseg/ckpt-best               # evaluate a saved model
 
 Data: `python -m data_prep.s3dis` writes one HDF5 file; all rooms are held on the device and
 each batch's blocks are cut out there (`pqae.s3dis`), so there is no DataLoader. The blocks of a
 training step are a function of (seed, step, rank), so a resumed run sees the data of an
 uninterrupted one; the per-epoch test blocks are a function of (seed, epoch), different every
 epoch as in the reference but the same on any number of processes.
+
+A checkpoint stores, with the block scores it reports, the epoch whose blocks they were
+computed on and what else they depend on (`EVAL_FIELDS`, device, processes: its
+metrics["evaluation"]). `--eval-ckpt` evaluates that epoch's blocks again, with those fields
+from the checkpoint, then runs the whole-room test; each is compared with the run's own figure
+for those weights (the block scores in the checkpoint, a --test-rooms test in results.json),
+and the output says whether they are identical, or what differs (eval-NAME.json:
+"reproduction").
 """
 
 from __future__ import annotations
@@ -86,9 +94,16 @@ class Task:
     test_rooms: bool = False
     """after training, test the best-mIoU weights by whole-room sliding-window voting."""
     eval_ckpt: str = ""
-    """skip training: run the whole-room test of this fine-tuned checkpoint, into
-    out_dir/eval-NAME.json and out_dir/test_predictions. The model's fields come from it. A
-    reference `best_model.pth` is converted on the fly (the reference architecture)."""
+    """skip training: evaluate this fine-tuned checkpoint on the random test blocks of the epoch
+    its scores were recorded at (see --eval-epoch), then by the whole-room test, into
+    out_dir/eval-NAME.json and out_dir/test_predictions, and say whether the scores are those
+    the run recorded. The model's fields come from the checkpoint, its evaluation's fields
+    (EVAL_FIELDS) too unless given. A reference `best_model.pth` is converted on the fly (the
+    reference architecture)."""
+    eval_epoch: int = -1
+    """with --eval-ckpt: evaluate the random test blocks of this epoch's evaluation (they are
+    drawn anew every epoch); -1: the epoch the checkpoint's scores were recorded at (0 for a
+    checkpoint that records none, e.g. a reference best_model.pth)."""
     num_votes: int = 3
     """sliding-window passes over every test room in the whole-room test; each pass gives every
     point it covers one vote for its predicted label, and the most voted label wins."""
@@ -135,9 +150,17 @@ PRESETS = {
 MODEL_FIELDS = ckpt.ENCODER_FIELDS + ("num_group", "group_size", "feature_blocks", "fp_dims",
                                       "head_dims", "dropout")
 """The fields that build the segmenter: an evaluated checkpoint brings its own."""
-RUN_FIELDS = ("data", "data_path", "test_area", "procedural_rooms", "num_points", "block_size",
-              "seed", "out_dir")
+EVAL_FIELDS = ("data", "data_path", "test_area", "procedural_rooms", "num_points", "block_size",
+               "min_block_points", "eval_blocks", "seed", "eval_batch_size", "num_votes", "stride",
+               "amp")
+"""What the block evaluation's and the whole-room test's scores depend on besides the weights
+and the epoch (the test rooms, the blocks' and windows' draws, whose seeds follow the batches,
+bf16): recorded with the scores, and taken by --eval-ckpt from the checkpoint unless flags say
+otherwise."""
+RUN_FIELDS = EVAL_FIELDS + ("out_dir",)
 """What else an evaluated checkpoint brings unless flags say otherwise: its data and run."""
+SCORES = ("miou", "macc", "oa", "points")
+"""The figures compared with a recorded evaluation."""
 
 
 def resolve(cfg: Config, explicit: set[str], run: bool = True) -> Config:
@@ -170,6 +193,15 @@ def load_data(cfg: Config) -> tuple[s3dis.Rooms, s3dis.Rooms]:
         return pick(train_areas), pick((cfg.test_area,))
     return s3dis.load_rooms(cfg.data_path, train_areas), s3dis.load_rooms(cfg.data_path,
                                                                            (cfg.test_area,))
+
+
+def test_blocks(cfg: Config, test: s3dis.Rooms) -> torch.Tensor:
+    """The room of every random test block of an evaluation: the reference's test length
+    (test points / num_points), or --eval-blocks spread evenly over it."""
+    slots = s3dis.epoch_rooms(test.sizes(), cfg.num_points)
+    if cfg.eval_blocks:
+        slots = slots[torch.linspace(0, len(slots) - 1, cfg.eval_blocks).long()]
+    return slots
 
 
 def build_model(cfg: Config) -> PointSegmenter:
@@ -381,9 +413,7 @@ def main(cfg: Config) -> dict:
     run.print("class weights: " + ", ".join(f"{c} {w:.2f}" if math.isfinite(w) else f"{c} absent"
                                             for c, w in zip(s3dis.CLASSES, weights.tolist())))
     train_slots = s3dis.epoch_rooms(train.sizes(), cfg.num_points, cfg.sample_rate)
-    test_slots = s3dis.epoch_rooms(test.sizes(), cfg.num_points)  # the reference's test length
-    if cfg.eval_blocks:  # spread a smaller evaluation evenly over the rooms
-        test_slots = test_slots[torch.linspace(0, len(test_slots) - 1, cfg.eval_blocks).long()]
+    test_slots = test_blocks(cfg, test)
     steps_per_epoch, total_steps = run.schedule(len(train_slots), cfg.epochs,
                                                 "training blocks per epoch")
     run.print(f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs | global batch "
@@ -393,10 +423,13 @@ def main(cfg: Config) -> dict:
     model, train_model, optimizer = build_training(cfg, run.env)
     run.print(f"PointSegmenter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
               f"parameters")
-    state = run.resume(model, optimizer, step=0, history=[], best_miou=-1.0, pending=None)
+    state = run.resume(model, optimizer, step=0, history=[], best_miou=-1.0, pending=None,
+                       evaluation=None)
     step, history, best_miou = state["step"], state["history"], state["best_miou"]
+    evaluation = state["evaluation"]  # what the last scores depend on (`evaluation_record`)
     best = ckpt.find_checkpoint(run.out_dir / "ckpt-best") if cfg.resume else None
     best_state = ckpt.load_weights(best) if best is not None else None  # for --test-rooms
+    best_step = ckpt.load_meta(best)["step"] if best is not None else None
     train_step = make_train_step(cfg, model, train_model, optimizer, train, weights, run.env)
     run.open_outputs()
 
@@ -430,11 +463,14 @@ def main(cfg: Config) -> dict:
             t0 = time.perf_counter()
             dist.broadcast_buffers(model)  # every rank evaluates rank 0's model
             scores = percent(evaluate(model, test, test_slots, cfg, epoch, run.env))
-            metrics.update({k: scores[k] for k in ("miou", "macc", "oa", "points")})
+            metrics.update({k: scores[k] for k in SCORES})
             history.append({"epoch": epoch, "step": step, **metrics})
+            evaluation = eval_record(cfg, run, epoch, step)
             if scores["miou"] >= best_miou:  # ">=" as the reference
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                run.save("ckpt-best", model, epoch, step, metrics)  # every rank keeps best_state
+                best_step = step
+                run.save("ckpt-best", model, epoch, step,  # every rank keeps best_state
+                         {**metrics, "evaluation": evaluation})
             best_miou = max(best_miou, scores["miou"])
             run.print(format_scores(f"epoch {epoch} test ({len(test_slots)} blocks)", scores)
                       + f" | best mIoU {best_miou:.2f} % | {time.perf_counter() - t0:.0f} s")
@@ -444,8 +480,11 @@ def main(cfg: Config) -> dict:
             progress.restart_interval()
         stop = run.stopping(step)  # a preemption signal: save, then exit (every rank agrees)
         if epoch_end or step == total_steps or stop:
-            run.save("ckpt-last", model, epoch, step, metrics, optimizer, history=history,
-                     best_miou=best_miou, pending=progress.pending(sums=sums))
+            # the last scores, which are these weights' unless saved mid-epoch (the record's step)
+            run.save("ckpt-last", model, epoch, step, {**metrics, "evaluation": evaluation}
+                     if "miou" in metrics else metrics, optimizer, history=history,
+                     best_miou=best_miou, evaluation=evaluation,
+                     pending=progress.pending(sums=sums))
         if epoch_end:
             epoch += 1
             order = train_slots[epoch_perm(cfg.seed, epoch, len(train_slots))]  # rooms, shuffled
@@ -457,12 +496,15 @@ def main(cfg: Config) -> dict:
               "best_miou": best_miou if evals else None,
               "best_epoch": max(evals, key=lambda h: h["miou"])["epoch"] if evals else None,
               "test": None, "best_note": "best_miou selects the epoch on the TEST area's random "
-              "blocks (the reference's ckpt-best); scores in %"}
+              "blocks (the reference's ckpt-best); scores in %", "evaluation": evaluation}
     if cfg.test_rooms:
+        tested = step  # the step of the weights it tests: the last ones, or ckpt-best's
         if best_state is not None:
             model.load_state_dict(best_state)
+            tested = best_step
             run.print(f"whole-room test of the best-mIoU weights (mIoU {best_miou:.2f} %)")
         result["test"] = run_test(model, test, cfg, run, step)
+        result["test_evaluation"] = eval_record(cfg, run, None, tested)
     tiny = "--preset tiny " if cfg.data == "procedural" else ""
     best_ckpt = run.out_dir / ("ckpt-best" if evals else "ckpt-last")
     result = run.finish(summary(result, step), result, best_ckpt,
@@ -483,15 +525,48 @@ def summary(result: dict, step: int) -> str:
     return text
 
 
+def eval_record(cfg: Config, run: Run, epoch: int | None, step: int | None) -> dict:
+    """What the scores of an evaluation (at `epoch`; None: the whole-room test) of the weights
+    of `step` depend on."""
+    return ckpt.evaluation_record(cfg, EVAL_FIELDS, run.device, run.env.world_size, epoch=epoch,
+                                  step=step)
+
+
 def evaluate_checkpoint(cfg: Config, run: Run, test: s3dis.Rooms) -> dict:
-    """--eval-ckpt: the whole-room test of the saved segmenter (ours, or a reference
-    best_model.pth converted on the fly), into out_dir/eval-NAME.json and the predictions."""
+    """--eval-ckpt: the saved segmenter (ours, or a reference best_model.pth converted on the
+    fly) on the random test blocks of the epoch its scores were recorded at (or --eval-epoch),
+    then by the whole-room test, into out_dir/eval-NAME.json and the predictions; each compared
+    with the run's own figure for these weights."""
+    recorded = ckpt.recorded_evaluation(cfg.eval_ckpt, EVAL_FIELDS)
+    record, step = (recorded["evaluation"], recorded["step"]) if recorded else (None, None)
+    epoch = cfg.eval_epoch if cfg.eval_epoch >= 0 else (record or {}).get("epoch") or 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(run.device)
     formats.load_model(model, cfg.eval_ckpt, "semseg")
+    if cfg.compile:
+        model.compile_fixed_shapes()
+    slots = test_blocks(cfg, test)
+    blocks = percent(evaluate(model, test, slots, cfg, epoch, run.env))
+    run.print(format_scores(f"epoch {epoch}'s test blocks ({len(slots)})", blocks))
+    check = {"blocks": ckpt.reproduction(
+        blocks, {k: recorded["metrics"].get(k) for k in SCORES} if recorded else {}, record,
+        eval_record(cfg, run, epoch, step), ignore=("num_votes", "stride"))}
+    run.print(f"epoch {epoch}'s test blocks: {check['blocks']['note']}")
     scores = run_test(model, test, cfg, run, 0)
+    final = ckpt.run_results(cfg.eval_ckpt)  # a --test-rooms test of these weights, if any
+    tested = final.get("test_evaluation")
+    same = tested is not None and step is not None and tested.get("step") == step
+    check["test"] = ckpt.reproduction(
+        scores, {k: final["test"].get(k) for k in SCORES} if same else {},
+        tested if same else None, eval_record(cfg, run, None, step),
+        rounding=("eval_batch_size",), ignore=("epoch", "eval_blocks", "min_block_points"))
+    if not same:
+        check["test"]["note"] = ("the run recorded no whole-room test of these weights (its "
+                                 "results.json, with --test-rooms) to compare with")
+    run.print(f"whole-room test: {check['test']['note']}")
     result = run.finish_eval(format_scores(f"{cfg.eval_ckpt}: whole-room test", scores),
-                             {"test": scores}, cfg.eval_ckpt,
+                             {"test": scores, "blocks": blocks, "epoch": epoch,
+                              "reproduction": check}, cfg.eval_ckpt,
                              {"predictions": run.out_dir / "test_predictions"})
     return {**result, "model": model, "out_dir": str(run.out_dir)}
 

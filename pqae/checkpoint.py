@@ -3,8 +3,9 @@
 A checkpoint is a directory:
     model.safetensors   unwrapped weights, our own key names (no `module.` / `_orig_mod.`)
     resume.pt           (only for the "last" checkpoint) optimizer state, epoch, step
-    meta.json           config, epoch, step, metrics, and the size of each file above; written
-                        last, so a directory with a meta.json whose sizes match is complete
+    meta.json           config, epoch, step, metrics (a downstream task's with the record of
+                        their evaluation, `evaluation_record`), and the size of each file above;
+                        written last, so a directory with a meta.json whose sizes match is complete
 What is guaranteed (tests/test_faults.py kills and corrupts at every point):
 * A checkpoint is written complete under a fresh `<name>.tmp-*` name, fsynced, and swapped in
   by renames; at every moment of a write the newest complete checkpoint exists as `<name>`,
@@ -561,3 +562,113 @@ def _from_rank0(value):
     box = [value]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# What a checkpoint records of the evaluation of its weights, and --eval-ckpt's comparison
+
+ROUNDING = ("device", "device_name", "threads", "world_size", "torch", "kernels", "compile")
+"""Entries of an evaluation record that move its figures by float rounding at most (the
+order and kind of the arithmetic), never the test draws."""
+
+
+def evaluation_record(cfg, fields: tuple[str, ...], device: torch.device, world_size: int,
+                      **when) -> dict:
+    """What an evaluation's figures depend on besides the weights, JSON-ready: `when` (the
+    epoch whose test draws it used, the step of the weights), the config `fields` (test data,
+    seeds, batch sizes), amp and compile, and where the arithmetic ran: device kind and name,
+    CPU threads, processes, torch version, kernel path. A training run stores it with the
+    figures it reports (a checkpoint's metrics["evaluation"]); --eval-ckpt compares its own."""
+    import platform
+
+    import kernels
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        platform.processor() or "cpu"
+    backend = kernels.get_backend()
+    path = "reference" if backend == "reference" or (
+        backend == "auto" and device.type not in kernels.TRITON_DEVICES) else "triton"
+    record = {**when, **{f: getattr(cfg, f) for f in fields}, "amp": cfg.amp,
+              "compile": cfg.compile, "device": device.type, "device_name": name,
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "world_size": world_size, "torch": torch.__version__, "kernels": path}
+    return json.loads(json.dumps(record, default=str))  # tuples as lists, as read back
+
+
+def recorded_evaluation(path: str | Path, fields: tuple[str, ...] = ()) -> dict | None:
+    """What checkpoint `path` records of its weights' evaluation: {"epoch", "step" (of the
+    weights), "metrics" (its figures), "evaluation" (the record of `evaluation_record`)}, from
+    its meta.json. A checkpoint written before records existed gets a partial one: its config's
+    `fields`, the epoch of its metrics and its own step. None for bare weights (a reference
+    .pth, a .safetensors file), which record no evaluation."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "meta.json").is_file()):
+        return None
+    meta = load_meta(path)
+    metrics = dict(meta.get("metrics") or {})
+    record = metrics.pop("evaluation", None)
+    if record is None:
+        config = meta.get("config") or {}
+        record = {"epoch": metrics.get("epoch", meta.get("epoch")), "step": meta.get("step"),
+                  **{f: config[f] for f in fields if f in config}}
+    return {"epoch": meta.get("epoch"), "step": meta.get("step"), "metrics": metrics,
+            "evaluation": record}
+
+
+def run_results(path: str | Path) -> dict:
+    """The results.json of the run a checkpoint directory belongs to (its parent), or {}."""
+    file = Path(path).parent / "results.json"
+    return json.loads(file.read_text()) if Path(path).is_dir() and file.is_file() else {}
+
+
+def reproduction(scores: dict, recorded: dict, record: dict | None, now: dict,
+                 rounding: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> dict:
+    """How this evaluation's `scores` compare with the figures a run `recorded` for the same
+    weights ({name: value}; only names in both, with values, are compared, exactly), given the
+    recorded evaluation's `record` and this one's (`now`, both from `evaluation_record`; their
+    "step" is the weights'). `rounding`: the script's record entries that change figures by
+    float rounding only (e.g. an evaluation batch size), besides ROUNDING; `ignore`: entries
+    this evaluation does not depend on. Returns {"recorded", "identical" (None: nothing to
+    compare), "mismatches", "differences", "note"}: the note says which, and why."""
+    out = {"recorded": recorded, "identical": None, "mismatches": {}, "differences": []}
+    if record is None:
+        return {**out, "note": "the checkpoint records no evaluation to compare with (bare "
+                               "weights: a reference .pth or a .safetensors file)"}
+    at = (f"epoch {record['epoch']} (step {record.get('step')})" if record.get("epoch") is not None
+          else f"step {record.get('step')}")
+    if record.get("step") != now.get("step"):
+        return {**out, "note": f"the recorded figures are of the evaluation at {at}; these "
+                               f"weights were saved at step {now.get('step')}, after it: nothing "
+                               f"to reproduce"}
+    names = [k for k in recorded if recorded[k] is not None and scores.get(k) is not None]
+    mismatches = {k: [recorded[k], scores[k]] for k in names if recorded[k] != scores[k]}
+    skip = {"step", *ignore}
+    differences = [f"{k} {record.get(k)} -> {v}" for k, v in now.items()
+                   if k not in skip and k in record and record[k] != v]
+    unknown = [k for k in ("device", "world_size") if k not in record]
+    draws = [d for d in differences if d.split()[0] not in ROUNDING + tuple(rounding)]
+    out = {**out, "identical": not mismatches if names else None, "mismatches": mismatches,
+           "differences": differences}
+    if not names:
+        return {**out, "note": f"the checkpoint records no figure at {at} to compare with"}
+    said = ", ".join(differences) + (" differs" if len(differences) == 1 else " differ")
+    if not mismatches:
+        note = f"identical to the figures recorded at {at} ({', '.join(names)})"
+        if differences:
+            note += f", although {said} from that evaluation"
+        return {**out, "note": note}
+    shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in mismatches.items())
+    note = f"differs from the figures recorded at {at}: {shown}. "
+    if draws:
+        note += (f"{said} from that evaluation: its test data or random draws are not "
+                 f"the recorded ones")
+    elif differences:
+        note += (f"{said} from that evaluation: the figures may differ by float rounding "
+                 f"(the arithmetic's order, not the data)")
+    elif unknown:
+        note += ("the checkpoint does not record its evaluation's device and processes (written "
+                 "before evaluation records): they may differ, and so the figures by float "
+                 "rounding")
+    else:
+        note += ("every recorded setting is the same: nondeterministic arithmetic on this "
+                 "device, or a bug")
+    return {**out, "note": note}

@@ -270,6 +270,28 @@ def test_one_tiny_fold_end_to_end(tmp_path):
     assert "2-way 8-shot" in out["table"] and f"{fold['best_acc']:.2f} +- n/a" in out["table"]
 
 
+def test_a_kept_fold_checkpoint_evaluates_to_the_folds_scores(tmp_path):
+    """With --keep-checkpoints, `finetune_cls.py --eval-ckpt FOLD/ckpt-best` (and ckpt-last),
+    from the checkpoint alone, gives exactly the fold's best_acc (and last_acc): the episode
+    file, the 40-way head and "no voting" come with it."""
+    from pqae.cli import parse
+    toy_episode(tmp_path / "episodes", 0)
+    cfg = dataclasses.replace(fewshot.PRESETS["tiny"], data_dir=str(tmp_path / "episodes"),
+                              ways=(2,), shots=(8,), folds=(0,), out_dir=str(tmp_path / "runs"),
+                              keep_checkpoints=True)
+    fold = fewshot.main(cfg)["folds"]["2way_8shot"][0]
+    run_dir = fewshot.fold_dir(cfg.out_dir, 2, 8, 0)
+    for name, key in (("ckpt-best", "best_acc"), ("ckpt-last", "last_acc")):
+        out = fewshot.finetune_cls.main(parse(
+            fewshot.finetune_cls.Config, fewshot.finetune_cls.PRESETS,
+            ["--eval-ckpt", str(run_dir / name), "--device", "cpu"],
+            resolve=fewshot.finetune_cls.resolve))
+        assert out["test"]["acc"] == fold[key], name
+        assert out["test"]["vote_acc"] is None and out["test"]["test_samples"] == 8
+        saved = json.loads((run_dir / f"eval-{name}.json").read_text())
+        assert saved["reproduction"]["identical"] is True, saved["reproduction"]
+
+
 def test_fold_killed_halfway_resumes_to_the_uninterrupted_result(tmp_path):
     toy_episode(tmp_path / "episodes", 0)
     base = dataclasses.replace(fewshot.PRESETS["tiny"], data_dir=str(tmp_path / "episodes"),

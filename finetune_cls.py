@@ -130,6 +130,12 @@ class Task:
     their logits are averaged (0: skip it)."""
     vote_seed: int = 0
     """seed of the vote test's draws (point subsets and vote transforms)."""
+    val_fraction: float = 0.0
+    """hold out this share of each class of the training set (drawn at --seed, recorded in
+    results.json) as a validation set, scored with the test set at every evaluated epoch; the
+    run then also reports val_selected_acc, the test accuracy at the epoch chosen on the
+    validation set (an honest selection; best_acc chooses it on the test set). 0: none, the
+    reference (it trains on the whole training set)."""
     vote_runs: int = 1
     """run the vote test this many times (seeds vote_seed, vote_seed + 1, ...) and also report
     vote_acc_max, the MAXIMUM over the runs: the reference's --test reports the maximum of 299
@@ -235,6 +241,20 @@ def load_split(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.num_points > points.shape[1]:
         raise BadInput(f"num_points {cfg.num_points} > {points.shape[1]} points per cloud")
     return points, labels
+
+
+def val_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """(S,) bool: the training rows held out for validation, round(fraction x n) of each
+    class of n rows (at least one when n >= 2), a function of (labels, fraction, seed)."""
+    if not 0 < fraction < 1:
+        raise BadInput(f"--val-fraction must lie in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed * 7919 + 31)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for k in labels.unique().tolist():
+        rows = (labels == k).nonzero().flatten()
+        n = max(round(fraction * len(rows)), 1 if len(rows) >= 2 else 0)
+        held[rows[torch.randperm(len(rows), generator=g)[:n]]] = True
+    return held
 
 
 def build_model(cfg: Config) -> PointClassifier:
@@ -486,10 +506,18 @@ def main(cfg: Config, show: bool = True) -> dict:
     test = TestSet(cfg, *load_split(cfg, "test"), run.env)
     if cfg.eval_ckpt:
         return evaluate_checkpoint(cfg, run, test)
-    train_points, train_labels = (t.to(run.device) for t in load_split(cfg, "train"))
+    train_points, train_labels = load_split(cfg, "train")
+    val, val_rows = None, []
+    if cfg.val_fraction > 0:
+        held = val_split(train_labels, cfg.val_fraction, cfg.seed)
+        val_rows = held.nonzero().flatten().tolist()
+        val = TestSet(cfg, train_points[held], train_labels[held], run.env)
+        train_points, train_labels = train_points[~held], train_labels[~held]
+    train_points, train_labels = train_points.to(run.device), train_labels.to(run.device)
     steps_per_epoch, total_steps = run.schedule(train_points.shape[0], cfg.epochs + 1)
     lr0, local_bs = base_lr(cfg), run.local_batch
-    run.print(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size} | "
+    run.print(f"data {cfg.data}: train {tuple(train_points.shape)}, test {test.size}"
+              f"{f', validation {val.size} (held out of train)' if val else ''} | "
               f"{steps_per_epoch} steps/epoch x {cfg.epochs + 1} epochs | global batch "
               f"{cfg.batch_size} ({local_bs} per process) | lr {lr0:g} (x10 for cls*)")
     if cfg.benchmark_steps:
@@ -501,8 +529,10 @@ def main(cfg: Config, show: bool = True) -> dict:
     run.print(f"PointClassifier ({cfg.head}): {total / 1e6:.2f} M parameters, "
               f"{trainable / 1e6:.3f} M trainable")
     state = run.resume(model, optimizer, step=0, history=[], best={"acc": -1.0, "epoch": -1},
-                       pending=None, evaluation=None)
+                       pending=None, evaluation=None,
+                       best_val={"val_acc": -1.0, "epoch": -1, "acc": None})
     step, history, best = state["step"], state["history"], state["best"]
+    best_val = state["best_val"]  # the epoch chosen on the validation set (--val-fraction)
     evaluation = state["evaluation"]  # what the last accuracy depends on (`evaluation_record`)
     train_step = make_train_step(cfg, model, train_model, optimizer, train_points, train_labels,
                                  run.env)
@@ -546,8 +576,16 @@ def main(cfg: Config, show: bool = True) -> dict:
                     best = {"acc": row["acc"], "epoch": epoch}
                     run.save("ckpt-best", model, epoch, step,
                              {"acc": row["acc"], "evaluation": evaluation})
+                val_text = ""
+                if val is not None:
+                    row["val_acc"], _ = evaluate(model, val, cfg)
+                    if row["val_acc"] > best_val["val_acc"]:  # a tie keeps the first
+                        best_val = {"val_acc": row["val_acc"], "epoch": epoch, "acc": row["acc"]}
+                    val_text = (f" | val acc {row['val_acc']:.2f}, test acc at the best val "
+                                f"epoch {best_val['epoch']}: {best_val['acc']:.2f}")
+                    run.log(step, {"val/acc": row["val_acc"]})
                 run.print(f"epoch {epoch} | test acc {row['acc']:.2f} | best {best['acc']:.2f} "
-                          f"(epoch {best['epoch']}, test-set selection) | {n} samples")
+                          f"(epoch {best['epoch']}, test-set selection){val_text} | {n} samples")
                 run.log(step, {"test/acc": row["acc"]})
                 progress.restart_interval()
             history.append(row)
@@ -557,6 +595,7 @@ def main(cfg: Config, show: bool = True) -> dict:
             run.save("ckpt-last", model, epoch, step,
                      {"acc": history[-1]["acc"] if history else None, "evaluation": evaluation},
                      optimizer, history=history, best=best, evaluation=evaluation,
+                     best_val=best_val,
                      pending=progress.pending(sums=sums, epoch_sums=epoch_sums))
         if epoch_end:
             epoch += 1
@@ -577,6 +616,12 @@ def main(cfg: Config, show: bool = True) -> dict:
               "vote_acc_max": vote_max, "vote_runs": cfg.vote_runs,
               # what last_acc depends on; the vote test ran on the weights of `step`
               "evaluation": evaluation}
+    if val is not None:
+        result.update(val_fraction=cfg.val_fraction, val_samples=val.size,
+                      val_rows=val_rows,  # rows of the train split held out, in file order
+                      val_selected_acc=best_val["acc"] if evaluated else None,
+                      val_selected_epoch=best_val["epoch"] if evaluated else None,
+                      val_note="epoch selected on the validation set held out of train")
     tiny = "--preset tiny " if cfg.data == "procedural" else ""
     best_ckpt = run.out_dir / ("ckpt-best" if evaluated else "ckpt-last")
     result = run.finish(summary(cfg, result, step), result, best_ckpt,
@@ -590,8 +635,10 @@ def summary(cfg: Config, result: dict, step: int) -> str:
     """The final accuracies for the `done |` line, each named for what it is."""
     if result["best_acc"] is None:
         return f"no evaluation (stopped at step {step}, before epoch 1 ended)"
+    val = (f"val-selected acc {result['val_selected_acc']:.2f} % (epoch "
+           f"{result['val_selected_epoch']}) | ") if result.get("val_selected_acc") is not None else ""
     return (f"last-epoch acc {result['last_acc']:.2f} % | best-epoch acc {result['best_acc']:.2f}"
-            f" % (epoch {result['best_epoch']}, test-set selection) | "
+            f" % (epoch {result['best_epoch']}, test-set selection) | {val}"
             f"{vote_text(cfg, result['vote_acc'], result['vote_acc_max'])}")
 
 

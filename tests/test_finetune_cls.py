@@ -57,6 +57,30 @@ def test_full_finetune_learns_and_writes_results(tmp_path):
     assert evaluated["test"]["acc"] == again["test"]["acc"] and evaluated["mode"] == "eval"
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == saved  # untouched
 
+def test_validation_split_selects_an_epoch_without_the_test_set(tmp_path):
+    """--val-fraction: a per-class held-out part of train, drawn at the seed, scored every
+    evaluated epoch; val_selected_acc is the test accuracy at the first epoch of best
+    validation accuracy, and the held-out rows are recorded and never trained on."""
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 1)
+    held = finetune_cls.val_split(labels, 0.2, seed=3)
+    assert [int(held[labels == k].sum()) for k in range(3)] == [2, 1, 0]
+    assert torch.equal(held, finetune_cls.val_split(labels, 0.2, seed=3))
+    assert not torch.equal(held, finetune_cls.val_split(labels, 0.2, seed=4))
+    with pytest.raises(ValueError, match="val-fraction"):
+        finetune_cls.val_split(labels, 1.0, seed=0)
+
+    result = finetune_cls.main(small_config(tmp_path, epochs=4, votes=0, val_fraction=0.25))
+    assert result["val_samples"] == 24 and len(result["val_rows"]) == 24  # 96 train shapes
+    assert result["step"] == 5 * (72 // 16)  # trained on the other 72 only
+    rows = [h for h in result["history"] if h["acc"] is not None]
+    best = max(rows, key=lambda h: h["val_acc"])  # max() keeps the first of ties
+    assert (result["val_selected_epoch"], result["val_selected_acc"]) == (best["epoch"],
+                                                                         best["acc"])
+    _, labels = finetune_cls.load_split(small_config(tmp_path), "train")
+    expected = finetune_cls.val_split(labels, 0.25, seed=0).nonzero().flatten().tolist()
+    assert result["val_rows"] == expected
+
+
 
 @pytest.mark.parametrize("head", ["linear", "mlp3"])
 def test_frozen_protocols_train_only_cls_parameters_in_train_mode(tmp_path, head):

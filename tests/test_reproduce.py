@@ -132,3 +132,16 @@ def test_the_command_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pqae.reproduce", "--out-dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "give --ckpt" in p.stdout + p.stderr
+
+
+def test_a_validation_split_is_asked_of_classification_only_and_reported(tmp_path):
+    cfg = dataclasses.replace(reproduce.PRESETS["tiny"], out_dir=str(tmp_path),
+                              val_fraction=0.2)
+    runs = reproduce.plan(cfg, True, "CKPT")
+    asked = {r.task.name for r in runs if "--val-fraction" in r.argv}
+    assert asked == {"cls-tiny"}
+    sel = reproduce.selections(runs[0].task, {"best_acc": 90.0, "last_acc": 85.0,
+                                              "val_selected_acc": 87.5})
+    assert sel["acc"]["val-selected epoch"] == 87.5
+    d = reproduce.distribution([87.5, 86.0, None], 89.6)
+    assert d["n"] == 2 and d["paper_above"] == 2 and "above our best" in d["paper_position"]

@@ -344,7 +344,9 @@ def report(runs: list[Run], cfg: Config, tiny: bool, ckpt: str, wall: float) -> 
                 else:
                     paper = task.paper if sub in ("acc", "class_miou", "miou") and \
                         sel == "test-selected epoch" else None
-                entry["metrics"][sub][sel] = distribution(vals, paper)
+                d = distribution(vals, paper)
+                if d["n"]:  # a selection no run made (val-selected without --val-fraction)
+                    entry["metrics"][sub][sel] = d
         entry["curves"] = {str(r.seed): curve(task, r.results) for r in mine if curve(task, r.results)}
         tasks[task.name] = entry
     return {"checkpoint": ckpt, "preset": "tiny" if tiny else "reference",
@@ -524,12 +526,28 @@ def dry_run(runs: list[Run], cfg: Config) -> None:
                 unknown += 1
             else:
                 total += est
-        print(f"  {r.label:28s} {r.state:7s} "
+        print(f"  {r.label:28s} {r.state:7s} {epochs_of(r):>7s} ep "
               f"{'-' if r.state == 'done' else (duration(est) if est else 'time unknown'):>12s}"
               f"  $ {shown(command(r, cfg))}")
     print(f"estimated: {duration(total)} of device time for the runs with a measured time"
           + (f"; {unknown} runs have none yet (their task has no finished run here)"
              if unknown else ""))
+
+
+def epochs_of(run: Run) -> str:
+    """The epochs a run trains, from its script's own config for its flags ('?' when they do
+    not parse, e.g. a flag of --extra the script does not know)."""
+    from pqae.cli import parse
+    from pqae.show import script
+    module = script(Path(run.argv[0]).stem)
+    try:
+        cfg = parse(module.Config, module.PRESETS, args=run.argv[1:])  # reads no file
+    except (SystemExit, Exception):  # noqa: BLE001  (the plan still prints)
+        return "?"
+    if hasattr(cfg, "finetune"):  # few-shot: every setting and fold
+        runs = len(cfg.ways) * len(cfg.shots) * len(cfg.folds)
+        return f"{runs}x{cfg.finetune.epochs + 1}"
+    return str(cfg.epochs + 1)
 
 
 def duration(seconds: float) -> str:

@@ -128,7 +128,7 @@ def test_the_command_line(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "plan: 97 runs" in p.stdout  # (5 classification + 5 linear) x 8 + few-shot + 2 x 8
     assert "--preset scan-hardest --pretrained x" in p.stdout and "--head linear" in p.stdout
-    assert "time unknown" in p.stdout
+    assert "time unknown" in p.stdout and " 301 ep " in p.stdout and " 40x151 ep " in p.stdout
     p = subprocess.run([sys.executable, "-m", "pqae.reproduce", "--out-dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "give --ckpt" in p.stdout + p.stderr

@@ -281,7 +281,7 @@ def selections(task: Task, results: dict) -> dict[str, dict[str, float | None]]:
         return {"acc": {"test-selected epoch": results.get("best_acc"),
                         "last epoch": results.get("last_acc"),
                         "val-selected epoch": results.get("val_selected_acc"),
-                        "voting (test-selected)": results.get("vote_acc")}}
+                        "voting (last epoch)": results.get("vote_acc")}}
     if task.kind == "partseg":
         best, last = results.get("best_on_test", {}), results.get("last", {})
         return {m: {"test-selected epoch": best.get(m), "last epoch": last.get(m)}
@@ -436,7 +436,7 @@ def figures(rep: dict, out: Path) -> list[str] | None:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     made = []
     panels = [(f"{t['title']}: {sub}", [(sel, d) for sel, d in sels.items()
-                                         if d.get("n") and sel != "voting (test-selected)"])
+                                         if d.get("n") and sel != "voting (last epoch)"])
               for name, t in rep["tasks"].items() if t["kind"] != "fewshot"
               for sub, sels in t["metrics"].items()]
     panels = [p for p in panels if p[1]]

@@ -455,7 +455,9 @@ CLS_FORMAT_VERSION = 1
 def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes: int,
                       what: str, how_to_make: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Read `<split>/points` (S, num_points, 3) float32 and `<split>/labels` (S,) int64 of a
-    classification HDF5 written by data_prep, checking layout, label range and finiteness."""
+    classification HDF5 written by data_prep, checking layout, label range and finiteness.
+    A user's own set (`data_prep.folder --labels`, which records its `source_root`) may hold
+    any number of points per cloud."""
     import h5py
 
     if split not in ("train", "test"):
@@ -471,6 +473,8 @@ def _load_labelled_h5(path: str | Path, split: str, num_points: int, num_classes
             raise BadInput(f"{path}: expected {expected}; found top-level keys {sorted(f.keys())}"
                            + (f", '{split}' holds {sorted(f[split].keys())}" if split in f else ""))
         points, labels = f[f"{split}/points"][()], f[f"{split}/labels"][()]
+        if "source_root" in f.attrs and points.ndim == 3:  # data_prep.folder: its own count
+            num_points = points.shape[1]
     if (points.ndim != 3 or points.shape[1:] != (num_points, 3) or points.dtype != np.float32
             or labels.shape != (points.shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
         raise BadInput(f"{path}: expected {expected}; found '{split}/points' {points.shape} "

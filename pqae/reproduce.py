@@ -405,7 +405,13 @@ def markdown(rep: dict) -> str:
         notes = [d["paper_position"] for sels in t["metrics"].values() for d in sels.values()
                  if d.get("paper_position")]
         lines += [""] + [f"* {n}." for n in notes] + ([""] if notes else [])
-    lines += ["## Runs", "", "| task | seed | status | minutes | device hours | command |",
+    lines += ["## Runs", ""]
+    pre = rep.get("pretraining")
+    if pre:
+        lines += [f"Pretraining (`--pretrain`) into `{pre['out_dir']}`: {pre['status']}"
+                  + (f" in {pre['seconds'] / 60:.1f} min" if pre.get("seconds") else "") + ".",
+                  ""]
+    lines += ["| task | seed | status | minutes | device hours | command |",
               "|---|---|---|---|---|---|"]
     for r in rep["runs"]:
         lines.append(f"| {r['task']} | {'-' if r['seed'] is None else r['seed']} | {r['status']} | "
@@ -501,6 +507,10 @@ def write_report(runs: list[Run], cfg: Config, tiny: bool, ckpt: str, wall: floa
     from pqae.log import write_json
     out = Path(cfg.out_dir)
     rep = report(runs, cfg, tiny, ckpt, wall)
+    record_file = out / "pretrain.json"  # --pretrain's run (`record`)
+    if record_file.is_file():
+        rep["pretraining"] = {**json.loads(record_file.read_text()),
+                              "out_dir": str(out / "pretrain")}
     rep["figures"] = figures(rep, out)
     write_json(out / "report.json", rep)
     (out / "report.md").write_text(markdown(rep))

@@ -62,6 +62,7 @@ def test_the_tiny_table_reports_exactly_what_its_runs_wrote(tiny_table):
     rep = json.loads((out / "report.json").read_text())
     assert [r["status"] for r in rep["runs"]] == ["passed"] * 7
     assert (out / "pretrain" / "ckpt-final" / "model.safetensors").is_file()
+    assert rep["pretraining"]["status"] == "passed" and rep["pretraining"]["seconds"] > 0
     assert rep["checkpoint"] == str(out / "pretrain" / "ckpt-final")
     by_hand: dict[tuple[str, str, str], list[float]] = {}
     for run in rep["runs"]:

@@ -237,6 +237,15 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> PointE
     return model.to(device).eval()
 
 
+def encoder_for(ckpt: str, like: str, device, seed: int) -> tuple[PointEmbedder, str]:
+    """(the embedder, how to name it) of a --ckpt flag: a checkpoint, or `random` (shaped like
+    the checkpoint `like`, else the reference) as a baseline."""
+    if ckpt == "random":
+        return (random_encoder(like or None, device, seed),
+                f"a random encoder shaped like {like or 'the reference'}")
+    return load_encoder(ckpt, device), ckpt
+
+
 def random_encoder(like: str | Path | None = None, device: str | torch.device = "cpu",
                    seed: int = 0) -> PointEmbedder:
     """A randomly initialised encoder (the pretraining init) of the same shape and grouping as
@@ -393,7 +402,7 @@ class FolderClouds(Clouds):
     kind = "folder"
 
     def __init__(self, root: Path, min_points: int):
-        from data_prep.folder import EXTRA, TEXT
+        from pqae.readers import EXTRA, TEXT
         known = {".npy", ".npz", *TEXT, *EXTRA}
         files = sorted(p for p in root.rglob("*") if p.is_file())
         self.files = [p for p in files if p.suffix.lower() in known]
@@ -410,7 +419,7 @@ class FolderClouds(Clouds):
 
     def read(self, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(cloud (N_i, 3) float32, its rows in the file (N_i,))]: the finite rows."""
-        from data_prep.folder import Skip, read_cloud
+        from pqae.readers import Skip, read_cloud
         clouds = []
         for path in self.files[start:stop]:
             try:
@@ -589,12 +598,7 @@ def main(cfg: Config) -> dict:
         raise BadInput(f"{out} already exists; write to another --out, or replace it with "
                        f"--overwrite")
 
-    if cfg.ckpt == "random":
-        embedder = random_encoder(cfg.like or None, device, cfg.seed)
-        what = f"a random encoder shaped like {cfg.like or 'the reference'}"
-    else:
-        embedder = load_encoder(cfg.ckpt, device)
-        what = cfg.ckpt
+    embedder, what = encoder_for(cfg.ckpt, cfg.like, device, cfg.seed)
     clouds = open_clouds(cfg.data, cfg.split, max(embedder.num_group, embedder.group_size))
     S = len(clouds)
     if clouds.points is not None and clouds.points < max(embedder.num_group, embedder.group_size):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pqae import data
-from pqae.embed import PointEmbedder, load_encoder, random_encoder
+from pqae.embed import PointEmbedder, encoder_for
 from pqae.errors import BadInput, reading
 from pqae.log import write_json
 
@@ -227,12 +227,7 @@ def main(cfg: Config) -> dict:
                        "CKPT for its shape)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.ckpt == "random":
-        embedder = random_encoder(cfg.like or None, device, cfg.seed)
-        what = f"a random encoder shaped like {cfg.like or 'the reference'}"
-    else:
-        embedder = load_encoder(cfg.ckpt, device)
-        what = cfg.ckpt
+    embedder, what = encoder_for(cfg.ckpt, cfg.like, device, cfg.seed)
     probe_data = load_data(cfg.data, cfg.data_path, cfg.procedural_train, cfg.procedural_test,
                            cfg.seed, cfg.procedural_points)
     result = probe(embedder, probe_data, cfg.batch_size, cfg.l2, cfg.folds, cfg.knn, cfg.seed)

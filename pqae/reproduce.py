@@ -521,9 +521,9 @@ def write_report(runs: list[Run], cfg: Config, tiny: bool, ckpt: str, wall: floa
 def dry_run(runs: list[Run], cfg: Config) -> None:
     measured: dict[str, float] = {}  # task -> seconds of a finished run in this out-dir
     for r in runs:
-        s = recorded(r).get("seconds") if recorded(r).get("status") == "passed" else None
-        if s:
-            measured.setdefault(r.task.name, s * recorded(r).get("devices", 1))
+        rec = recorded(r)
+        if rec.get("status") == "passed" and rec.get("seconds"):
+            measured.setdefault(r.task.name, rec["seconds"] * rec.get("devices", 1))
     print(f"plan: {len(runs)} runs in {cfg.out_dir} "
           f"({sum(r.state == 'done' for r in runs)} done, "
           f"{sum(r.state == 'resume' for r in runs)} to resume, "

@@ -294,14 +294,12 @@ def show_features(cfg: Config, w: Writer) -> None:
     from pqae.embed import load_encoder
     encoder = load_encoder(cfg.ckpt, cfg.device)
     saved = ckpt.checkpoint_config(cfg.ckpt) or {}
-    kind = "procedural" if saved.get("data", "procedural") == "procedural" else saved["data"]
-    if cfg.data_path or kind != "procedural":
-        pretrain = script("pretrain")
-        pcfg = dataclasses.replace(pretrain.Config(), data="shapenet55",
-                                   data_path=cfg.data_path or saved.get("data_path", ""))
-        if not cfg.data_path and saved.get("data") in ("shapenet55", "airplanes"):
-            pcfg = dataclasses.replace(pcfg, data=saved["data"])
-        clouds = example_clouds(pcfg, cfg.shapes)
+    pretrain = script("pretrain")
+    kind = saved.get("data") if saved.get("data") in pretrain.DATA_PATHS else None
+    path = cfg.data_path or (kind and (saved.get("data_path") or pretrain.DATA_PATHS[kind]))
+    if path:  # a pretraining file (--data-path, or the pretraining run's own)
+        kind = "airplanes" if str(path).endswith(".npz") else "shapenet55"
+        clouds = example_clouds(pretrain.Config(data=kind, data_path=path), cfg.shapes)
     else:
         clouds = data.procedural_shapes(cfg.shapes, 2048, seed=cfg.seed)
     patches, centers = encoder.embed(clouds.to(cfg.device), level="patch")  # (B, G, C)

@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, collapse, costmodel, data, dist, probe, show, stream, syncbn
+from pqae import (amp, bench, cli, collapse, costmodel, data, dist, graphs, probe, show,
+                  stream, syncbn)
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
 from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
@@ -94,6 +95,12 @@ class Task:
     vis_every: int = 2000
     """log TensorBoard point clouds (a view, its target patches, its cross reconstruction) every
     this many optimizer steps (0: never)."""
+    cuda_graph: bool = False
+    """capture the part of the step whose shapes never change (encoder and decoder on both
+    views' patches, loss, backward, gradient average, optimizer) in one CUDA graph and replay
+    it each step (pqae/graphs.py): one launch instead of ~1,000. The views and grouping stay
+    eager. On a CPU the same split step runs without a graph. Off by default until a GPU has
+    measured it; needs --accum-steps 1."""
     benchmark_steps: int = 0
     """if > 0: time this many steps (after 5 warm-up steps), print ms/step, and exit."""
     benchmark_compare: bool = True
@@ -199,7 +206,8 @@ def build_training(cfg: Config, env: dist.Dist):
                                   fused=cfg.fused_adamw)
     if cfg.compile:
         model.compile_fixed_shapes()
-    return model, dist.ddp(model, env), optimizer
+    # --cuda-graph averages the gradients inside its graph (DDP's hooks cannot be captured)
+    return model, model if cfg.cuda_graph else dist.ddp(model, env), optimizer
 
 
 def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, clouds: torch.Tensor,
@@ -211,22 +219,29 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
     steps_per_epoch = clouds.shape[0] // cfg.batch_size
     host = isinstance(clouds, stream.HostStream)
     rows = torch.arange(local_bs, device=device)
+    captured = captured_update(cfg, model, optimizer, device) if cfg.cuda_graph else None
+    prepare = torch.compile(prepare_batch) if cfg.compile else prepare_batch
 
     def train_step(step: int, perm: torch.Tensor, return_outputs: bool = False) -> dict:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]  # on the device
-        with phase("data"):
-            if host:  # the same clouds, read from the files ahead of time
-                points = data.sample_points(clouds.batch(step), rows, cfg.num_points)
-            else:
-                points = data.sample_points(clouds, idx, cfg.num_points)  # (b, n, 3) unit sphere
-            points = data.rotate_y(points, torch.rand(local_bs, device=device) * 2 * math.pi)
+        with phase("data"):  # (b, n, 3) unit sphere, rotated; the draws eager, in this order
+            source, rows_of = (clouds.batch(step), rows) if host else (clouds, idx)
+            pick = data.draw_subsets(local_bs, source.shape[1], cfg.num_points, device)
+            angles = torch.rand(local_bs, device=device) * 2 * math.pi
+            points = prepare(source, rows_of, pick, angles)
         crop_ratios = model.draw_crop_ratios(random.Random(shared_seed(cfg.seed, step)))  # all ranks
+        if captured is not None:  # views and grouping eager, the rest replayed
+            with amp.autocast(device, cfg.amp, cache=False):
+                patches, views = model.patches(points, crop_ratios)
+            return {**captured(*patches), **views}
         k, losses = cfg.accum_steps, []
         for part, sync in micro_batches(train_model, k, local_bs):
             with sync:
-                with amp.autocast(device, cfg.amp):
+                # no weight cache, as --cuda-graph's capture needs: each use of a weight has its
+                # own bf16 cast, so the two views' gradients meet in float32, in both paths
+                with amp.autocast(device, cfg.amp, cache=False):
                     out = train_model(points[part], crop_ratios, return_outputs)
                 with phase("backward"):
                     (out["loss"] / k if k > 1 else out["loss"]).backward()
@@ -239,7 +254,40 @@ def make_train_step(cfg: Config, model: PointPQAE, train_model, optimizer, cloud
             optimizer.zero_grad(set_to_none=True)
         return out
 
+    train_step.captured = captured  # --cuda-graph's CapturedStep (None without the flag)
     return train_step
+
+
+def prepare_batch(clouds: torch.Tensor, idx: torch.Tensor, pick: torch.Tensor,
+                  angles: torch.Tensor) -> torch.Tensor:
+    """A step's batch given its draws: the clouds idx, their points pick, unit-sphere
+    normalised and rotated about y by angles (fixed shapes: --compile fuses it)."""
+    return data.rotate_y(data.gather_unit_sphere(clouds, idx, pick), angles)
+
+
+def captured_update(cfg: Config, model: PointPQAE, optimizer, device: torch.device
+                    ) -> graphs.CapturedStep:
+    """--cuda-graph: the fixed-shape rest of a step after the grouping (forward from the
+    patches, backward, gradient average over the processes, optimizer step) as one
+    CapturedStep, replayed from a CUDA graph on a GPU and run as is on a CPU."""
+    if cfg.accum_steps != 1:
+        raise BadInput(f"--cuda-graph captures one forward and backward per step: give "
+                       f"--accum-steps 1 (got {cfg.accum_steps}), or leave --cuda-graph off")
+    graphs.prepare_optimizer(optimizer, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def update(*patches: torch.Tensor) -> dict:
+        with amp.autocast(device, cfg.amp, cache=False):
+            out = model.forward_patches(*patches)
+        with phase("backward"):
+            out["loss"].backward()
+            graphs.average_gradients(params)
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return out
+
+    return graphs.CapturedStep(update, device)
 
 
 def main(cfg: Config) -> dict:
@@ -356,9 +404,12 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
         step = make_train_step(c, model, model, optimizer, clouds, env)
         return lambda: step(0, perm)
 
-    # compile_fixed_shapes: the encoder (patch_embed, encoder), query, decoder and head (decoder)
+    # --compile: the batch's preparation (data), the views' crops and rotations (views) and,
+    # compile_fixed_shapes, the encoder (patch_embed, encoder), query, decoder and head
+    # (decoder); the data's and views' random draws stay eager
     return costmodel.StepModel(
-        PHASES, ("patch_embed", "encoder", "decoder"), make_step,
+        PHASES, ("data", "views", "patch_embed", "encoder", "decoder"), make_step,
+        captured=CAPTURED, eager_draws=("data", "views"),
         config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
                 "cloud_points": points, "crop_ratio": ratio, "dim": cfg.dim,
                 "depth": cfg.depth, "num_group": cfg.num_group, "group_size": cfg.group_size})
@@ -492,6 +543,8 @@ LOSSES = ("loss", "loss_view1", "loss_view2")
 
 PHASES = ["data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss", "backward",
           "optimizer"]
+CAPTURED = ("patch_embed", "encoder", "decoder", "loss", "backward", "optimizer")
+"""The phases --cuda-graph replays from its graph (captured_update): all after the grouping."""
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ class Variant:
 def variants(cfg, compare: bool) -> list[Variant]:
     """The variants of a script's config (a dataclass with amp, compile and fused_adamw): the
     configured path and, when compare, first the plain-PyTorch float32 path: the reference
-    kernels, no amp, no compile, for-each AdamW (and no fast_point_all where there is one)."""
+    kernels, no amp, no compile, for-each AdamW (and no fast_point_all or cuda_graph where the
+    script has them)."""
     out = [Variant("this config", cfg, kernels.get_backend())]
     if compare:
-        off = {f: False for f in ("amp", "compile", "fused_adamw", "fast_point_all")
+        off = {f: False for f in ("amp", "compile", "fused_adamw", "fast_point_all", "cuda_graph")
                if hasattr(cfg, f)}
         plain = dataclasses.replace(cfg, **off)
         out.insert(0, Variant("plain PyTorch fp32", plain, "reference"))

@@ -35,10 +35,13 @@ How it is made
    eager op or HOST_COMPILED_US per compiled launch. A phase takes the GPU's time or the
    host's, whichever is longer (the host runs ahead only as far as the GPU queue lets it: a
    step whose host time exceeds the GPU's is launch-bound), and says which bounds it.
+5. **--cuda-graph** (`cuda_graph` in the JSON, where the script has the flag): the
+   amp_compile kernels, those of the captured phases replayed from one CUDA graph: no host
+   time of their own, GRAPH_GAP_US between them, and one replay's HOST_GRAPH_US.
 
 Not modelled: cache reuse between kernels (L2 is 50 MB: small tensors are charged HBM
 bytes), DDP's all-reduce (one GPU), the data loader (the data are on the GPU), the clock
-dropping below boost, and any CUDA-graph capture (none is used).
+dropping below boost.
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ class GPU:
     gap_us: float = 1.0  # GPU idle between two queued kernels
     host_eager_us: float = 7.0  # host time per eager op: Python, dispatcher, launch
     host_compiled_us: float = 3.0  # host time per launch of a compiled graph's wrapper
+    graph_gap_us: float = 0.5  # GPU idle between two kernels of a replayed CUDA graph
+    host_graph_us: float = 10.0  # host time of one CUDA graph replay (cudaGraphLaunch)
 
 
 H100 = GPU("H100 SXM (132 SMs, 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 3.35 TB/s)",
@@ -467,10 +472,19 @@ class Kernel:
     us: float | None = None  # a given time (Triton kernels)
     gemm: bool = False
     ops: tuple = ()  # the recorded ops it stands for (name, pass)
+    graph: bool = False  # replayed from a CUDA graph (--cuda-graph): no host time of its own
 
 
-def _groups(ops: list[Op], fused: bool) -> list[list[Op]]:
-    """Ops -> kernels: attention calls as one; with `fused`, the fusion rule above."""
+_FALLBACK = {"sort", "topk"}
+"""ops torch.compile leaves to their ATen kernels: one launch each, inside a compiled phase."""
+_DRAW = {"rand", "randint", "randn", "uniform", "random", "normal"}
+"""random draws: in a phase of StepModel.eager_draws, made eagerly outside the compiled
+function (so that they equal the eager path's), one eager launch each."""
+
+
+def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op]]:
+    """Ops -> kernels: attention calls as one; with `fused`, the fusion rule above (sort,
+    top-k and, in eager_draws phases, random draws are kernels of their own)."""
     out, cur = [], []
     for op in ops:
         if op.kind == "attn":
@@ -483,7 +497,8 @@ def _groups(ops: list[Op], fused: bool) -> list[list[Op]]:
         if cur and cur[-1].kind == "attn":
             out.append(cur)
             cur = []
-        if not fused or op.kind == "gemm":
+        alone = op.name in _FALLBACK or (op.name in _DRAW and op.phase in eager_draws)
+        if not fused or op.kind == "gemm" or alone:
             if cur:
                 out.append(cur)
             out.append([op])
@@ -521,9 +536,10 @@ def _traffic(group: list[Op], last_read: dict, index: dict, attn_out: set,
 
 
 def kernels_of(rec: Recording, path: str, triton_us: dict,
-               compiled_phases: tuple = ()) -> list[Kernel]:
+               compiled_phases: tuple = (), eager_draws: tuple = ()) -> list[Kernel]:
     """The launches of `path` ("fp32_plain" or "amp_compile") from a step's recording; with
-    amp_compile, the ops of `compiled_phases` (what --compile compiles) are fused."""
+    amp_compile, the ops of `compiled_phases` (what --compile compiles) are fused, but for
+    the random draws of the `eager_draws` phases."""
     ops, attn_out = rec.ops, rec.attn_out
     index = {id(op): i for i, op in enumerate(ops)}
     last_read: dict = {}
@@ -549,13 +565,14 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
         else:
             segments.append((fuse, [op]))
     for fuse, seg in segments:
-        for g in _groups(seg, fuse):
+        for g in _groups(seg, fuse, eager_draws):
             flops = sum(op.flops for op in g)
             gemm = [op for op in g if op.kind in ("gemm", "attn")]
             n = g[0].launches if len(g) == 1 else 1
+            eager = not fuse or (len(g) == 1 and g[0].name in _DRAW and g[0].phase in eager_draws)
             k = Kernel(g[0].phase, flops / n,
                        _traffic(g, last_read, index, attn_out, attn_internal) / n,
-                       dtype_low=any(op.low for op in gemm), eager=not fuse, pass_=g[0].pass_,
+                       dtype_low=any(op.low for op in gemm), eager=eager, pass_=g[0].pass_,
                        gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))
             out += [dataclasses.replace(k) for _ in range(n)]
     if compiled:
@@ -608,24 +625,30 @@ def cost(kernels: list[Kernel], gpu: GPU, phases: list[str]) -> dict:
         if not ks:
             continue
         times = [kernel_us(k, gpu) for k in ks]
-        gpu_us = sum(t for t, _ in times) + gpu.gap_us * len(ks)
-        host_us = sum(gpu.host_eager_us if k.eager else gpu.host_compiled_us for k in ks)
+        gaps = [gpu.graph_gap_us if k.graph else gpu.gap_us for k in ks]
+        gpu_us = sum(t for t, _ in times) + sum(gaps)
+        host_us = sum(0.0 if k.graph else gpu.host_eager_us if k.eager else gpu.host_compiled_us
+                      for k in ks)
         by: dict = {}
         for t, b in times:
             by[b] = by.get(b, 0.0) + t
         bound = "host launches" if host_us > gpu_us else max(by, key=by.get)
-        bwd_us = sum(t for (t, _), k in zip(times, ks) if k.pass_ == "bwd") + gpu.gap_us * sum(
-            k.pass_ == "bwd" for k in ks)
+        bwd_us = sum(t + gap for (t, _), gap, k in zip(times, gaps, ks) if k.pass_ == "bwd")
         out[ph] = {"ms": round(max(gpu_us, host_us) / 1e3, 3), "gpu_ms": round(gpu_us / 1e3, 3),
                    "gpu_bwd_ms": round(bwd_us / 1e3, 3),
                    "host_ms": round(host_us / 1e3, 3), "launches": len(ks),
                    "gflop": round(sum(k.flops for k in ks) / 1e9, 1),
                    "hbm_mb": round(sum(k.bytes for k in ks) / 1e6, 1), "bound": bound}
+    if any(k.graph for k in kernels):  # the replay's own launch: host time only
+        out["graph_launch"] = {"ms": gpu.host_graph_us / 1e3, "gpu_ms": 0.0, "gpu_bwd_ms": 0.0,
+                               "host_ms": gpu.host_graph_us / 1e3, "launches": 1, "gflop": 0.0,
+                               "hbm_mb": 0.0, "bound": "host launches"}
     gpu_ms = sum(p["gpu_ms"] for p in out.values())
     host_ms = sum(p["host_ms"] for p in out.values())
     return {"step_ms": round(sum(p["ms"] for p in out.values()), 2),
             "gpu_ms": round(gpu_ms, 2), "host_ms": round(host_ms, 2),
             "launches": sum(p["launches"] for p in out.values()),
+            "launches_outside_graph": sum(not k.graph for k in kernels) + ("graph_launch" in out),
             "bound": "host launches" if host_ms > gpu_ms else "GPU", "phases": out}
 
 
@@ -675,6 +698,8 @@ class StepModel:
     compiled: tuple
     make_step: object  # (amp: bool) -> step(), on meta tensors
     config: dict = field(default_factory=dict)
+    captured: tuple = ()  # the phases --cuda-graph replays from a CUDA graph (none: no flag)
+    eager_draws: tuple = ()  # compiled phases whose random draws are made outside the compile
 
 
 def meta_env():
@@ -693,7 +718,7 @@ def main(model: StepModel, as_json: bool) -> dict:
 
 def estimate(model: StepModel, gpu: GPU = H100) -> dict:
     """The JSON object of --cost-model --json."""
-    paths, notes = {}, []
+    paths, notes, graph = {}, [], None
     gemm_tflop = None
     for path, amp in (("fp32_plain", False), ("amp_compile", True)):
         rec = record(model.make_step(amp), amp)
@@ -706,13 +731,21 @@ def estimate(model: StepModel, gpu: GPU = H100) -> dict:
             except Exception as e:  # noqa: BLE001  (said in the report)
                 notes.append(f"no Triton estimate ({type(e).__name__}: {str(e)[-300:]}): the "
                              "kernels.* ops of amp_compile are costed as the reference ops")
-        paths[path] = cost(kernels_of(rec, path, tri, model.compiled), gpu, model.phases)
+        ks = kernels_of(rec, path, tri, model.compiled, model.eager_draws)
+        paths[path] = cost(ks, gpu, model.phases)
         paths[path]["fwd_gflop"] = round(sum(op.flops for op in rec.ops
                                              if op.pass_ == "fwd") / 1e9, 3)
+        if path == "amp_compile" and model.captured:  # the same kernels, the rest replayed
+            graph = cost([dataclasses.replace(k, graph=k.phase in model.captured) for k in ks],
+                         gpu, model.phases)
     speedup = paths["fp32_plain"]["step_ms"] / paths["amp_compile"]["step_ms"]
-    return {"device_model": dataclasses.asdict(gpu),
-            "gemm_tflop": round(gemm_tflop, 4), "config": model.config, "paths": paths,
-            "speedup": round(speedup, 2), "notes": notes}
+    out = {"device_model": dataclasses.asdict(gpu),
+           "gemm_tflop": round(gemm_tflop, 4), "config": model.config, "paths": paths,
+           "speedup": round(speedup, 2), "notes": notes}
+    if graph is not None:  # --amp --compile --cuda-graph: beside the two paths
+        out["cuda_graph"] = {**graph, "captured": list(model.captured),
+                             "speedup": round(paths["fp32_plain"]["step_ms"] / graph["step_ms"], 2)}
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -738,5 +771,14 @@ def format_report(r: dict) -> str:
         lines.append(f"{name:<13} step {x['step_ms']:.2f} ms (GPU {x['gpu_ms']:.2f}, host "
                      f"{x['host_ms']:.2f}; {x['launches']} launches; bound: {x['bound']})")
     lines.append(f"amp_compile is {r['speedup']:.1f}x the fp32 plain path (estimated)")
+    g = r.get("cuda_graph")
+    if g:
+        eager = {ph: v["ms"] for ph, v in p["amp_compile"]["phases"].items()}
+        lines.append(f"with --cuda-graph ({', '.join(g['captured'])} replayed from one graph): "
+                     f"step {g['step_ms']:.2f} ms (GPU {g['gpu_ms']:.2f}, host {g['host_ms']:.2f}; "
+                     f"{g['launches_outside_graph']} launches outside the graph), "
+                     f"{g['speedup']:.1f}x the fp32 plain path (estimated)")
+        lines.append("  " + ", ".join(f"{ph} {eager.get(ph, 0):.3f} -> {v['ms']:.3f} ms"
+                                      for ph, v in g["phases"].items()))
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)

@@ -419,15 +419,26 @@ def sample_points(clouds: torch.Tensor, idx: torch.Tensor, num_points: int) -> t
     a random permutation), THEN unit-sphere normalised on that subset. Randomness comes from
     the global torch RNG of clouds' device, so the caller controls seeding.
     """
-    n = clouds.shape[1]
+    idx = idx.to(clouds.device)
+    return gather_unit_sphere(clouds, idx, draw_subsets(idx.shape[0], clouds.shape[1],
+                                                        num_points, clouds.device))
+
+
+def draw_subsets(batch: int, n: int, num_points: int, device) -> torch.Tensor:
+    """sample_points's draw: (batch, num_points) indices, each row the first num_points of a
+    uniformly random permutation of range(n)."""
     if num_points > n:
         raise BadInput(f"num_points={num_points} exceeds the {n} points per cloud")
-    idx = idx.to(clouds.device)
-    keys = torch.rand(idx.shape[0], n, device=clouds.device)  # (B, N)
+    keys = torch.rand(batch, n, device=device)  # (B, N)
     # Argsort of iid uniform keys is a uniform random permutation; keep its first num_points.
-    pick = keys.argsort(dim=1)[:, :num_points]  # (B, num_points)
-    points = clouds[idx[:, None], pick]  # (B, num_points, 3), gathers only what is used
-    return _unit_sphere(points)
+    return keys.argsort(dim=1)[:, :num_points]  # (B, num_points)
+
+
+def gather_unit_sphere(clouds: torch.Tensor, idx: torch.Tensor, pick: torch.Tensor
+                       ) -> torch.Tensor:
+    """sample_points given its draw: the clouds idx (B,), their points pick (B, n), unit-sphere
+    normalised; gathers only what is used."""
+    return _unit_sphere(clouds[idx[:, None], pick])
 
 
 def rotate_y(points: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

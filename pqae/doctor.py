@@ -247,16 +247,17 @@ def check_kernels(device: torch.device, timing: bool) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 3. the benchmark
 def pretrain_benchmark(device: str, steps: int, toy: bool, compile: bool = True,
-                       phases: bool = False) -> dict:
+                       phases: bool = False, **extra) -> dict:
     """ms/step and peak memory of the reference pretraining step at batch 128 on generated
     8192-point clouds: the plain-PyTorch fp32 path and --amp (--compile). toy: the tiny preset
-    at toy sizes, no compile (a CPU). phases: also the per-phase profile (.ci/gpu). Returns
-    pretrain.benchmark's results."""
+    at toy sizes, no compile (a CPU). phases: also the per-phase profile (.ci/gpu). extra:
+    more config fields (cuda_graph, benchmark_compare). Returns pretrain.benchmark's
+    results."""
     import pretrain
 
     over = dict(data="procedural", procedural_points=512 if toy else 8192,
                 procedural_shapes=64 if toy else 1024, benchmark_steps=steps, amp=True,
-                compile=compile and not toy, benchmark_phases=phases, device=device)
+                compile=compile and not toy, benchmark_phases=phases, device=device, **extra)
     cfg = dataclasses.replace(pretrain.PRESETS["tiny" if toy else "reference"], **over)
     return pretrain.main(cfg)
 

@@ -215,8 +215,13 @@ def crop_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.T
         # only translated to its bbox centre.
         centre = (points.amin(1) + points.amax(1)) / 2
         return points - centre[:, None], centre
-    k = int(math.floor(N * ratio))
     seed = torch.randint(0, N, (B,), device=points.device)
+    return _crop(points, seed, int(math.floor(N * ratio)))
+
+
+def _crop(points: torch.Tensor, seed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """crop_view given its draw: seed (B,) the index of each sample's seed point."""
+    B = points.shape[0]
     seed_pt = points[torch.arange(B, device=points.device), seed]  # (B, 3)
     dist = (points - seed_pt[:, None]).square().sum(-1)  # (B, N), ordered as the true distance
     idx = dist.topk(k, dim=1, largest=False, sorted=True).indices  # (B, k) nearest first
@@ -225,12 +230,29 @@ def crop_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.T
     return 2 * (crop - lo) / (hi - lo + 1e-6) - 1, ((lo + hi) / 2)[:, 0]
 
 
-def decoupled_view(points: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoupled view: the crop of `crop_view`, then a random rotation about y per
-    sample (whose angle the model never sees). -> view (B, k, 3), bbox centre (B, 3)."""
-    view, centre = crop_view(points, ratio)
-    angles = torch.rand(points.shape[0], device=points.device) * (2 * math.pi)
+def crop_rotate(points: torch.Tensor, seed: torch.Tensor, angles: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoupled view given its draws (seed (B,) indices, angles (B,) radians): no random
+    draw of its own, so torch.compile(dynamic=True) compiles it once for every k
+    (`PointPQAE.compile_fixed_shapes`)."""
+    view, centre = _crop(points, seed, k)
     return rotate_y(view, angles), centre
+
+
+def decoupled_view(points: torch.Tensor, ratio: float, crop_fn=crop_rotate
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoupled view: the crop of `crop_view`, then a random rotation about y per
+    sample (whose angle the model never sees). -> view (B, k, 3), bbox centre (B, 3).
+    The draws (seed point, angle; in that order) are made here, the rest by crop_fn
+    (`crop_rotate`, or its compiled version)."""
+    B, N, _ = points.shape
+    if ratio >= 1.0:
+        view, centre = crop_view(points, ratio)
+        angles = torch.rand(B, device=points.device) * (2 * math.pi)
+        return rotate_y(view, angles), centre
+    seed = torch.randint(0, N, (B,), device=points.device)
+    angles = torch.rand(B, device=points.device) * (2 * math.pi)
+    return crop_fn(points, seed, angles, int(math.floor(N * ratio)))
 
 
 def vrpe(center: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tensor:
@@ -304,6 +326,8 @@ class PointPQAE(nn.Module):
         self.decoder = Decoder(dim, decoder_depth, heads, drop_path_rate)
         self.query_attn = PositionalQuery(dim, heads)
         self.head = nn.Linear(dim, 3 * group_size)
+        self.crop_fn = crop_rotate
+        """the views' crop and rotation given their draws (compiled by compile_fixed_shapes)"""
         self.check_inputs = True
         """Raise on NaN/inf input points (a host sync on the GPU; training loops whose data was
         validated at load time switch it off there)."""
@@ -312,12 +336,14 @@ class PointPQAE(nn.Module):
     def compile_fixed_shapes(self, **options) -> None:
         """torch.compile, in place, the parts whose input shapes never change: the encoder
         (patches (B, G, M, 3) whatever the crop), the positional query, the decoder and the
-        head. The views and the grouping stay eager: a view's size follows the step's crop
-        ratio, so compiling them would recompile on every step (until Dynamo's recompile limit
-        sends it back to eager), and they are Triton kernels and a top-k already. Parameter
-        names, and so checkpoints, are unchanged."""
+        head; parameter names, and so checkpoints, are unchanged. A view's size k follows the
+        step's crop ratio: its crop and rotation (`crop_rotate`) are compiled once with k
+        dynamic (a static k would recompile every step), their random draws staying eager in
+        the same order: a few fused kernels per view instead of ~30 launches. The grouping
+        stays eager (its Triton kernels)."""
         for m in (self.encoder, self.query_attn, self.decoder, self.head):
             m.compile(**options)
+        self.crop_fn = torch.compile(crop_rotate, dynamic=True, **options)
 
     def _reference_init(self) -> None:
         # The reference's last init step: every Linear outside the patch embedding (whose layers
@@ -348,21 +374,47 @@ class PointPQAE(nn.Module):
         """points (B, N, 3): the (globally rotated, unit-sphere) batch. Randomness comes from the
         global torch RNG (per-sample crop seeds, view rotations, DropPath) and `crop_ratios`
         (drawn with `draw_crop_ratios` from Python's `random` when None)."""
+        patches, views = self.patches(points, crop_ratios)
+        out = self.forward_patches(*patches)
+        return {**out, **views} if return_outputs else {n: out[n] for n in self.LOSSES}
+
+    LOSSES = ("loss", "loss_view1", "loss_view2")
+
+    def patches(self, points: torch.Tensor, crop_ratios: tuple[float, float] | None = None
+                ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """The part of `forward` whose shapes follow the step's crop ratios: the two views and
+        their grouping. Returns ((neigh1, center1, neigh2, center2, offset), {view1, view2}):
+        fixed shapes (B, G, M, 3), (B, G, 3) and (B, 3), `forward_patches`'s arguments."""
         if self.check_inputs and not bool(torch.isfinite(points).all()):
             raise ValueError(f"points of shape {tuple(points.shape)} contain NaN or inf")
         r1, r2 = crop_ratios if crop_ratios is not None else self.draw_crop_ratios()
         with phase("views"):
-            view1, centre1 = decoupled_view(points, r1)
-            view2, centre2 = decoupled_view(points, r2)
-        return self.forward_views(view1, view2, centre2 - centre1, return_outputs)
+            view1, centre1 = decoupled_view(points, r1, self.crop_fn)
+            view2, centre2 = decoupled_view(points, r2, self.crop_fn)
+        return self.group_views(view1, view2, centre2 - centre1), {"view1": view1, "view2": view2}
 
-    def forward_views(self, view1: torch.Tensor, view2: torch.Tensor, offset: torch.Tensor,
-                      return_outputs: bool = False) -> dict[str, torch.Tensor]:
-        """view1 (B, k1, 3), view2 (B, k2, 3), offset (B, 3) = bbox centre 2 - bbox centre 1."""
+    def group_views(self, view1: torch.Tensor, view2: torch.Tensor, offset: torch.Tensor
+                    ) -> tuple[torch.Tensor, ...]:
+        """(neigh1, center1, neigh2, center2, offset): both views' patches and centres."""
         G, M = self.num_group, self.group_size
         with phase("grouping"):  # both views in one FPS and one kNN launch on the GPU
             (neigh1, center1), (neigh2, center2) = kernels.group_views(
                 (view1, view2), G, M, check=self.check_inputs)  # (B, G, M, 3), (B, G, 3)
+        return neigh1, center1, neigh2, center2, offset
+
+    def forward_views(self, view1: torch.Tensor, view2: torch.Tensor, offset: torch.Tensor,
+                      return_outputs: bool = False) -> dict[str, torch.Tensor]:
+        """view1 (B, k1, 3), view2 (B, k2, 3), offset (B, 3) = bbox centre 2 - bbox centre 1."""
+        out = self.forward_patches(*self.group_views(view1, view2, offset))
+        return {**out, "view1": view1, "view2": view2} if return_outputs else \
+            {n: out[n] for n in self.LOSSES}
+
+    def forward_patches(self, neigh1: torch.Tensor, center1: torch.Tensor, neigh2: torch.Tensor,
+                        center2: torch.Tensor, offset: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The part of the step whose shapes never change (what --cuda-graph captures): both
+        views' patches (B, G, M, 3) and centres (B, G, 3) and the offset (B, 3) -> the losses
+        and the outputs (patches, centres and predictions (B, G, M, 3))."""
+        G, M = self.num_group, self.group_size
         # Separate encoder calls, as the reference: per-view BatchNorm statistics and DropPath.
         with phase("encoder"):
             _, tokens1 = self.encoder(neigh1, center1)
@@ -374,7 +426,7 @@ class PointPQAE(nn.Module):
             # Cross reconstruction: view 1 from view 2's tokens, and the reverse.
             pred1 = self.head(self.decoder(self.query_attn(query1, tokens2)))  # (B, G, 3M)
             pred2 = self.head(self.decoder(self.query_attn(query2, tokens1)))
-        B = view1.shape[0]
+        B = neigh1.shape[0]
         pred1, pred2 = pred1.reshape(B * G, M, 3), pred2.reshape(B * G, M, 3)
         with phase("loss"):
             # CD-L2 of each view: mean squared nearest distance pred->target plus
@@ -383,9 +435,6 @@ class PointPQAE(nn.Module):
             loss1, loss2 = kernels.chamfer_l2_loss(
                 (pred1, pred2), (neigh1.reshape(B * G, M, 3), neigh2.reshape(B * G, M, 3)),
                 check=False)
-        out = {"loss_view1": loss1, "loss_view2": loss2, "loss": loss1 + loss2}
-        if return_outputs:
-            out.update(view1=view1, view2=view2, neighborhood1=neigh1, center1=center1,
-                       pred1=pred1.reshape(B, G, M, 3), neighborhood2=neigh2, center2=center2,
-                       pred2=pred2.reshape(B, G, M, 3))
-        return out
+        return {"loss_view1": loss1, "loss_view2": loss2, "loss": loss1 + loss2,
+                "neighborhood1": neigh1, "center1": center1, "pred1": pred1.reshape(B, G, M, 3),
+                "neighborhood2": neigh2, "center2": center2, "pred2": pred2.reshape(B, G, M, 3)}

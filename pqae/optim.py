@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
 
@@ -63,5 +64,9 @@ def set_epoch_lr(optimizer, epoch: int, base_lr: float, epochs: int, warmup_epoc
     with the same absolute warmup start and floor (1e-6), as timm does per group. Returns the
     lr of the 1x groups (the real lr; the reference logs group 0, the empty 10x group)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr_for_epoch(epoch, base_lr * g.get("lr_scale", 1.0), epochs, warmup_epochs)
+        lr = lr_for_epoch(epoch, base_lr * g.get("lr_scale", 1.0), epochs, warmup_epochs)
+        if isinstance(g["lr"], torch.Tensor):  # a captured step's lr (pqae.graphs): in place
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
     return lr_for_epoch(epoch, base_lr, epochs, warmup_epochs)

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 
 from pqae import checkpoint as ckpt
-from pqae import dist, lock, preempt
+from pqae import dist, graphs, lock, preempt
 from pqae.errors import BadInput
 from pqae.log import Timer, finish, format_eta, log_scalars, print0, run_header, write_json
 from kernels import verify
@@ -108,7 +108,7 @@ class RunOptions:
 HOW_TO_RUN = frozenset({
     "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw",
     "accum_steps", "plan", "collective_timeout", "out_dir", "resume", "overwrite",
-    "data_on", "data_workers",
+    "data_on", "data_workers", "cuda_graph",
     "allow_config_change",
     "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",
     "benchmark_steps", "benchmark_compare", "benchmark_phases", "cost_model", "json"})
@@ -211,7 +211,7 @@ class Run:
         meta = {"config": dataclasses.asdict(self.cfg), "epoch": epoch, "step": step,
                 "metrics": metrics, "header": self.header}
         resume = None if optimizer is None else {
-            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, **state}
+            "optimizer": graphs.portable_state(optimizer), "step": step, "epoch": epoch, **state}
         ckpt.save_checkpoint(self.out_dir / name, model, meta, resume)
 
     def finish(self, summary: str, result: dict, checkpoint: str | Path, next_steps: list[str],

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "cost-model",
+STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "cost-model", "pretrain.graph",
          "finetune.benchmark", "pretrain.host", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
 
@@ -56,12 +56,17 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert doc["ready"] and len(doc["kernels"]) == 8 and all(k["ok"] for k in doc["kernels"])
     assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
+    graph = by["pretrain.graph"]["figures"]  # on a CPU the split step runs as is: no difference
+    assert graph["max_loss_diff"] == 0 and set(graph["ms_per_step"]) == {"eager", "graph"}
+    assert "--cuda-graph (reference step, --amp --compile): eager" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
     # every path printed its timing as soon as it had it: what a step cut short still keeps
     log = (tmp_path / "gpu-check.log").read_text()
     timed = [m.group(1) for m in map(_script().PROGRESS.match, log.splitlines()) if m]
-    assert timed == ["plain PyTorch fp32", "this config"] * 3  # pretraining, 2 fine-tunings
+    # pretraining, --cuda-graph's step without and with the graph, 2 fine-tunings
+    both = ["plain PyTorch fp32", "this config"]
+    assert timed == both + ["this config"] * 2 + both * 2
 
 
 def test_a_failing_step_fails_the_check_with_its_log(tmp_path):

@@ -97,7 +97,7 @@ def test_fusion_rule_on_a_small_graph():
 
 @pytest.mark.parametrize("script,phases,triton_phases,eager_launches", [
     ("pretrain.py", {"data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss",
-                     "optimizer"}, {"grouping": 2, "loss": 1}, 100),
+                     "optimizer"}, {"grouping": 2, "loss": 1}, 50),
     ("finetune_cls.py", {"data", "grouping", "patch_embed", "encoder", "head", "loss",
                          "optimizer"}, {"grouping": 2}, 50),
 ])
@@ -121,8 +121,18 @@ def test_cost_model_prints_one_json_object(script, phases, triton_phases, eager_
         assert plain["phases"][name]["launches"] > 10 * launches  # the reference's ops
     assert fast["launches"] < plain["launches"] and rep["speedup"] > 1
     # the launches outside the compiled modules, which a CUDA graph of those would not remove:
-    # at the tiny preset pretraining has 88 (the two views alone 58), fine-tuning 38 (reference
-    # recipes: 92 and 40); issue 24 asks <= 50
+    # at the tiny preset pretraining has 30 (88 before --compile compiled the batch's
+    # preparation and the views), fine-tuning 38 (reference recipes: 34 and 40); with
+    # --cuda-graph, 26 launches per pretraining step are made outside its graph; issue 24
+    # asks <= 50
     compiled = {"patch_embed", "encoder", "decoder", "head"}
     assert sum(x["launches"] for name, x in fast["phases"].items()
                if name not in compiled) <= eager_launches
+    graph = rep.get("cuda_graph")
+    assert (graph is not None) == (script == "pretrain.py")  # the script with --cuda-graph
+    if graph:  # the same kernels, those after the grouping replayed from one graph
+        assert graph["launches"] == fast["launches"] + 1  # + the replay's own launch
+        assert graph["launches_outside_graph"] == 1 + sum(
+            x["launches"] for name, x in fast["phases"].items() if name not in graph["captured"])
+        assert graph["host_ms"] < fast["host_ms"] / 3 and graph["gpu_ms"] < fast["gpu_ms"]
+        assert graph["launches_outside_graph"] <= eager_launches

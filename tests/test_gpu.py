@@ -52,6 +52,42 @@ def test_training_step_does_not_synchronise(tmp_path):
     assert_second_step_does_not_sync(step, perm)
 
 
+@pytest.mark.parametrize("amp,compile", [(False, False), (True, True)])
+def test_captured_step_equals_the_eager_step(tmp_path, amp, compile):
+    """--cuda-graph on the GPU: 3 eager warm-up steps, the capture, then replays; 10 steps
+    (a new crop ratio each) give the eager step's losses and weights, and replay from a graph."""
+    runs = {}
+    for g in (False, True):
+        cfg = small_pretrain_config(tmp_path / str(g), device="cuda", amp=amp, compile=compile,
+                                    max_steps=10, warmup_epochs=0, cuda_graph=g)
+        env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+        model, train_model, optimizer = pretrain.build_training(cfg, env)
+        clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()
+        perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds), env.device)
+        step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+        losses = [step(i, perm)["loss"].item() for i in range(10)]
+        assert (step.captured is not None and step.captured.captured) == g
+        runs[g] = losses, model.state_dict()
+    (le, we), (lg, wg) = runs[False], runs[True]
+    tol = dict(rtol=1e-4, atol=1e-5) if amp else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), **tol)
+    for k in we:
+        torch.testing.assert_close(wg[k].float(), we[k].float(), **tol, msg=k)
+
+
+def test_captured_step_replays_a_graph_without_host_syncs(tmp_path):
+    cfg = small_pretrain_config(tmp_path, device="cuda", cuda_graph=True)
+    env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+    model, train_model, optimizer = pretrain.build_training(cfg, env)
+    clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()
+    perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds), env.device)
+    step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+    for i in range(4):  # 3 eager warm-ups, the 4th captures and replays
+        step(i, perm)
+    assert step.captured.captured
+    assert_second_step_does_not_sync(step, perm)  # steps 0 and 1 again: replays
+
+
 def test_benchmark_mode_on_gpu(tmp_path):
     results = pretrain.main(small_pretrain_config(tmp_path, device="cuda", amp=True,
                                                   benchmark_steps=3))

@@ -74,8 +74,9 @@ def test_no_crop_ablation_only_translates():
 def test_forward_offset_is_bbox_centre_difference(monkeypatch):
     model = small_model().eval()
     seen = {}
-    monkeypatch.setattr(model, "forward_views",
-                        lambda v1, v2, off, ro=False: seen.update(v1=v1, v2=v2, off=off))
+    monkeypatch.setattr(model, "group_views",
+                        lambda v1, v2, off: seen.update(v1=v1, v2=v2, off=off) or ())
+    monkeypatch.setattr(model, "forward_patches", lambda: {n: None for n in model.LOSSES})
     pts = clouds()
     torch.manual_seed(7)
     model(pts, crop_ratios=(0.6, 0.9))

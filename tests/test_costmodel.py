@@ -136,3 +136,58 @@ def test_cost_model_prints_one_json_object(script, phases, triton_phases, eager_
             x["launches"] for name, x in fast["phases"].items() if name not in graph["captured"])
         assert graph["host_ms"] < fast["host_ms"] / 3 and graph["gpu_ms"] < fast["gpu_ms"]
         assert graph["launches_outside_graph"] <= eager_launches
+
+
+def test_saved_activations_of_the_patch_embedding_are_inductors():
+    """What the model charges the patch embedding's forward for keeping tensors for the
+    backward is what Inductor's partitioner (torch.compile's min-cut, the same on every
+    device) really keeps, under bf16 autocast: the same per-point tensors byte for byte (at
+    the reference size 3,232 bytes per point and view: fc1's output, h1, x, fc3's 512
+    channels, the ReLU's, the max-pools' indices), where the model keeps y = mm + g, Inductor
+    keeps mm (the same size) and the per-patch g, and recomputes the add."""
+    import torch._inductor.compile_fx as compile_fx
+    from pqae.model import PatchEmbed
+
+    P, M = 128, 32
+    grows = lambda b: b >= P * M * 2  # noqa: E731  (the weights here are all smaller)
+    kept = []
+    original = compile_fx.min_cut_rematerialization_partition  # what Inductor calls
+
+    def spy(joint, inputs, **kw):
+        fw, bw = original(joint, inputs, **kw)
+        outs = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+        for node in outs[kw["num_fwd_outputs"]:]:  # past the forward's own outputs: saved
+            v = node.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                kept.append(v.numel() * v.element_size())
+        return fw, bw
+
+    torch.manual_seed(0)
+    module = PatchEmbed(48, 16).train()
+    torch._dynamo.reset()
+    no_cache = (torch._inductor.config.patch(fx_graph_cache=False),  # or no partition runs
+                torch._functorch.config.patch(enable_autograd_cache=False))
+    try:
+        for c in no_cache:
+            c.__enter__()
+        compile_fx.min_cut_rematerialization_partition = spy
+        compiled = torch.compile(module)
+        with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+            out = compiled(torch.randn(P, M, 3))
+        out.float().sum().backward()
+    finally:
+        compile_fx.min_cut_rematerialization_partition = original
+        for c in no_cache:
+            c.__exit__(None, None, None)
+        torch._dynamo.reset()
+    inductor = sum(b for b in kept if grows(b))
+
+    meta = PatchEmbed(48, 16).to("meta").train()
+    rec = C.record(lambda: meta(torch.empty(P, M, 3, device="meta")).float().sum().backward(),
+                   amp=True)
+    read_in_bwd = {k for op in rec.ops if op.pass_ == "bwd" for k in op.reads}
+    written = {k: b for op in rec.ops if op.pass_ == "fwd" and op.phase == "patch_embed"
+               for k, b in op.writes.items()}
+    model = sum(b for k, b in written.items() if k in read_in_bwd and grows(b))
+    g = P * 4 * 16 * 2  # (P, 4 hidden) bf16
+    assert inductor > 0 and model == inductor - g

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import tyro
 
 from pqae import checkpoint as ckpt
-from pqae import amp, bench, cli, costmodel, data, dist, formats, syncbn
+from pqae import amp, bench, cli, costmodel, data, dist, formats, graphs, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError, reading
 from pqae.log import print0
@@ -148,6 +148,12 @@ class Task:
     reference's points in a uniformly random order; what changes is which FPS rank the
     batch-shared subset makes the first point (the grouping's start) of every cloud: index
     rank here. Off (the reference): FPS from N to N points."""
+    cuda_graph: bool = False
+    """replay each training step (its batch's sampling and augmentation, FPS and kNN, forward,
+    backward, gradient average, clip, AdamW: all fixed shapes) from one CUDA graph
+    (pqae/graphs.py); only the batch-wide point subset is drawn eagerly. On a CPU the same
+    step runs without a graph. Off by default until a GPU has measured it; needs
+    --accum-steps 1."""
     benchmark_steps: int = 0
     """if > 0: time this many training steps (after 5 warm-up steps), print ms/step, and exit.
     Also times the plain-PyTorch float32 path in the same run (see --benchmark-compare)."""
@@ -358,7 +364,8 @@ def build_training(cfg: Config, env: dist.Dist):
                                   fused=cfg.fused_adamw)
     if cfg.compile:
         model.compile_fixed_shapes()
-    return model, dist.ddp(model, env), optimizer
+    # --cuda-graph averages the gradients inside its graph (DDP's hooks cannot be captured)
+    return model, model if cfg.cuda_graph else dist.ddp(model, env), optimizer
 
 
 def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tensor,
@@ -394,6 +401,9 @@ def benchmark(cfg: Config, train_points: torch.Tensor, train_labels: torch.Tenso
 
 
 PHASES = ["data", "grouping", "patch_embed", "encoder", "head", "loss", "backward", "optimizer"]
+CAPTURED = tuple(PHASES)
+"""The phases --cuda-graph replays from its graph: all of them (the batch-wide subset's draw,
+outside every phase, stays eager)."""
 CLOUD_POINTS = {"scanobjectnn": 2048, "modelnet40": 8192}
 """Points per stored cloud of each data set (procedural: --procedural-points)."""
 
@@ -418,7 +428,7 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
 
     # compile_fixed_shapes: the encoder (patch_embed, encoder) and the head
     return costmodel.StepModel(
-        PHASES, ("patch_embed", "encoder", "head"), make_step,
+        PHASES, ("patch_embed", "encoder", "head"), make_step, captured=CAPTURED,
         config={"batch_size": cfg.batch_size, "num_points": cfg.num_points,
                 "cloud_points": points, "dim": cfg.dim, "depth": cfg.depth,
                 "num_group": cfg.num_group, "group_size": cfg.group_size, "head": cfg.head,
@@ -450,6 +460,40 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
     point_all = data.point_all_for(cfg.num_points, train_points.shape[1])
     full_fps = cfg.fast_point_all and point_all == train_points.shape[1] == cfg.num_points
 
+    def batch(idx: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+        """The training clouds idx, sampled and augmented: (b, num_points, 3)."""
+        with phase("data"):
+            points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
+            if full_fps:  # FPS's picks from all N points, without its N sequential steps
+                pick = data.full_fps_indices(points)  # (b, N)
+                points = points.gather(1, pick[..., None].expand(-1, -1, 3))
+            else:
+                points = data.fps_gather(points, point_all)  # (b, point_all, 3)
+            points = points[:, subset]  # ONE random subset for the whole batch, as the reference
+            params = data.draw_augmentation(cfg.augment, len(idx), device=device)
+            return data.apply_augmentation(cfg.augment, points, params)
+
+    def update(idx: torch.Tensor, subset: torch.Tensor) -> dict:
+        """--cuda-graph's step after its draws on the host stream: the rest of train_step
+        for one micro-batch, the gradients averaged over the processes (no DDP wrapper)."""
+        points, labels = batch(idx, subset), train_labels[idx]
+        with amp.autocast(device, cfg.amp, cache=False):
+            logits = model(points)
+        with phase("loss"):
+            loss = F.cross_entropy(logits.float(), labels)
+        with phase("backward"):
+            loss.backward()
+            graphs.average_gradients(params)
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach(), "hits": (logits.detach().argmax(1) == labels).sum()}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    captured = (graphs.captured_step(update, optimizer, device, cfg.accum_steps)
+                if cfg.cuda_graph else None)
+
     def train_step(step: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the batch of `step`; returns (loss, correct) as tensors."""
         # Every draw is made on the device (a host draw would need a host-to-device copy, which
@@ -460,20 +504,15 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         i = step % steps_per_epoch
         idx = perm[i * cfg.batch_size + rank * local_bs:][:local_bs]
-        with phase("data"):
-            points = data.shuffle_points(train_points[idx])  # (b, N, 3), random FPS start
-            if full_fps:  # FPS's picks from all N points, without its N sequential steps
-                pick = data.full_fps_indices(points)  # (b, N)
-                points = points.gather(1, pick[..., None].expand(-1, -1, 3))
-            else:
-                points = data.fps_gather(points, point_all)  # (b, point_all, 3)
-            points = points[:, subset]  # ONE random subset for the whole batch, as the reference
-            params = data.draw_augmentation(cfg.augment, len(idx), device=device)
-            points = data.apply_augmentation(cfg.augment, points, params)
+        if captured is not None:
+            out = captured(idx, subset)
+            return out["loss"], out["hits"]
+        points = batch(idx, subset)
         labels, k, losses, hits = train_labels[idx], cfg.accum_steps, [], []
         for part, sync in micro_batches(train_model, k, local_bs):
             with sync:
-                with amp.autocast(device, cfg.amp):
+                # no autocast weight cache, as --cuda-graph's capture: the same casts in both
+                with amp.autocast(device, cfg.amp, cache=False):
                     logits = train_model(points[part])
                 with phase("loss"):
                     loss = F.cross_entropy(logits.float(), labels[part])
@@ -489,6 +528,7 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
             return losses[0], hits[0]
         return torch.stack(losses).mean(), torch.stack(hits).sum()  # the batch's
 
+    train_step.captured = captured  # --cuda-graph's CapturedStep (None without the flag)
     return train_step
 
 

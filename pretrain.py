@@ -270,10 +270,6 @@ def captured_update(cfg: Config, model: PointPQAE, optimizer, device: torch.devi
     """--cuda-graph: the fixed-shape rest of a step after the grouping (forward from the
     patches, backward, gradient average over the processes, optimizer step) as one
     CapturedStep, replayed from a CUDA graph on a GPU and run as is on a CPU."""
-    if cfg.accum_steps != 1:
-        raise BadInput(f"--cuda-graph captures one forward and backward per step: give "
-                       f"--accum-steps 1 (got {cfg.accum_steps}), or leave --cuda-graph off")
-    graphs.prepare_optimizer(optimizer, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def update(*patches: torch.Tensor) -> dict:
@@ -287,7 +283,7 @@ def captured_update(cfg: Config, model: PointPQAE, optimizer, device: torch.devi
             optimizer.zero_grad(set_to_none=True)
         return out
 
-    return graphs.CapturedStep(update, device)
+    return graphs.captured_step(update, optimizer, device, cfg.accum_steps)
 
 
 def main(cfg: Config) -> dict:

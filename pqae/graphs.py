@@ -5,7 +5,9 @@ so their shapes change from step to step; they run eagerly (a few dozen launches
 among them). Everything after the grouping has fixed shapes: the encoder on both views' patches,
 the decoder, the Chamfer loss, the backward, the gradient average over the processes and the
 optimizer step. `CapturedStep` captures that part once and replays it: one launch from the
-host instead of about a thousand, and none of Python's time per op.
+host instead of about a thousand, and none of Python's time per op. A fine-tuning step
+(finetune_cls.py) has fixed shapes throughout: all of it but the batch-wide subset's draw is
+captured.
 
     update = CapturedStep(fn, device)   # fn(*tensors) -> dict of tensors: one fixed-shape step
     out = update(*tensors)              # copies the tensors in, replays, returns static outputs
@@ -82,6 +84,19 @@ class CapturedStep:
             self.graph = graph  # the capture ran nothing: this call's step is the first replay
         self.graph.replay()
         return self.static_out
+
+
+def captured_step(fn: Callable[..., dict], optimizer: torch.optim.Optimizer,
+                  device: torch.device, accum_steps: int) -> CapturedStep:
+    """--cuda-graph of a training script: fn (one fixed-shape update, optimizer step included)
+    as a CapturedStep, the optimizer made capturable. One micro-batch per step only."""
+    from pqae.errors import BadInput
+
+    if accum_steps != 1:
+        raise BadInput(f"--cuda-graph captures one forward and backward per step: give "
+                       f"--accum-steps 1 (got {accum_steps}), or leave --cuda-graph off")
+    prepare_optimizer(optimizer, device)
+    return CapturedStep(fn, device)
 
 
 def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -57,16 +57,18 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     graph = by["pretrain.graph"]["figures"]  # on a CPU the split step runs as is: no difference
-    assert graph["max_loss_diff"] == 0 and set(graph["ms_per_step"]) == {"eager", "graph"}
+    assert graph["max_loss_diff"] == 0
+    assert set(graph["ms_per_step"]) == set(graph["finetune_ms_per_step"]) == {"eager", "graph"}
     assert "--cuda-graph (reference step, --amp --compile): eager" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
     # every path printed its timing as soon as it had it: what a step cut short still keeps
     log = (tmp_path / "gpu-check.log").read_text()
     timed = [m.group(1) for m in map(_script().PROGRESS.match, log.splitlines()) if m]
-    # pretraining, --cuda-graph's step without and with the graph, 2 fine-tunings
+    # pretraining, --cuda-graph's steps (pretraining, fine-tuning) without and with the graph,
+    # 2 fine-tunings
     both = ["plain PyTorch fp32", "this config"]
-    assert timed == both + ["this config"] * 2 + both * 2
+    assert timed == both + ["this config"] * 4 + both * 2
 
 
 def test_a_failing_step_fails_the_check_with_its_log(tmp_path):

@@ -88,6 +88,31 @@ def test_captured_step_replays_a_graph_without_host_syncs(tmp_path):
     assert_second_step_does_not_sync(step, perm)  # steps 0 and 1 again: replays
 
 
+@pytest.mark.parametrize("amp,compile", [(False, False), (True, True)])
+def test_captured_finetuning_step_equals_the_eager_step(tmp_path, amp, compile):
+    """finetune_cls.py --cuda-graph on the GPU: 10 steps (3 eager warm-ups, the capture,
+    replays) give the eager step's losses and weights."""
+    runs = {}
+    for g in (False, True):
+        cfg = small_finetune_config(tmp_path / str(g), device="cuda", amp=amp, compile=compile,
+                                    cuda_graph=g)
+        env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+        model, train_model, optimizer = finetune_cls.build_training(cfg, env)
+        points, labels = data.procedural_classes(64, cfg.procedural_points, num_classes=3)
+        points, labels = points.cuda(), labels.cuda()
+        perm = finetune_cls.epoch_perm(cfg.seed, 0, len(points), env.device)
+        step = finetune_cls.make_train_step(cfg, model, train_model, optimizer, points, labels,
+                                            env)
+        losses = [step(i, perm)[0].item() for i in range(10)]
+        assert (step.captured is not None and step.captured.captured) == g
+        runs[g] = losses, model.state_dict()
+    (le, we), (lg, wg) = runs[False], runs[True]
+    tol = dict(rtol=1e-4, atol=1e-5) if amp else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), **tol)
+    for k in we:
+        torch.testing.assert_close(wg[k].float(), we[k].float(), **tol, msg=k)
+
+
 def test_benchmark_mode_on_gpu(tmp_path):
     results = pretrain.main(small_pretrain_config(tmp_path, device="cuda", amp=True,
                                                   benchmark_steps=3))

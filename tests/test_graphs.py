@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
+import finetune_cls
 import pretrain
 from conftest import ROOT, small_pretrain_config
+from test_finetune_cls import small_config as small_finetune_config
 from pqae import checkpoint as ckpt
 from pqae import graphs
 from pqae.errors import BadInput
@@ -69,9 +71,27 @@ def test_cuda_graph_step_returns_what_the_loop_reads(tmp_path):
     assert torch.isfinite(out["loss"]) and out["loss"] == out["loss_view1"] + out["loss_view2"]
 
 
+@pytest.mark.parametrize("amp,head", [(False, "full"), (True, "full"), (False, "linear")])
+def test_finetune_cuda_graph_step_is_the_eager_step(tmp_path, amp, head):
+    """finetune_cls.py --cuda-graph: the whole step but the batch-wide subset's draw is one
+    CapturedStep (on a CPU, the same function run as is): the eager step's training losses,
+    test accuracies and weights, bit for bit, over 3 epochs (new learning rates)."""
+    runs = [finetune_cls.main(small_finetune_config(tmp_path / str(g), amp=amp, head=head,
+                                                    epochs=3, cuda_graph=g))
+            for g in (False, True)]
+    assert [h["train_loss"] for h in runs[0]["history"]] == \
+        [h["train_loss"] for h in runs[1]["history"]]
+    assert runs[0]["history"] == runs[1]["history"] and runs[0]["best_acc"] == runs[1]["best_acc"]
+    for k, v in runs[0]["model"].state_dict().items():
+        assert torch.equal(v, runs[1]["model"].state_dict()[k]), k
+
+
 def test_cuda_graph_needs_one_micro_batch(tmp_path):
     with pytest.raises(BadInput, match="--accum-steps 1"):
         pretrain.main(small_pretrain_config(tmp_path, cuda_graph=True, accum_steps=2))
+    with pytest.raises(BadInput, match="--accum-steps 1"):
+        finetune_cls.main(small_finetune_config(tmp_path / "ft", cuda_graph=True,
+                                                accum_steps=2))
 
 
 def test_captured_step_copies_inputs_into_fixed_buffers():

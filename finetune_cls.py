@@ -415,7 +415,8 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
     points = cfg.procedural_points if cfg.data == "procedural" else CLOUD_POINTS[cfg.data]
 
     def make_step(amp_on: bool):
-        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False, pretrained="")
+        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False, pretrained="",
+                                cuda_graph=False)  # (the graph path: costed from the same ops)
         model = build_model(c).to(meta)
         model.check_inputs = False
         optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, head_lr_scale=10.0),

@@ -390,7 +390,8 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
     points = cfg.procedural_points if cfg.data == "procedural" else 8192
 
     def make_step(amp_on: bool):
-        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False)
+        c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False,
+                                cuda_graph=False)  # (the graph path: costed from the same ops)
         model = build_model(c).to(meta)
         model.check_inputs = False
         model.draw_crop_ratios = lambda rng=None: (ratio, ratio)

@@ -475,8 +475,9 @@ def make_train_step(cfg: Config, model: PointClassifier, train_model, optimizer,
             return data.apply_augmentation(cfg.augment, points, params)
 
     def update(idx: torch.Tensor, subset: torch.Tensor) -> dict:
-        """--cuda-graph's step after its draws on the host stream: the rest of train_step
-        for one micro-batch, the gradients averaged over the processes (no DDP wrapper)."""
+        """--cuda-graph's step after its eager draw (the batch-wide subset): the rest of
+        train_step for one micro-batch, the gradients averaged over the processes (no DDP
+        wrapper)."""
         points, labels = batch(idx, subset), train_labels[idx]
         with amp.autocast(device, cfg.amp, cache=False):
             logits = model(points)

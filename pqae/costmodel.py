@@ -23,7 +23,9 @@ How it is made
      `kernels.static` (its calibrated estimate from the compiled SASS); fused AdamW.
    Attention (F.scaled_dot_product_attention, which meta decomposes) counts as one fused kernel
    per call and per backward, reading q, k, v (and o, dO) and writing o (dq, dk, dv), as the
-   flash / memory-efficient kernels do, in both paths.
+   flash / memory-efficient kernels do, in both paths. Its bytes are those of the call's own
+   q, k, v and o (each distinct view counted: q, k and v are usually views of one qkv
+   tensor), not of meta's decomposition.
 3. **Fusion rule** (what torch.compile is assumed to do): within a compiled phase and pass,
    the non-GEMM ops between two GEMMs form one kernel; a reduction ends it, and a BatchNorm
    reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
@@ -307,9 +309,22 @@ class _Record(TorchFunctionMode):
         if attn:
             self.rec.attn_call = -1
             self.rec.attn_out.add(_key(out))
+            self.rec.attn_bytes[self.rec.next_attn] = _attention_bytes(args, kwargs, out)
             _mark(out, inputs, self.rec.node_attn, self.rec.next_attn)
         _mark(out, inputs, self.rec.node_phase, profiling.current() or "other")
         return out
+
+
+def _attention_bytes(args, kwargs, out) -> dict:
+    """HBM bytes of a fused attention call: forward reads q, k, v and writes o; backward reads
+    q, k, v, o and dO and writes dq, dk, dv. Each distinct view is counted once (q, k and v are
+    slices of one qkv tensor, a different part each; q = k = v is one tensor)."""
+    names = ("query", "key", "value")
+    qkv = [args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)]
+    views = {(_key(t), t.storage_offset(), tuple(t.shape), t.stride()): t.numel() * t.element_size()
+             for t in qkv}
+    inputs, o = sum(views.values()), out.numel() * out.element_size()
+    return {"fwd": inputs + o, "bwd": 2 * inputs + 2 * o}
 
 
 def _mark(out, stop: set, marks: dict, value: int) -> None:
@@ -385,6 +400,7 @@ class _Recorder(TorchDispatchMode):
         self.node_phase: dict = {}
         self.node_attn: dict = {}
         self.attn_out: set = set()
+        self.attn_bytes: dict = {}  # attention call -> {"fwd": bytes, "bwd": bytes}
         self.attn_call, self.next_attn = -1, -1
         self.calls: list[dict] = []
         self.kernel_call = -1
@@ -440,6 +456,7 @@ class Recording:
     ops: list[Op]
     attn_out: set  # storage keys of the attention calls' outputs
     calls: list[dict]  # the kernels.* calls: op, arguments, phase
+    attn_bytes: dict = field(default_factory=dict)  # call -> {"fwd", "bwd"}: its HBM bytes
 
 
 def record(step, amp: bool) -> Recording:
@@ -456,7 +473,7 @@ def record(step, amp: bool) -> Recording:
             step()
     finally:
         profiling.tracking(False)
-    return Recording(rec.ops, rec.attn_out, rec.calls)
+    return Recording(rec.ops, rec.attn_out, rec.calls, rec.attn_bytes)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -570,8 +587,11 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
             gemm = [op for op in g if op.kind in ("gemm", "attn")]
             n = g[0].launches if len(g) == 1 else 1
             eager = not fuse or (len(g) == 1 and g[0].name in _DRAW and g[0].phase in eager_draws)
-            k = Kernel(g[0].phase, flops / n,
-                       _traffic(g, last_read, index, attn_out, attn_internal) / n,
+            traffic = rec.attn_bytes.get(g[0].attn_call, {}).get(g[0].pass_) \
+                if g[0].kind == "attn" else None  # the call's own q, k, v, o
+            if traffic is None:
+                traffic = _traffic(g, last_read, index, attn_out, attn_internal)
+            k = Kernel(g[0].phase, flops / n, traffic / n,
                        dtype_low=any(op.low for op in gemm), eager=eager, pass_=g[0].pass_,
                        gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))
             out += [dataclasses.replace(k) for _ in range(n)]

@@ -189,3 +189,27 @@ def test_saved_activations_of_the_patch_embedding_are_inductors():
     model = sum(b for k, b in written.items() if k in read_in_bwd and grows(b))
     g = P * 4 * 16 * 2  # (P, 4 hidden) bf16
     assert inductor > 0 and model == inductor - g
+
+
+def test_attention_is_charged_its_own_q_k_v_and_o():
+    """A transformer block's attention under bf16: one kernel forward reading q, k and v (three
+    slices of the qkv GEMM's output: three tensors' bytes, not one) and writing o; one kernel
+    backward reading q, k, v, o and dO and writing dq, dk and dv. Counted by hand."""
+    from pqae.model import Block
+
+    B, L, D = 4, 65, 96
+    block = Block(D, 6, drop_path=0.1).to("meta").train()
+    x = torch.empty(B, L, D, device="meta", requires_grad=True)
+
+    def step():
+        with phase("encoder"):
+            y = block(x)
+        y.float().sum().backward()
+
+    rec = C.record(step, amp=True)
+    ks = C.kernels_of(rec, "amp_compile", {}, ("encoder",))
+    attn = {k.pass_: k for k in ks if any(name == "bmm" for name, _ in k.ops)}
+    one = B * L * D * 2  # one (B, L, D) bf16 tensor
+    assert set(attn) == {"fwd", "bwd"}
+    assert attn["fwd"].bytes == 4 * one  # q, k, v, o
+    assert attn["bwd"].bytes == 8 * one  # q, k, v, o, dO; dq, dk, dv

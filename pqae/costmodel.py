@@ -308,7 +308,6 @@ class _Record(TorchFunctionMode):
         out = func(*args, **kwargs)
         if attn:
             self.rec.attn_call = -1
-            self.rec.attn_out.add(_key(out))
             self.rec.attn_bytes[self.rec.next_attn] = _attention_bytes(args, kwargs, out)
             _mark(out, inputs, self.rec.node_attn, self.rec.next_attn)
         _mark(out, inputs, self.rec.node_phase, profiling.current() or "other")
@@ -399,7 +398,6 @@ class _Recorder(TorchDispatchMode):
         self.keep: list = []  # every tensor seen stays alive: its storage key stays unique
         self.node_phase: dict = {}
         self.node_attn: dict = {}
-        self.attn_out: set = set()
         self.attn_bytes: dict = {}  # attention call -> {"fwd": bytes, "bwd": bytes}
         self.attn_call, self.next_attn = -1, -1
         self.calls: list[dict] = []
@@ -454,7 +452,6 @@ class _Recorder(TorchDispatchMode):
 @dataclass
 class Recording:
     ops: list[Op]
-    attn_out: set  # storage keys of the attention calls' outputs
     calls: list[dict]  # the kernels.* calls: op, arguments, phase
     attn_bytes: dict = field(default_factory=dict)  # call -> {"fwd", "bwd"}: its HBM bytes
 
@@ -467,13 +464,13 @@ def record(step, amp: bool) -> Recording:
     try:
         with _tag_kernel_calls(rec), _Record(rec, amp), rec:
             step()
-            for x in (rec.ops, rec.node_phase, rec.node_attn, rec.attn_out, rec.calls,
+            for x in (rec.ops, rec.node_phase, rec.node_attn, rec.calls,
                       rec.node_kernel):
                 x.clear()
             step()
     finally:
         profiling.tracking(False)
-    return Recording(rec.ops, rec.attn_out, rec.calls, rec.attn_bytes)
+    return Recording(rec.ops, rec.calls, rec.attn_bytes)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -530,10 +527,10 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
     return out
 
 
-def _traffic(group: list[Op], last_read: dict, index: dict, attn_out: set,
-             attn_internal: set) -> float:
+def _traffic(group: list[Op], last_read: dict, index: dict) -> float:
     """Bytes a kernel made of `group` moves: what it reads that it did not write, and what it
-    writes that something after it reads (a lone op: all its reads and writes)."""
+    writes that something after it reads (a lone op: all its reads and writes). (Attention
+    kernels are charged their call's own bytes instead: Recording.attn_bytes.)"""
     if len(group) == 1 and group[0].kind != "batchnorm":
         return sum(group[0].reads.values()) + sum(group[0].writes.values())
     written, read = {}, {}
@@ -544,10 +541,6 @@ def _traffic(group: list[Op], last_read: dict, index: dict, attn_out: set,
         written.update(op.writes)
     end = group[-1]
     out = {k: b for k, b in written.items() if last_read.get(k, -1) > index[id(end)]}
-    if group[0].kind == "attn" and group[0].pass_ == "fwd":  # flash: o only, no saved scores
-        out = {k: b for k, b in written.items() if k in attn_out}
-    if group[0].kind == "attn" and group[0].pass_ == "bwd":
-        read = {k: b for k, b in read.items() if k not in attn_internal}
     extra = sum(op.reads and max(op.reads.values()) for op in group if op.kind == "batchnorm")
     return sum(read.values()) + sum(out.values()) + extra
 
@@ -557,16 +550,12 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
     """The launches of `path` ("fp32_plain" or "amp_compile") from a step's recording; with
     amp_compile, the ops of `compiled_phases` (what --compile compiles) are fused, but for
     the random draws of the `eager_draws` phases."""
-    ops, attn_out = rec.ops, rec.attn_out
+    ops = rec.ops
     index = {id(op): i for i, op in enumerate(ops)}
     last_read: dict = {}
     for i, op in enumerate(ops):
         for k in op.reads:
             last_read[k] = i
-    # what attention writes besides its output (softmax scores in meta's decomposition) is
-    # internal to a flash kernel: the backward recomputes it
-    attn_internal = {k for op in ops if op.kind == "attn" and op.pass_ == "fwd"
-                      for k in op.writes if k not in attn_out}
     compiled = path == "amp_compile"
     out: list[Kernel] = []
     segments: list[tuple[bool, list[Op]]] = []
@@ -587,10 +576,9 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
             gemm = [op for op in g if op.kind in ("gemm", "attn")]
             n = g[0].launches if len(g) == 1 else 1
             eager = not fuse or (len(g) == 1 and g[0].name in _DRAW and g[0].phase in eager_draws)
-            traffic = rec.attn_bytes.get(g[0].attn_call, {}).get(g[0].pass_) \
-                if g[0].kind == "attn" else None  # the call's own q, k, v, o
-            if traffic is None:
-                traffic = _traffic(g, last_read, index, attn_out, attn_internal)
+            # attention: its call's own q, k, v, o (meta's decomposition is not what runs)
+            traffic = rec.attn_bytes[g[0].attn_call][g[0].pass_] if g[0].kind == "attn" \
+                else _traffic(g, last_read, index)
             k = Kernel(g[0].phase, flops / n, traffic / n,
                        dtype_low=any(op.low for op in gemm), eager=eager, pass_=g[0].pass_,
                        gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pqae.errors import BadInput
+
 
 class CapturedStep:
     """fn(*inputs) -> dict of tensors, with static input buffers; on CUDA, replayed from a
@@ -90,8 +92,6 @@ def captured_step(fn: Callable[..., dict], optimizer: torch.optim.Optimizer,
                   device: torch.device, accum_steps: int) -> CapturedStep:
     """--cuda-graph of a training script: fn (one fixed-shape update, optimizer step included)
     as a CapturedStep, the optimizer made capturable. One micro-batch per step only."""
-    from pqae.errors import BadInput
-
     if accum_steps != 1:
         raise BadInput(f"--cuda-graph captures one forward and backward per step: give "
                        f"--accum-steps 1 (got {accum_steps}), or leave --cuda-graph off")

@@ -6,6 +6,8 @@ import atexit
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,18 @@ AIRPLANES = SHARED_DATA / "modelnet40_airplanes" / "airplanes_2048.npz"
 # Where the Triton kernels really run: a GPU, unless the interpreter was asked for.
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 DEV = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def torchrun_two(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`args` (a script and its arguments) in two CPU processes of one thread each under
+    `torchrun --standalone`, from the repository root; asserts that it exited 0 (showing the
+    tails of its output otherwise) and returns the finished process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture

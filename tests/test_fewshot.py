@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import signal
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -18,7 +15,7 @@ import pytest
 import torch
 
 import fewshot
-from conftest import ROOT, signal_at
+from conftest import signal_at, torchrun_two
 from data_prep import modelnet_fewshot as mf
 from pqae import checkpoint as ckpt
 from pqae import data, preempt
@@ -342,12 +339,9 @@ def test_two_process_torchrun_runs_every_fold(tmp_path):
     # here is the failure mode, hence the timeout).
     for fold in (0, 1):
         toy_episode(tmp_path / "episodes", fold)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "fewshot.py", "--preset", "tiny", "--data-dir", str(tmp_path / "episodes"), "--ways", "2",
-         "--shots", "8", "--folds", "0", "1", "--out-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_two("fewshot.py", "--preset", "tiny", "--data-dir", tmp_path / "episodes",
+                        "--ways", "2", "--shots", "8", "--folds", "0", "1",
+                        "--out-dir", tmp_path / "runs", timeout=120)
     assert proc.stdout.count("world 2") == 2  # two fold runs, each on both processes
     saved = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert [f["fold"] for f in saved["folds"]["2way_8shot"]] == [0, 1]

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import finetune_cls
-from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed
+from conftest import (ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed,
+                      torchrun_two)
 from data_prep.convert_checkpoint import Args
 from data_prep.convert_checkpoint import main as convert
 from pqae import PointClassifier, formats
@@ -158,11 +156,7 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path):
         f"cfg = small_config(Path({str(tmp_path)!r}), votes=3, vote_augment='rotate',\n"
         f"                   eval_ckpt={cfg.eval_ckpt!r}, out_dir={str(tmp_path / 'ddp')!r})\n"
         "finetune_cls.main(cfg)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_two(script)
     assert "world 2" in proc.stdout
     ddp = json.loads((tmp_path / "ddp" / "eval-ckpt.json").read_text())["test"]
     assert ddp["test_samples"] == 45  # odd: shards of 23 + 22, nothing padded or dropped

@@ -4,16 +4,13 @@ the step pretrain.py runs eagerly; the captured step's buffers, optimizer and ch
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import finetune_cls
 import pretrain
-from conftest import ROOT, small_pretrain_config
+from conftest import ROOT, small_pretrain_config, torchrun_two
 from test_finetune_cls import small_config as small_finetune_config
 from pqae import checkpoint as ckpt
 from pqae import graphs
@@ -155,11 +152,7 @@ def test_two_process_cuda_graph_run_averages_gradients_as_ddp(tmp_path):
         "    model = pretrain.main(cfg)['model']\n"
         "    save_weights(root / f'{g}-rank{rank}.safetensors',\n"
         "                 {k: p.detach() for k, p in model.named_parameters()})\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(script)
     w = {(g, r): ckpt.load_weights(tmp_path / f"{g}-rank{r}.safetensors")
          for g in (False, True) for r in (0, 1)}
     for k in w[True, 0]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,7 +16,7 @@ import torch
 
 import partseg
 from conftest import (ROOT, SHARED_DATA, HostToDeviceCopies, NoOpOptimizer, need,
-                      preempted_then_resumed)
+                      preempted_then_resumed, torchrun_two)
 from data_prep import shapenetpart as convert
 from pqae import checkpoint as ckpt
 from pqae import dist
@@ -286,11 +283,7 @@ def test_two_process_evaluation_counts_each_shape_once(tmp_path, cap_h5):
         " tmp / f'eval{env.rank}.pt')\n"
         "res = partseg.main(cfg)\n"
         "(tmp / f'main{env.rank}.json').write_text(json.dumps(res['history']))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_two(script)
     assert "world 2" in proc.stdout and "(2 per process)" in proc.stdout
     cfg = small_config(tmp_path / "run", cap_h5)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 
 import pretrain
 from conftest import (AIRPLANES, ROOT, HostToDeviceCopies, NoOpOptimizer, need,
-                      preempted_then_resumed, small_pretrain_config)
+                      preempted_then_resumed, small_pretrain_config, torchrun_two)
 from pqae import checkpoint as ckpt
 from pqae import data
 from pqae.model import crop_view
@@ -140,11 +140,7 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
         # the benchmark mode under torchrun too: both paths, DDP on every rank
         "import dataclasses\n"
         "pretrain.main(dataclasses.replace(cfg, benchmark_steps=1, benchmark_phases=False))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_two(script)
     assert "world 2" in proc.stdout and "(8 per process)" in proc.stdout
     assert proc.stdout.count("probe epoch 0 | linear") == 1
     assert "benchmark: global batch 16 on 2 process(es)" in proc.stdout

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,7 +14,8 @@ import pytest
 import torch
 
 import semseg
-from conftest import ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed
+from conftest import (ROOT, HostToDeviceCopies, NoOpOptimizer, preempted_then_resumed,
+                      torchrun_two)
 from data_prep import s3dis as prep
 from pqae import checkpoint as ckpt
 from pqae import s3dis
@@ -279,11 +277,7 @@ def test_two_process_run_counts_every_point_once(converted, tmp_path):
         "if os.environ['RANK'] == '0':\n"
         "    (tmp / 'ddp.json').write_text(json.dumps({'test': r['test'],"
         " 'eval': r['history'][-1]}))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_two(script)
     assert "world 2" in proc.stdout
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     test_points = sum(len(v) for k, v in expected.items() if k.startswith("Area_5"))

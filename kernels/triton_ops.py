@@ -228,20 +228,17 @@ def _top2(a1, a2, b1, b2):
 
 
 @triton.jit
-def _knn_dist(plane, c0, qx, qy, qz, P, NJ: tl.constexpr, LANES: tl.constexpr):
-    """Squared distances from the query to the chunk's points n = c0 + 32 j + lane, as (NJ, 32)
-    (LANES = 1) or (32, NJ) (LANES = 0), and n. The planes are padded with +inf, so the loads
-    need no mask and the padding's distance is +inf. (P is not specialised: with the planes'
-    alignment unknown, the compiler loads one point per lane and row instead of vectors, which
-    keeps lane = n mod 32 for what follows.)"""
-    if LANES == 1:
-        n = c0 + tl.arange(0, NJ)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    else:
-        n = c0 + tl.arange(0, 32)[:, None] + tl.arange(0, NJ)[None, :] * 32
-    dx = tl.load(plane + n) - qx
-    dy = tl.load(plane + P + n) - qy
-    dz = tl.load(plane + 2 * P + n) - qz
-    return dx * dx + dy * dy + dz * dz, n  # == (dx*dx + dy*dy) + dz*dz, as the reference
+def _knn_dist(plane, c0, qx, qy, qz, P, NJ: tl.constexpr):
+    """Squared distances (Q, NJ, 32) from the program's queries (Q,) to the chunk's points
+    n = c0 + 32 j + lane, and n (1, NJ, 32). The chunk is loaded once for the Q queries. The
+    planes are padded with +inf, so the loads need no mask and the padding's distance is +inf.
+    (P is not specialised: with the planes' alignment unknown, the compiler loads one point per
+    lane and row instead of vectors, which keeps lane = n mod 32 for what follows.)"""
+    n = c0 + tl.arange(0, NJ)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    dx = tl.load(plane + n)[None, :, :] - qx[:, None, None]
+    dy = tl.load(plane + P + n)[None, :, :] - qy[:, None, None]
+    dz = tl.load(plane + 2 * P + n)[None, :, :] - qz[:, None, None]
+    return dx * dx + dy * dy + dz * dz, n[None, :, :]  # (dx*dx + dy*dy) + dz*dz, as the reference
 
 
 @triton.jit
@@ -251,17 +248,17 @@ def _knn_key(d, n):
 
 
 @triton.jit
-def _knn_compact(d, n, T, cnt, scr_row, C: tl.constexpr, LANES: tl.constexpr):
-    """Append the indices of the points with d <= T to the scratch row (first C slots kept; the
-    rest land on slot C - 1, harmless: more than C candidates take the fallback); returns the
-    new count."""
-    ci = (d <= T).to(tl.int32)
-    per_lane = tl.sum(ci, axis=1 - LANES)  # (32,)
+def _knn_compact(d, n, T, cnt, scr_row, C: tl.constexpr):
+    """Append the indices of the points with d <= T to each query's scratch row (first C slots
+    kept; the rest land on slot C - 1, harmless: more than C candidates take the fallback);
+    returns the new counts (Q,)."""
+    ci = (d <= T[:, None, None]).to(tl.int32)  # (Q, NJ, 32)
+    per_lane = tl.sum(ci, axis=1)  # (Q, 32)
     # exclusive position = inclusive prefix - 1 (a candidate counts itself)
-    off = cnt - 1 + tl.cumsum(per_lane, axis=0) - per_lane
-    pos = tl.minimum(tl.cumsum(ci, axis=1 - LANES) + tl.expand_dims(off, 1 - LANES), C - 1)
-    tl.store(scr_row + pos, n, mask=ci > 0)
-    return cnt + tl.sum(per_lane, axis=0)
+    off = cnt[:, None] - 1 + tl.cumsum(per_lane, axis=1) - per_lane
+    pos = tl.minimum(tl.cumsum(ci, axis=1) + off[:, None, :], C - 1)
+    tl.store(scr_row[:, None, None] + pos, n + tl.zeros_like(ci), mask=ci > 0)
+    return cnt + tl.sum(per_lane, axis=1)
 
 
 @triton.jit
@@ -282,94 +279,98 @@ def _knn_kernel(
     pl_ptr,  # (V, B, 3, P) float32: the points of each cloud as x, y, z planes, +inf past N_v
     idx_ptr,  # (V, B, S, K) int64 out: neighbour indices, nearest first
     nbr_ptr,  # (V, B, S, K, 3) float32 out: neighbour - query (only if WRITE_NBR)
-    scr_ptr,  # (V, B, S, C) int32 scratch: candidate indices
+    scr_ptr,  # (V, B, S_Q, C) int32 scratch: candidate indices (S_Q: S rounded up to Q)
     S, B, N0, N1, P,  # points of views 0 and 1; plane length (>= N rounded up to a chunk)
     K: tl.constexpr,  # neighbours (<= 64)
     C: tl.constexpr,  # candidate slots (power of two >= 2 K)
     NJ: tl.constexpr,  # rows of 32 points per chunk held in registers
+    Q: tl.constexpr,  # queries per program (of one cloud): each chunk is loaded once for them
     CHUNKED: tl.constexpr,  # N > 32 NJ: two passes over chunks instead of one tile
     WRITE_NBR: tl.constexpr,
-    LANES: tl.constexpr,  # the tile's axis across the lanes (the layout Triton keeps: see cfg)
 ):
-    # One warp per query. Its distances sit in registers as 32 x NJ: lane l holds the points
-    # n = l (mod 32). (1) Each lane keeps its two nearest; the K-th smallest T of those 64
-    # values bounds the K-th nearest distance from above (K distinct points lie within T).
-    # (2) The points with d <= T (typically K to 1.6 K) are compacted into a scratch row, their
-    # (distance, index) keys (3) sorted, and the first K written. The work does not depend on
-    # the order of the points. If more than C points lie within T (many points at exactly the
-    # same distance, or an order that crowds the nearest points into a few lanes), an exact
-    # K-round extract-min fallback runs instead; no query of the real data slices needs it.
-    s = tl.program_id(0)
+    # Q queries of one cloud per program, their distances in registers as Q x NJ x 32: lane l
+    # holds the points n = l (mod 32). (1) Each lane keeps its two nearest per query; the K-th
+    # smallest T of those 64 values bounds the K-th nearest distance from above (K distinct
+    # points lie within T). (2) The points with d <= T (typically K to 1.6 K) are compacted into
+    # the query's scratch row, their (distance, index) keys (3) sorted, and the first K written.
+    # The work does not depend on the order of the points. If more than C points lie within T
+    # (many points at exactly the same distance, or an order that crowds the nearest points
+    # into a few lanes), an exact K-round extract-min fallback runs instead; no query of the
+    # real data slices needs it.
+    sq = tl.program_id(0) * Q + tl.arange(0, Q)  # (Q,) the program's queries
     vb = tl.program_id(1)  # view * B + cloud
+    live = sq < S
     N = tl.where(vb >= B, N1, N0)
-    row = vb.to(tl.int64) * S + s
-    qx = tl.load(q_ptr + row * 3 + 0)
-    qy = tl.load(q_ptr + row * 3 + 1)
-    qz = tl.load(q_ptr + row * 3 + 2)
+    row = vb.to(tl.int64) * S + sq
+    qx = tl.load(q_ptr + row * 3 + 0, mask=live, other=0.0)
+    qy = tl.load(q_ptr + row * 3 + 1, mask=live, other=0.0)
+    qz = tl.load(q_ptr + row * 3 + 2, mask=live, other=0.0)
     plane = pl_ptr + vb.to(tl.int64) * 3 * P
     INF = float("inf")
     if CHUNKED:
-        s1 = tl.full((32,), INF, tl.float32)
-        s2 = tl.full((32,), INF, tl.float32)
+        s1 = tl.full((Q, 32), INF, tl.float32)
+        s2 = tl.full((Q, 32), INF, tl.float32)
         for c0 in range(0, N, NJ * 32):  # cost: chunks
-            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
-            m1, m2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1 - LANES, _top2)
+            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ)
+            m1, m2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1, _top2)
             s1, s2 = _top2(s1, s2, m1, m2)
     else:
-        d, n = _knn_dist(plane, 0, qx, qy, qz, P, NJ, LANES)
-        s1, s2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1 - LANES, _top2)
+        d, n = _knn_dist(plane, 0, qx, qy, qz, P, NJ)
+        s1, s2 = tl.reduce((d, tl.full(d.shape, INF, tl.float32)), 1, _top2)
     # The 32 smallest of the 64 values are the pairwise minima of the lanes' nearest (sorted
     # ascending) and second nearest (descending), the 32 largest the maxima: the two halves of
     # a bitonic merge.
     a = tl.sort(s1)
     b = tl.sort(s2, descending=True)
+    lane = tl.arange(0, 32)[None, :]
     if K == 32:
-        T = tl.max(tl.minimum(a, b))
+        T = tl.max(tl.minimum(a, b), axis=1)
     elif K < 32:
-        T = tl.max(tl.where(tl.arange(0, 32) == K - 1, tl.sort(tl.minimum(a, b)), -INF))
+        T = tl.max(tl.where(lane == K - 1, tl.sort(tl.minimum(a, b)), -INF), axis=1)
     else:
-        T = tl.max(tl.where(tl.arange(0, 32) == K - 33, tl.sort(tl.maximum(a, b)), -INF))
-    scr_row = scr_ptr + row * C
+        T = tl.max(tl.where(lane == K - 33, tl.sort(tl.maximum(a, b)), -INF), axis=1)
+    scr_row = scr_ptr + (vb.to(tl.int64) * tl.cdiv(S, Q) * Q + sq) * C
     if CHUNKED:
-        cnt = tl.zeros((), tl.int32)
+        cnt = tl.zeros((Q,), tl.int32)
         for c0 in range(0, N, NJ * 32):  # cost: chunks
-            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
-            cnt = _knn_compact(d, n, T, cnt, scr_row, C, LANES)
+            d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ)
+            cnt = _knn_compact(d, n, T, cnt, scr_row, C)
     else:
-        cnt = _knn_compact(d, n, T, 0, scr_row, C, LANES)
-    tl.debug_barrier()  # the scratch row is written and read back by different lanes
-    slot = tl.arange(0, C)
-    full = slot < cnt
-    i = tl.load(scr_row + slot, mask=full, other=0)
-    dx = tl.load(plane + i, mask=full) - qx  # the candidates' distances again, exactly as above
-    dy = tl.load(plane + P + i, mask=full) - qy
-    dz = tl.load(plane + 2 * P + i, mask=full) - qz
+        cnt = _knn_compact(d, n, T, tl.zeros((Q,), tl.int32), scr_row, C)
+    tl.debug_barrier()  # the scratch rows are written and read back by different threads
+    slot = tl.arange(0, C)[None, :]
+    full = slot < cnt[:, None]
+    i = tl.load(scr_row[:, None] + slot, mask=full, other=0)
+    dx = tl.load(plane + i, mask=full) - qx[:, None]  # the candidates' distances again, as above
+    dy = tl.load(plane + P + i, mask=full) - qy[:, None]
+    dz = tl.load(plane + 2 * P + i, mask=full) - qz[:, None]
     keys = tl.sort(tl.where(full, _knn_key(dx * dx + dy * dy + dz * dz, i), _INT64_MAX))
     out_row = idx_ptr + row * K
     nbr_row = nbr_ptr + row * K * 3
-    _knn_emit(keys, slot, slot < tl.where(cnt <= C, K, 0), out_row, nbr_row, plane, qx, qy, qz,
-              P, WRITE_NBR)
-    if cnt > C:  # cost: overflow
+    ok = (slot < tl.where(cnt <= C, K, 0)[:, None]) & live[:, None]
+    _knn_emit(keys, slot, ok, out_row[:, None], nbr_row[:, None], plane, qx[:, None],
+              qy[:, None], qz[:, None], P, WRITE_NBR)
+    over = (cnt > C) & live
+    if tl.max(over.to(tl.int32)) > 0:  # cost: overflow
         # exact and order-free, but K passes over the points: the k-th pick is the smallest
-        # key above the previous pick
-        one = tl.arange(0, 1)  # (stores of one element take (1,)-shaped tensors)
-        last = tl.full((1,), -1, tl.int64)
+        # key above the previous pick (for the program's queries that overflowed)
+        last = tl.full((Q,), -1, tl.int64)
         for t in range(K):  # cost: rounds
-            best = tl.full((1,), _INT64_MAX, tl.int64)
+            best = tl.full((Q,), _INT64_MAX, tl.int64)
             for c0 in range(0, N, NJ * 32):  # cost: fallback_chunks
-                d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ, LANES)
+                d, n = _knn_dist(plane, c0, qx, qy, qz, P, NJ)
                 key = _knn_key(d, n)
-                best = tl.minimum(best, tl.min(tl.where(key > last, key, _INT64_MAX)))
-            _knn_emit(best, t + one, one == 0, out_row, nbr_row, plane, qx, qy, qz, P, WRITE_NBR)
+                best = tl.minimum(best, tl.min(tl.min(tl.where(key > last[:, None, None], key,
+                                                               _INT64_MAX), axis=2), axis=1))
+            _knn_emit(best, t, over, out_row, nbr_row, plane, qx, qy, qz, P, WRITE_NBR)
             last = best
 
 
-# Which tile axis holds the lanes. Triton's layout pass gives the candidates' scattered store
-# the order of its tie-break between two equally non-contiguous axes, which changed between
-# releases (3.6: first axis, 3.9: last); with the tile the other way round every store goes
-# through a shared-memory conversion (+20 % instructions, seen with python -m kernels.bench
-# --static on both).
-_KNN_LANES = 1 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7) else 0
+_KNN_Q = 2
+"""kNN queries per program (one warp): each chunk of the cloud is loaded once for them, which
+halves the loads through L2. Costed by kernels.static on sm_90 (one pretraining view, 1023
+points): one query a program 27.8 µs (L2 bytes), 2 queries 18.4 µs (L2 bytes; its scheduler
+time 12.6 µs), 4 queries on 1 warp spill registers, 4 on 2 warps 19.1 µs (scheduler)."""
 
 
 def _knn_cfg(n: int, k: int) -> tuple[int, int, bool]:
@@ -404,11 +405,12 @@ def _knn_views(qs: torch.Tensor, planes: torch.Tensor, ns: Sequence[int], k: int
     for j, nv, j1 in _pairs(V):
         n0, n1 = ns[j], ns[j1]
         nj, c, chunked = _knn_cfg(max(n0, n1), k)
-        scr = torch.empty((nv, B, S, c), dtype=torch.int32, device=dev)
+        q = _KNN_Q
+        scr = torch.empty((nv, B, triton.cdiv(S, q) * q, c), dtype=torch.int32, device=dev)
         chunks = triton.cdiv(max(n0, n1), nj * 32)
-        _launch(_knn_kernel, (S, nv * B), qs[j:], planes[j:], idx[j:], nbr[j:], scr, S, B, n0, n1,
-                planes.shape[-1], K=k, C=c, NJ=nj, CHUNKED=chunked, WRITE_NBR=write_nbr,
-                LANES=_KNN_LANES, num_warps=1,
+        _launch(_knn_kernel, (triton.cdiv(S, q), nv * B), qs[j:], planes[j:], idx[j:], nbr[j:],
+                scr, S, B, n0, n1, planes.shape[-1], K=k, C=c, NJ=nj, Q=q, CHUNKED=chunked,
+                WRITE_NBR=write_nbr, num_warps=1,
                 trips={"chunks": chunks, "overflow": 0, "rounds": k, "fallback_chunks": chunks},
                 **_NO_FMA)
     return idx, (nbr if write_nbr else None)

@@ -298,15 +298,21 @@ def test_knn_triton_exact_ties_take_the_fallback(T, TM):
     assert torch.equal(idx, R.knn(q, r, 32))
 
 
-def test_knn_triton_both_tile_orientations(T, TM, monkeypatch):
-    """The kernel lays its tile out with the lanes on the axis the installed Triton keeps
-    (triton_ops._KNN_LANES, by version); the other orientation computes the same."""
-    r = _awkward_cloud(2, 300, 9)
-    q = torch.cat([r[:, :5], torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))], 1)
-    for lanes in (0, 1):
-        monkeypatch.setattr(TM, "_KNN_LANES", lanes)
-        assert torch.equal(T.knn(q, r, 32), R.knn(q, r, 32))
-        assert torch.equal(T.knn(q, r, 5), R.knn(q, r, 5))
+@pytest.mark.parametrize("q_per_program", [1, 2, 4])
+def test_knn_triton_queries_share_a_program(T, TM, monkeypatch, q_per_program):
+    """A program answers _KNN_Q queries of one cloud (each chunk loaded once for them): an odd
+    number of queries leaves the last program part empty, and a query that takes the exact
+    fallback (120 points at the same distance) shares its program with ones that do not."""
+    monkeypatch.setattr(TM, "_KNN_Q", q_per_program)
+    unit = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0],
+                         [0, 0, -1.0]])
+    r = torch.cat([unit.repeat(20, 1)[None], _awkward_cloud(1, 880, 5) + 3.0], dim=1)  # 1000 points
+    q = torch.cat([torch.zeros(1, 1, 3), r[:, 150:153], torch.full((1, 3, 3), 3.5)], dim=1)
+    assert torch.equal(T.knn(q, r, 32), R.knn(q, r, 32))  # 7 queries, the first one's fallback
+    assert torch.equal(T.knn(q[:, 1:], r, 5), R.knn(q[:, 1:], r, 5))
+    with TM.capture() as launches:
+        TM.knn(q.to("meta"), r.to("meta"), 32)
+    assert launches[0].grid == (-(-7 // q_per_program), 1)
 
 
 def test_knn_triton_chunked_clouds(T, TM):

@@ -29,9 +29,11 @@ How it is made
 3. **Fusion rule** (what torch.compile is assumed to do): within a compiled phase and pass,
    the non-GEMM ops between two GEMMs form one kernel; a reduction ends it, and a BatchNorm
    reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
-   did not produce and writes the ones read outside it (later ops, the backward). Inductor's
-   recomputation of cheap ops in the backward, which saves some of those writes, is not
-   modelled.
+   did not produce and writes the ones read outside it (later ops, the backward), but for a
+   forward tensor that only the backward reads and that the kernel makes from its inputs by
+   elementwise ops alone: Inductor's partitioner keeps those inputs (already in memory) and
+   recomputes it in the backward, so it is not written. Other recomputation by Inductor is
+   not modelled.
 4. **Time.** A kernel takes max(FLOPs / (peak x GEMM_EFF), bytes / (HBM x MEM_EFF),
    KERNEL_MIN_US); the GPU idles GAP_US between kernels; the host spends HOST_EAGER_US per
    eager op or HOST_COMPILED_US per compiled launch. A phase takes the GPU's time or the
@@ -527,20 +529,28 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
     return out
 
 
-def _traffic(group: list[Op], last_read: dict, index: dict) -> float:
+def _traffic(group: list[Op], last_read: dict, index: dict, last_fwd_read: dict) -> float:
     """Bytes a kernel made of `group` moves: what it reads that it did not write, and what it
-    writes that something after it reads (a lone op: all its reads and writes). (Attention
+    writes that something after it reads (a lone op: all its reads and writes). A tensor that
+    only the backward reads and that the group makes from its inputs by elementwise ops alone
+    is not written: Inductor's partitioner keeps those inputs, already in memory, and
+    recomputes it (the patch embedding's fc3 sum y = mm + g: tests/test_costmodel.py). (Attention
     kernels are charged their call's own bytes instead: Recording.attn_bytes.)"""
     if len(group) == 1 and group[0].kind != "batchnorm":
         return sum(group[0].reads.values()) + sum(group[0].writes.values())
-    written, read = {}, {}
+    written, read, elementwise = {}, {}, {}
     for op in group:
         for k, b in op.reads.items():
             if k not in written:
                 read[k] = max(read.get(k, 0), b)
+        plain = op.kind == "other" and all(elementwise.get(k, True) for k in op.reads)
+        for k in op.writes:
+            elementwise[k] = plain
         written.update(op.writes)
-    end = group[-1]
-    out = {k: b for k, b in written.items() if last_read.get(k, -1) > index[id(end)]}
+    end = index[id(group[-1])]
+    forward = group[0].pass_ == "fwd"
+    out = {k: b for k, b in written.items() if last_read.get(k, -1) > end
+           and not (forward and elementwise[k] and last_fwd_read.get(k, -1) <= end)}
     extra = sum(op.reads and max(op.reads.values()) for op in group if op.kind == "batchnorm")
     return sum(read.values()) + sum(out.values()) + extra
 
@@ -553,9 +563,12 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
     ops = rec.ops
     index = {id(op): i for i, op in enumerate(ops)}
     last_read: dict = {}
+    last_fwd_read: dict = {}  # by a forward op (or the optimizer's)
     for i, op in enumerate(ops):
         for k in op.reads:
             last_read[k] = i
+            if op.pass_ != "bwd":
+                last_fwd_read[k] = i
     compiled = path == "amp_compile"
     out: list[Kernel] = []
     segments: list[tuple[bool, list[Op]]] = []
@@ -578,7 +591,7 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
             eager = not fuse or (len(g) == 1 and g[0].name in _DRAW and g[0].phase in eager_draws)
             # attention: its call's own q, k, v, o (meta's decomposition is not what runs)
             traffic = rec.attn_bytes[g[0].attn_call][g[0].pass_] if g[0].kind == "attn" \
-                else _traffic(g, last_read, index)
+                else _traffic(g, last_read, index, last_fwd_read)
             k = Kernel(g[0].phase, flops / n, traffic / n,
                        dtype_low=any(op.low for op in gemm), eager=eager, pass_=g[0].pass_,
                        gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))

@@ -191,6 +191,27 @@ def test_saved_activations_of_the_patch_embedding_are_inductors():
     assert inductor > 0 and model == inductor - g
 
 
+def test_what_only_the_backward_reads_is_recomputed_from_inputs_in_memory():
+    """The patch embedding's BatchNorm kernel under --amp --compile: it reads fc3's product and
+    the per-patch term, adds them (y), takes y's statistics (y again) and writes the ReLU that
+    fc4 reads. y itself is only read by the backward and made elementwise from tensors already
+    in memory, so it is not written: Inductor's partitioner keeps the product and the
+    per-patch term instead (test above) and recomputes the sum. The ReLU, which a forward GEMM
+    reads, is written."""
+    from pqae.model import PatchEmbed
+
+    P, M, h = 128, 32, 16
+    meta = PatchEmbed(48, h).to("meta").train()
+    rec = C.record(lambda: meta(torch.empty(P, M, 3, device="meta")).float().sum().backward(),
+                   amp=True)
+    ks = C.kernels_of(rec, "amp_compile", {}, ("patch_embed",))
+    bn = [k for k in ks if k.pass_ == "fwd" and ("native_batch_norm", "fwd") in k.ops]
+    assert len(bn) == 2 and bn[1].ops[0][0] == "add"  # fc1's BatchNorm, then fc3's (y = mm + g)
+    one, g = P * M * 4 * h * 2, P * 4 * h * 2  # (P M, 4 h) and (P, 4 h) in bf16
+    small = 48 * 4 * h * (4 + 2) + 8 * 4 * h * 4  # fc4's weight cast to bf16, BN's vectors
+    assert 3 * one + g <= bn[1].bytes <= 3 * one + g + small  # product, statistics, ReLU
+
+
 def test_attention_is_charged_its_own_q_k_v_and_o():
     """A transformer block's attention under bf16: one kernel forward reading q, k and v (three
     slices of the qkv GEMM's output: three tensors' bytes, not one) and writing o; one kernel

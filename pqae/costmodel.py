@@ -531,11 +531,11 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
 
 def _traffic(group: list[Op], last_read: dict, index: dict, last_fwd_read: dict) -> float:
     """Bytes a kernel made of `group` moves: what it reads that it did not write, and what it
-    writes that something after it reads (a lone op: all its reads and writes). A tensor that
-    only the backward reads and that the group makes from its inputs by elementwise ops alone
-    is not written: Inductor's partitioner keeps those inputs, already in memory, and
-    recomputes it (the patch embedding's fc3 sum y = mm + g: tests/test_costmodel.py). (Attention
-    kernels are charged their call's own bytes instead: Recording.attn_bytes.)"""
+    writes that something after it reads (a lone op: all its reads and writes). A forward
+    tensor that only the backward reads and that the group makes from its inputs by
+    elementwise ops alone is not written: Inductor's partitioner keeps those inputs, already in
+    memory, and recomputes it (the patch embedding's fc3 sum y = mm + g; tests/test_costmodel).
+    (Attention kernels are charged their call's own bytes instead: Recording.attn_bytes.)"""
     if len(group) == 1 and group[0].kind != "batchnorm":
         return sum(group[0].reads.values()) + sum(group[0].writes.values())
     written, read, elementwise = {}, {}, {}
@@ -543,7 +543,8 @@ def _traffic(group: list[Op], last_read: dict, index: dict, last_fwd_read: dict)
         for k, b in op.reads.items():
             if k not in written:
                 read[k] = max(read.get(k, 0), b)
-        plain = op.kind == "other" and all(elementwise.get(k, True) for k in op.reads)
+        plain = op.kind == "other" and op.name not in _DRAW \
+            and all(elementwise.get(k, True) for k in op.reads)  # (a draw cannot be redone)
         for k in op.writes:
             elementwise[k] = plain
         written.update(op.writes)

@@ -54,7 +54,7 @@ from pqae import amp, bench, cli, costmodel, data, dist, formats, graphs, syncbn
 from pqae.classifier import PointClassifier
 from pqae.errors import BadInput, MissingFile, UserError, reading
 from pqae.log import print0
-from pqae.model import TINY_ENCODER, EncoderShape
+from pqae.model import TINY_ENCODER, EncoderShape, fuse_embed
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.run import Progress, Run, RunOptions, micro_batches, start
@@ -264,10 +264,11 @@ def val_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 
 
 def build_model(cfg: Config) -> PointClassifier:
-    return PointClassifier(num_classes=cfg.num_classes, head=cfg.head, num_group=cfg.num_group,
-                           group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
-                           dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                           embed_hidden=cfg.embed_hidden)
+    model = PointClassifier(num_classes=cfg.num_classes, head=cfg.head, num_group=cfg.num_group,
+                            group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
+                            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                            embed_hidden=cfg.embed_hidden)
+    return fuse_embed(model, cfg.fused_embed)
 
 
 class TestSet:
@@ -415,8 +416,9 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
     points = cfg.procedural_points if cfg.data == "procedural" else CLOUD_POINTS[cfg.data]
 
     def make_step(amp_on: bool):
+        # (the graph path: costed from the same ops; --fused-embed: in the amp+compile path)
         c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False, pretrained="",
-                                cuda_graph=False)  # (the graph path: costed from the same ops)
+                                cuda_graph=False, fused_embed=cfg.fused_embed and amp_on)
         model = build_model(c).to(meta)
         model.check_inputs = False
         optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, head_lr_scale=10.0),

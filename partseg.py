@@ -40,7 +40,7 @@ from pqae import amp, cli, costmodel, dist, formats, syncbn
 from pqae import shapenetpart as spart
 from pqae.errors import reading
 from pqae.log import print0
-from pqae.model import TINY_ENCODER, EncoderShape
+from pqae.model import TINY_ENCODER, EncoderShape, fuse_embed
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, step_seed
@@ -155,12 +155,13 @@ def resolve(cfg: Config, explicit: set[str], run: bool = True) -> Config:
 
 
 def build_model(cfg: Config) -> PointSegmenter:
-    return PointSegmenter(spart.NUM_CLASSES, len(spart.CATEGORIES), dim=cfg.dim, depth=cfg.depth,
-                          heads=cfg.heads, drop_path_rate=cfg.drop_path_rate,
-                          num_group=cfg.num_group, group_size=cfg.group_size,
-                          embed_hidden=cfg.embed_hidden,
-                          feature_blocks=cfg.feature_blocks or feature_blocks_for(cfg.depth),
-                          fp_dims=cfg.fp_dims, head_dims=cfg.head_dims, init="default")
+    model = PointSegmenter(spart.NUM_CLASSES, len(spart.CATEGORIES), dim=cfg.dim, depth=cfg.depth,
+                           heads=cfg.heads, drop_path_rate=cfg.drop_path_rate,
+                           num_group=cfg.num_group, group_size=cfg.group_size,
+                           embed_hidden=cfg.embed_hidden,
+                           feature_blocks=cfg.feature_blocks or feature_blocks_for(cfg.depth),
+                           fp_dims=cfg.fp_dims, head_dims=cfg.head_dims, init="default")
+    return fuse_embed(model, cfg.fused_embed)
 
 
 def build_param_groups(model: PointSegmenter, lr: float, weight_decay: float) -> list[dict]:

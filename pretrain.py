@@ -30,7 +30,7 @@ from pqae import (amp, bench, cli, collapse, costmodel, data, dist, graphs, prob
                   stream, syncbn)
 from pqae.embed import PointEmbedder
 from pqae.errors import BadInput
-from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE
+from pqae.model import TINY_ENCODER, EncoderShape, PointPQAE, fuse_embed
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.profiling import phase
 from pqae.run import Progress, Run, RunOptions, micro_batches, start
@@ -189,10 +189,11 @@ def load_clouds(cfg: Config, run: Run) -> torch.Tensor | stream.HostStream:
 
 
 def build_model(cfg: Config) -> PointPQAE:
-    return PointPQAE(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                     decoder_depth=cfg.decoder_depth, num_group=cfg.num_group,
-                     group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
-                     min_crop_rate=cfg.min_crop_rate, embed_hidden=cfg.embed_hidden)
+    model = PointPQAE(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                      decoder_depth=cfg.decoder_depth, num_group=cfg.num_group,
+                      group_size=cfg.group_size, drop_path_rate=cfg.drop_path_rate,
+                      min_crop_rate=cfg.min_crop_rate, embed_hidden=cfg.embed_hidden)
+    return fuse_embed(model, cfg.fused_embed)
 
 
 def build_training(cfg: Config, env: dist.Dist):
@@ -390,8 +391,9 @@ def cost_model_of(cfg: Config) -> costmodel.StepModel:
     points = cfg.procedural_points if cfg.data == "procedural" else 8192
 
     def make_step(amp_on: bool):
+        # (the graph path: costed from the same ops; --fused-embed: in the amp+compile path)
         c = dataclasses.replace(cfg, amp=False, compile=False, fused_adamw=False,
-                                cuda_graph=False)  # (the graph path: costed from the same ops)
+                                cuda_graph=False, fused_embed=cfg.fused_embed and amp_on)
         model = build_model(c).to(meta)
         model.check_inputs = False
         model.draw_crop_ratios = lambda rng=None: (ratio, ratio)

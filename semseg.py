@@ -37,7 +37,7 @@ from pqae import checkpoint as ckpt
 from pqae import amp, cli, costmodel, dist, formats, s3dis, syncbn
 from pqae.errors import reading
 from pqae.log import print0
-from pqae.model import TINY_ENCODER, EncoderShape
+from pqae.model import TINY_ENCODER, EncoderShape, fuse_embed
 from pqae.optim import param_groups, set_epoch_lr
 from pqae.run import Progress, Run, RunOptions, micro_batches, start
 from pqae.seeding import epoch_perm, step_seed
@@ -205,12 +205,13 @@ def test_blocks(cfg: Config, test: s3dis.Rooms) -> torch.Tensor:
 
 
 def build_model(cfg: Config) -> PointSegmenter:
-    return PointSegmenter(
+    model = PointSegmenter(
         s3dis.NUM_CLASSES, num_categories=0, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
         drop_path_rate=cfg.drop_path_rate, num_group=cfg.num_group, group_size=cfg.group_size,
         embed_hidden=cfg.embed_hidden,
         feature_blocks=cfg.feature_blocks or feature_blocks_for(cfg.depth), fp_dims=cfg.fp_dims,
         head_dims=cfg.head_dims, dropout=cfg.dropout, init="trunc_normal")
+    return fuse_embed(model, cfg.fused_embed)
 
 
 def build_training(cfg: Config, env: dist.Dist):

@@ -1,4 +1,5 @@
-"""Point-cloud kernels for pqae: FPS, kNN, grouping and Chamfer-L2.
+"""Point-cloud kernels for pqae: FPS, kNN, grouping, Chamfer-L2, and the patch embedding's
+fc4 + patch max.
 
 Public API
 ----------
@@ -22,6 +23,11 @@ Public API
     The CD-L2 loss ``d_pred.mean() + d_target.mean()`` of every (pred (P, n, 3), target
     (P, m, 3)) pair, float32 scalars, differentiable. On the Triton path one launch computes
     the losses and gradients of two pairs (both views of a step); backward only scales them.
+``linear_patch_max(x, weight, bias=None) -> (P, C)``
+    ``F.linear(x, weight, bias).max(dim=1).values`` of x (P, M, K): the patch embedding's last
+    layer and its max over each patch (``--fused-embed``), differentiable, in the autocast
+    dtype under autocast. On the Triton path the GEMMs take the max (forward) and build its
+    sparse gradient (backward) on chip: neither (P*M, C) tensor is written (``patch_max.py``).
 
 Inputs may be float32 / bfloat16 / float16 (computed in float32; float64 is computed in
 float64 by the reference and in float32 by Triton) and non-contiguous. Bad input raises
@@ -72,7 +78,8 @@ import torch
 
 from . import reference
 
-__all__ = ["fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss", "set_backend",
+__all__ = ["fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss",
+           "linear_patch_max", "set_backend",
            "get_backend", "CHECK_FINITE", "TRITON_DEVICES"]
 
 CHECK_FINITE = True
@@ -266,3 +273,39 @@ def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
                                       b.requires_grad and torch.is_grad_enabled()),
                      lambda: _triton_ops().chamfer_l2_loss(preds, targets),
                      lambda: reference.chamfer_l2_loss(preds, targets))
+
+
+def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """max over each patch's points of a linear layer: x (P, M, K), weight (C, K), bias (C,) ->
+    (P, C) = F.linear(x, weight, bias).max(dim=1).values, differentiable (the gradient of tied
+    points goes to one of them). Under autocast, computed in its dtype as F.linear is."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (P, M, K) tensor, got {_shape_of(x)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[2]:
+        raise ValueError(f"weight must have shape (C, {x.shape[2]}) for x of shape "
+                         f"{tuple(x.shape)}, got {_shape_of(weight)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
+    p, m, k = x.shape
+    if p == 0 or m == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    from . import patch_max
+
+    dev = x.device.type
+    autocast = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    x, weight = x.to(dtype).reshape(p * m, k), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return patch_max.patch_max(x, weight, bias, m)[0]
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _shape_of(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

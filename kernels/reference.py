@@ -123,3 +123,24 @@ def chamfer_l2(a: torch.Tensor, b: torch.Tensor):
 def chamfer_l2_loss(preds, targets):
     """[mean d_pred + mean d_target (not halved)] of every (pred (P, n, 3), target (P, m, 3))."""
     return [sum(d.mean() for d in chamfer_l2(a, b)) for a, b in zip(preds, targets)]
+
+
+def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int):
+    """x (P*M, K), w (C, K), b (C,) or None -> (out (P, C), idx (P, C) int16): the max over each
+    patch's M rows of x w^T + b and the row that holds it (torch.max's)."""
+    y = torch.nn.functional.linear(x, w, b)
+    out, idx = y.reshape(-1, m, y.shape[-1]).max(dim=1)
+    return out, idx.to(torch.int16)
+
+
+def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                  m: int, need: tuple[bool, bool, bool]):
+    """The gradients (dx, dw, db) of patch_max_fwd given out's gradient g (P, C) and idx, as
+    autograd computes them for linear + max: the max's gradient scattered to the winning rows,
+    then the linear's backward (None for those not in `need`)."""
+    p, c = g.shape
+    s = g.new_zeros(p, m, c).scatter_(1, idx.long()[:, None], g[:, None]).reshape(p * m, c)
+    dx = s.mm(w) if need[0] else None
+    dw = s.t().mm(x) if need[1] else None
+    db = s.sum(0) if need[2] else None
+    return dx, dw, db

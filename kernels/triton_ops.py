@@ -1,4 +1,5 @@
-"""Triton kernels for FPS, kNN, grouping and Chamfer-L2 (+ their autograd Functions).
+"""Triton kernels for FPS, kNN, grouping and Chamfer-L2 (+ their autograd Functions), and
+linear + patch max (its autograd: kernels/patch_max.py's custom op).
 
 Called through ``kernels/__init__.py`` (which validates inputs); tensors may be on CUDA, or on
 CPU when ``TRITON_INTERPRET=1``. The kernels read float32 (Chamfer also bf16/fp16) contiguous
@@ -770,3 +771,195 @@ def chamfer_l2_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tenso
         else:
             out += list(ChamferL2Loss.apply(a[0], b[0], a[1], b[1], a[1].shape[0]))
     return out
+
+
+# ============================================================================ linear + patch max
+# The patch embedding's last layer and its max over each patch's points, y = max_m (x W^T + b),
+# as one GEMM whose epilogue takes the max (and its argmax) over the rows of each patch: the
+# (P*M, C) product is never written. Its backward builds the max's sparse gradient (one point
+# of each patch and channel, from the argmax) inside the two GEMMs that consume it, so the
+# scattered (P*M, C) gradient is never written either. A tile holds whole patches: PB patches
+# of MP rows (M rounded up to a power of two; the padding rows are masked).
+PATCH_MAX_M = 256  # largest group size served by the Triton path (one patch fits a tile)
+_PM_ROWS = 128  # rows (PB * MP) of a tile of the forward and of the input gradient
+_PM_DW_ROWS = 64  # rows a step of the weight gradient's reduction covers
+_PM_PROGRAMS = 264  # programs the weight gradient's split over patches aims at (2 per SM)
+
+
+@triton.jit
+def _pm_dot(a, b, acc, UP: tl.constexpr):
+    """acc + a b in float32. UP (the interpreter, whose dot multiplies bf16's raw bits): the
+    operands upcast first, the same products (a bf16 product is exact in float32)."""
+    if UP:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _pm_rows(tile, P, M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr):
+    """The rows of a tile of PB whole patches: their global row index and whether it is real."""
+    r = tl.arange(0, PB * MP)
+    patch = tile * PB + r // MP
+    m = r % MP
+    return patch.to(tl.int64) * M + m, (m < M) & (patch < P)
+
+
+@triton.jit
+def _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M: tl.constexpr, MP: tl.constexpr,
+                    PB: tl.constexpr, BC: tl.constexpr, TRANS: tl.constexpr):
+    """The max's gradient over a tile's rows and the channels c: g[p, c] at the row of patch p
+    that won (idx[p, c]), 0 elsewhere; (PB * MP, BC), or (BC, PB * MP) with TRANS."""
+    p = tile * PB + tl.arange(0, PB)
+    m = tl.arange(0, MP)
+    ok = (p < P)[:, None] & (c < C)[None, :]
+    off = p.to(tl.int64)[:, None] * C + c[None, :]
+    g = tl.load(g_ptr + off, mask=ok, other=0.0)
+    win = tl.load(idx_ptr + off, mask=ok, other=-1).to(tl.int32)
+    if TRANS:
+        s = tl.where(tl.trans(win)[:, :, None] == m[None, None, :], tl.trans(g)[:, :, None], 0.0)
+        return tl.reshape(s, (BC, PB * MP))
+    s = tl.where(win[:, None, :] == m[None, :, None], g[:, None, :], 0.0)
+    return tl.reshape(s, (PB * MP, BC))
+
+
+@triton.jit
+def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr, P, K, C,
+                          M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          UP: tl.constexpr):
+    # x (P*M, K), w (C, K), b (C,) -> out (P, C) = max over each patch's M rows of x w^T + b,
+    # idx (P, C) int16: the first row reaching it (NaN: out is NaN)
+    tile = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    row, row_ok = _pm_rows(tile, P, M, MP, PB)
+    acc = tl.zeros((PB * MP, BN), tl.float32)
+    for k0 in range(0, K, BK):  # cost: k
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + row[:, None] * K + k[None, :],
+                    mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+        b = tl.load(w_ptr + n[None, :] * K + k[:, None],
+                    mask=(k < K)[:, None] & (n < C)[None, :], other=0.0)
+        acc = _pm_dot(a, b, acc, UP)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n < C, other=0.0).to(tl.float32)[None, :]
+    v = tl.reshape(tl.where(row_ok[:, None], acc, float("-inf")), (PB, MP, BN))
+    top, win = tl.max(v, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    nan = tl.max((v != v).to(tl.int32), axis=1) > 0  # torch.max propagates NaN
+    top = tl.where(nan, float("nan"), top)
+    win = tl.minimum(win, M - 1)  # (a patch whose every value is -inf: a real row)
+    p = tile * PB + tl.arange(0, PB)
+    off = p.to(tl.int64)[:, None] * C + n[None, :]
+    ok = (p < P)[:, None] & (n < C)[None, :]
+    tl.store(out_ptr + off, top.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(idx_ptr + off, win.to(tl.int16), mask=ok)
+
+
+@triton.jit
+def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, P, K, C,
+                         M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
+                         BN: tl.constexpr, BC: tl.constexpr, UP: tl.constexpr):
+    # dx (P*M, K) = S w, S (P*M, C) the max's sparse gradient (built per tile, never stored)
+    tile = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    row, row_ok = _pm_rows(tile, P, M, MP, PB)
+    acc = tl.zeros((PB * MP, BN), tl.float32)
+    for c0 in range(0, C, BC):  # cost: c
+        c = c0 + tl.arange(0, BC)
+        s = _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M, MP, PB, BC, False)
+        w = tl.load(w_ptr + c[:, None] * K + n[None, :], mask=(c < C)[:, None] & (n < K)[None, :],
+                    other=0.0)
+        acc = _pm_dot(s.to(w.dtype), w, acc, UP)
+    tl.store(dx_ptr + row[:, None] * K + n[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (n < K)[None, :])
+
+
+@triton.jit
+def _patch_max_dw_kernel(g_ptr, idx_ptr, x_ptr, part_ptr, P, K, C, TILES,
+                         M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
+                         BC: tl.constexpr, BK: tl.constexpr, UP: tl.constexpr):
+    # part[s] (C, K) = S^T x over the TILES patch tiles of split s (summed by the caller:
+    # deterministic, no atomics)
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    split = tl.program_id(2)
+    acc = tl.zeros((BC, BK), tl.float32)
+    for tile in range(split * TILES, (split + 1) * TILES):  # cost: tiles
+        row, row_ok = _pm_rows(tile, P, M, MP, PB)
+        x = tl.load(x_ptr + row[:, None] * K + k[None, :], mask=row_ok[:, None] & (k < K)[None, :],
+                    other=0.0)
+        s = _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M, MP, PB, BC, True)
+        acc = _pm_dot(s.to(x.dtype), x, acc, UP)
+    off = split.to(tl.int64) * C * K + c[:, None] * K + k[None, :]
+    tl.store(part_ptr + off, acc, mask=(c < C)[:, None] & (k < K)[None, :])
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, S, N, BLOCK: tl.constexpr):
+    # out (N,) = the sum of part (S, N) over S, in float32, stored in out's dtype
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, S):  # cost: parts
+        acc += tl.load(part_ptr + s * N + i, mask=i < N, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < N)
+
+
+def _pm_tile(m: int, rows: int) -> tuple[int, int]:
+    """(MP, PB): a patch's rows rounded up to a power of two, and the patches of a tile."""
+    mp = max(16, triton.next_power_of_2(m))
+    return mp, max(1, rows // mp)
+
+
+def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int):
+    """x (P*M, K), w (C, K), b (C,) or None, all of x's dtype -> (out (P, C) of x's dtype,
+    idx (P, C) int16). Groups of more than PATCH_MAX_M points use the reference."""
+    if m > PATCH_MAX_M:
+        return reference.patch_max_fwd(x, w, b, m)
+    x, w = x.contiguous(), w.contiguous()
+    (pm, k), c = x.shape, w.shape[0]
+    p = pm // m
+    mp, pb = _pm_tile(m, _PM_ROWS)
+    bn = min(128, max(16, triton.next_power_of_2(c)))
+    out = torch.empty(p, c, device=x.device, dtype=x.dtype)
+    idx = torch.empty(p, c, device=x.device, dtype=torch.int16)
+    _launch(_patch_max_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn)), x, w,
+            x if b is None else b.contiguous(), out, idx, p, k, c, M=m, MP=mp, PB=pb, BN=bn,
+            BK=32, HAS_BIAS=b is not None, UP=_INTERPRET, num_warps=8, num_stages=3,
+            trips={"k": triton.cdiv(k, 32)})
+    return out, idx
+
+
+def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                  m: int, need: tuple[bool, bool, bool]):
+    """The gradients (dx (P*M, K), dw (C, K), db (C,)) of patch_max_fwd's out, given its
+    gradient g (P, C) and idx; those not in `need` are None."""
+    if m > PATCH_MAX_M:
+        return reference.patch_max_bwd(g, idx, x, w, m, need)
+    g, x, w = g.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
+    (pm, k), c = x.shape, w.shape[0]
+    p = pm // m
+    dx = dw = db = None
+    if need[0]:
+        mp, pb = _pm_tile(m, _PM_ROWS)
+        bn = min(128, max(16, triton.next_power_of_2(k)))
+        dx = torch.empty_like(x)
+        _launch(_patch_max_dx_kernel, (triton.cdiv(p, pb), triton.cdiv(k, bn)), g, idx, w, dx,
+                p, k, c, M=m, MP=mp, PB=pb, BN=bn, BC=32, UP=_INTERPRET, num_warps=8,
+                num_stages=3, trips={"c": triton.cdiv(c, 32)})
+    if need[1]:
+        mp, pb = _pm_tile(m, _PM_DW_ROWS)
+        bc = min(64, max(16, triton.next_power_of_2(c)))
+        bk = min(128 if x.element_size() == 2 else 32, max(16, triton.next_power_of_2(k)))
+        tiles = triton.cdiv(p, pb)
+        blocks = triton.cdiv(c, bc) * triton.cdiv(k, bk)
+        per = triton.cdiv(tiles, max(1, min(tiles, _PM_PROGRAMS // blocks)))
+        splits = triton.cdiv(tiles, per)
+        part = torch.empty(splits, c, k, device=x.device, dtype=torch.float32)
+        _launch(_patch_max_dw_kernel, (triton.cdiv(c, bc), triton.cdiv(k, bk), splits), g, idx,
+                x, part, p, k, c, per, M=m, MP=mp, PB=pb, BC=bc, BK=bk, UP=_INTERPRET,
+                num_warps=4, num_stages=3, trips={"tiles": per})
+        dw = torch.empty_like(w)
+        _launch(_sum_parts_kernel, (triton.cdiv(c * k, 1024),), part, dw, splits, c * k,
+                BLOCK=1024, num_warps=4, trips={"parts": splits})
+    if need[2]:
+        db = g.sum(0, dtype=w.dtype)
+    return dx, dw, db

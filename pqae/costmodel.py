@@ -20,7 +20,9 @@ How it is made
    * `amp_compile`: bf16 autocast; the phases of the modules --compile compiles (forward
      and backward) fused by the rule below; every `kernels.*` call
      (FPS, kNN, grouping, Chamfer) in its Triton kernels, replayed at the recorded shapes by
-     `kernels.static` (its calibrated estimate from the compiled SASS); fused AdamW.
+     `kernels.static` (its calibrated estimate from the compiled SASS); fused AdamW. With
+     --fused-embed, kernels.linear_patch_max's custom ops (pqae::patch_max and its backward)
+     are recorded as ops of their own and costed as GEMMs (their FLOPs, their own bytes).
    Attention (F.scaled_dot_product_attention, which meta decomposes) counts as one fused kernel
    per call and per backward, reading q, k, v (and o, dO) and writing o (dq, dk, dv), as the
    flash / memory-efficient kernels do, in both paths. Its bytes are those of the call's own
@@ -94,11 +96,15 @@ H100 = GPU("H100 SXM (132 SMs, 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 3.35 TB/
 
 # the ops that are GEMMs (FLOPs on tensor cores), reductions (end a fused kernel) and
 # BatchNorms (read their input twice)
-_GEMM = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution"}
+_GEMM = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
+         "patch_max", "patch_max_backward"}  # (kernels.linear_patch_max: GEMMs + epilogue)
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std", "argmax",
            "argmin", "topk", "sort", "cumsum", "norm", "linalg_vector_norm", "_softmax",
            "_log_softmax", "native_layer_norm", "native_layer_norm_backward",
            "_softmax_backward_data"}
+_LAUNCHES = {"patch_max_backward": 4}
+"""launches of an op that runs several kernels (kernels.linear_patch_max's backward: the input
+and weight gradients' GEMMs, the sum of the weight gradient's split-K parts, the bias's sum)"""
 _BATCHNORM = {"native_batch_norm", "_native_batch_norm_legit",
               "_native_batch_norm_legit_functional", "_batch_norm_with_update",
               "batch_norm_backward", "native_batch_norm_backward"}
@@ -357,9 +363,10 @@ def _describe(x):
 
 
 @contextlib.contextmanager
-def _tag_kernel_calls(rec: "_Recorder"):
+def _tag_kernel_calls(rec: "_Recorder", amp: bool):
     """While recording: every kernels.* call is noted (op, arguments, phase) and the aten ops
-    it runs, forward and backward, carry its index."""
+    it runs, forward and backward, carry its index; with `amp`, kernels.linear_patch_max's
+    inputs are cast as autocast casts F.linear's."""
     import kernels
 
     saved = {name: getattr(kernels, name) for name in KERNEL_OPS}
@@ -384,11 +391,20 @@ def _tag_kernel_calls(rec: "_Recorder"):
 
     for name, fn in saved.items():
         setattr(kernels, name, wrap(name, fn))
+    lpm = kernels.linear_patch_max
+
+    def linear_patch_max(*args, **kwargs):  # autocast (a no-op on meta) casts as for F.linear
+        args, kwargs = _autocast(F.linear, args, kwargs)
+        return lpm(*args, **kwargs)
+
+    if amp:
+        kernels.linear_patch_max = linear_patch_max
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(kernels, name, fn)
+        kernels.linear_patch_max = lpm
 
 
 class _Recorder(TorchDispatchMode):
@@ -438,7 +454,7 @@ class _Recorder(TorchDispatchMode):
         reads = {_key(t): _nbytes(t) for t in ins}
         writes = {_key(t): _nbytes(t) for t in outs}
         first = args[0] if args else None
-        launches = 1
+        launches = _LAUNCHES.get(name, 1)
         if name.startswith("_foreach_") and isinstance(first, (list, tuple)):
             launches = max(1, math.ceil(len(first) / TENSORS_PER_LAUNCH))
             if name.endswith("_"):  # in place: the first list is written
@@ -464,7 +480,7 @@ def record(step, amp: bool) -> Recording:
     rec = _Recorder()
     profiling.tracking(True)
     try:
-        with _tag_kernel_calls(rec), _Record(rec, amp), rec:
+        with _tag_kernel_calls(rec, amp), _Record(rec, amp), rec:
             step()
             for x in (rec.ops, rec.node_phase, rec.node_attn, rec.calls,
                       rec.node_kernel):

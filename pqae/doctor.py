@@ -177,6 +177,11 @@ CASES = [
                dict(B=32, ns=(8192,), G=512, k=32), dict(B=1, ns=(4100,), G=2, k=4)),
     KernelCase("partseg, semseg", "feature propagation: 3 nearest of 128 centres per point",
                "knn", dict(B=16, S=2048, N=128, k=3), dict(B=2, S=40, N=100, k=3)),
+    KernelCase("all four training scripts, with --fused-embed",
+               "the patch embedding's fc4 + max over each patch, forward and backward, --amp "
+               "(one view of pretraining)", "patch_max",
+               dict(P=128 * 64, M=32, K=512, C=384, dtype=_BF16),
+               dict(P=9, M=16, K=32, C=24, dtype=_BF16)),
 ]
 
 
@@ -209,6 +214,16 @@ def _inputs(case: KernelCase, sizes: dict, device: torch.device):
             return lambda: sum(fn(a, b)).backward()
         return ((s["n"], s["m"], s["dtype"], torch.float32, False), step(T.chamfer_l2_loss),
                 step(R.chamfer_l2_loss))
+    if case.op == "patch_max":
+        x = torch.randn(s["P"] * s["M"], s["K"], generator=g).to(device=device, dtype=s["dtype"])
+        w, b = (torch.randn(*shape, generator=g).to(device=device, dtype=s["dtype"])
+                for shape in ((s["C"], s["K"]), (s["C"],)))
+        grad = torch.randn(s["P"], s["C"], generator=g).to(device=device, dtype=s["dtype"])
+
+        def fwd_bwd(ops):  # as training runs it: the forward, then the three gradients
+            return lambda: ops.patch_max_bwd(grad, ops.patch_max_fwd(x, w, b, s["M"])[1], x, w,
+                                             s["M"], (True, True, True))
+        return ((s["M"], s["dtype"], True, s["C"], s["K"]), fwd_bwd(T), fwd_bwd(R))
     raise ValueError(case.op)
 
 

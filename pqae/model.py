@@ -61,6 +61,10 @@ class PatchEmbed(nn.Module):
     512 (the same map, to float32 rounding). The maxima are torch.max's, as the reference's:
     the gradient of tied points (duplicates) goes to one of them, and the backward is one
     scatter instead of amax's compare, count, divide and multiply over every point.
+
+    `fused` (the scripts' --fused-embed): fc4 and the max over each patch as one op,
+    `kernels.linear_patch_max`, whose Triton kernels on a GPU write neither fc4's (P*M, C)
+    output nor its gradient; the same map and gradients up to float rounding (off: as above).
     """
 
     def __init__(self, dim: int, hidden: int = 128):
@@ -68,6 +72,7 @@ class PatchEmbed(nn.Module):
         h1, h2, h3 = hidden, 2 * hidden, 4 * hidden  # 128, 256, 512 in the reference
         self.fc1, self.bn1, self.fc2 = nn.Linear(3, h1), nn.BatchNorm1d(h1), nn.Linear(h1, h2)
         self.fc3, self.bn2, self.fc4 = nn.Linear(2 * h2, h3), nn.BatchNorm1d(h3), nn.Linear(h3, dim)
+        self.fused = False
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         with phase("patch_embed"):
@@ -83,8 +88,19 @@ class PatchEmbed(nn.Module):
         w_glob, w_loc = self.fc3.weight[:, :h2], self.fc3.weight[:, h2:]  # global came first
         g = F.linear(glob, w_glob, self.fc3.bias)  # (P, 512)
         x = (F.linear(x, w_loc).reshape(P, M, -1) + g[:, None]).reshape(P * M, -1)
-        x = self.fc4(F.relu(self.bn2(x)))  # (P*M, C)
+        x = F.relu(self.bn2(x))
+        if self.fused:
+            return kernels.linear_patch_max(x.reshape(P, M, -1), self.fc4.weight, self.fc4.bias)
+        x = self.fc4(x)  # (P*M, C)
         return x.reshape(P, M, -1).max(dim=1).values  # (P, C)
+
+
+def fuse_embed(model: nn.Module, on: bool) -> nn.Module:
+    """--fused-embed: every PatchEmbed of `model` ends in kernels.linear_patch_max (or not)."""
+    for m in model.modules():
+        if isinstance(m, PatchEmbed):
+            m.fused = on
+    return model
 
 
 class Attention(nn.Module):

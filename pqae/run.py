@@ -72,6 +72,11 @@ class RunOptions:
     fused_adamw: bool = True
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
+    fused_embed: bool = False
+    """the patch embedding's last layer and its max over each patch's points as one op
+    (kernels.linear_patch_max): on a GPU, Triton kernels that write neither the layer's
+    per-point output nor its gradient. The same map and gradients up to float rounding (the
+    reference: a Conv1d, then the max). Off until a GPU has measured it."""
     accum_steps: int = 1
     """split each process's batch into this many micro-batches and step the optimizer once per
     batch: the global batch, and so the recipe's learning rate and schedule, stay; the
@@ -107,7 +112,7 @@ class RunOptions:
 
 HOW_TO_RUN = frozenset({
     "max_steps", "max_loss", "log_every", "device", "amp", "compile", "fused_adamw",
-    "accum_steps", "plan", "collective_timeout", "out_dir", "resume", "overwrite",
+    "fused_embed", "accum_steps", "plan", "collective_timeout", "out_dir", "resume", "overwrite",
     "data_on", "data_workers", "cuda_graph",
     "allow_config_change",
     "save_every", "keep_every", "keep_from", "vis_every", "probe_every", "probe_data",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["tests", "doctor", "kernels.bench", "pretrain.benchmark", "cost-model", "pretrain.graph",
-         "finetune.benchmark", "pretrain.host", "pretrain.real",
+         "pretrain.fused_embed", "finetune.benchmark", "pretrain.host", "pretrain.real",
          "pretrain.resume", "probe", "kernels.static"]
 
 
@@ -53,22 +53,26 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["cost-model"]["figures"]["paths"]["amp_compile"]["step_ms"] > 0
     assert "| amp_compile | encoder |" in md and "| fp32_plain | step |" in md
     doc = by["doctor"]["figures"]
-    assert doc["ready"] and len(doc["kernels"]) == 8 and all(k["ok"] for k in doc["kernels"])
+    assert doc["ready"] and len(doc["kernels"]) == 9 and all(k["ok"] for k in doc["kernels"])
     assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     graph = by["pretrain.graph"]["figures"]  # on a CPU the split step runs as is: no difference
     assert graph["max_loss_diff"] == 0
     assert set(graph["ms_per_step"]) == set(graph["finetune_ms_per_step"]) == {"eager", "graph"}
     assert "--cuda-graph (reference step, --amp --compile): eager" in md
+    fused = by["pretrain.fused_embed"]["figures"]  # on a CPU both take the reference path
+    assert fused["max_loss_diff"] == 0 and fused["fallback"] == []
+    assert set(fused["ms_per_step"]) == {"plain", "fused"}
+    assert "--fused-embed (reference step, --amp --compile): plain" in md
     for name in STEPS:
         assert f"| {name} | passed |" in md
     # every path printed its timing as soon as it had it: what a step cut short still keeps
     log = (tmp_path / "gpu-check.log").read_text()
     timed = [m.group(1) for m in map(_script().PROGRESS.match, log.splitlines()) if m]
     # pretraining, --cuda-graph's steps (pretraining, fine-tuning) without and with the graph,
-    # 2 fine-tunings
+    # the pretraining step without and with --fused-embed, 2 fine-tunings
     both = ["plain PyTorch fp32", "this config"]
-    assert timed == both + ["this config"] * 4 + both * 2
+    assert timed == both + ["this config"] * 6 + both * 2
 
 
 def test_a_failing_step_fails_the_check_with_its_log(tmp_path):

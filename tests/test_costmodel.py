@@ -212,6 +212,29 @@ def test_what_only_the_backward_reads_is_recomputed_from_inputs_in_memory():
     assert 3 * one + g <= bn[1].bytes <= 3 * one + g + small  # product, statistics, ReLU
 
 
+def test_fused_embed_is_costed_without_fc4s_per_point_output_or_gradient():
+    """--fused-embed under --amp --compile: fc4 and the patch max as kernels.linear_patch_max's
+    launches (one forward GEMM, four backward launches), the same GEMM FLOPs as fc4 (forward
+    and both gradients), and neither fc4's (P*M, C) output nor its scattered gradient moved:
+    six (P*M, C) bf16 passes fewer (the output written and read by the max; the gradient
+    scattered, read by both GEMMs and by the bias's sum)."""
+    from pqae.model import PatchEmbed, fuse_embed
+
+    P, M, h, C_ = 128, 32, 16, 48
+    costs = {}
+    for fused in (False, True):
+        meta = fuse_embed(PatchEmbed(C_, h), fused).to("meta").train()
+        rec = C.record(lambda: meta(torch.empty(P, M, 3, device="meta")).float().sum().backward(),
+                       amp=True)
+        ks = C.kernels_of(rec, "amp_compile", {}, ("patch_embed",))
+        costs[fused] = (sum(k.flops for k in ks), sum(k.bytes for k in ks),
+                        [k.ops for k in ks if any(o[0].startswith("patch_max") for o in k.ops)])
+    (flops0, bytes0, ops0), (flops1, bytes1, ops1) = costs[False], costs[True]
+    assert ops0 == [] and ops1 == [(("patch_max", "fwd"),)] + [(("patch_max_backward", "bwd"),)] * 4
+    assert flops1 == flops0
+    assert bytes0 - bytes1 >= 6 * P * M * C_ * 2
+
+
 def test_attention_is_charged_its_own_q_k_v_and_o():
     """A transformer block's attention under bf16: one kernel forward reading q, k and v (three
     slices of the qkv GEMM's output: three tensors' bytes, not one) and writing o; one kernel

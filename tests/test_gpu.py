@@ -95,6 +95,30 @@ def test_captured_step_replays_a_graph_without_host_syncs(tmp_path):
 
 
 @pytest.mark.parametrize("amp,compile", [(False, False), (True, True)])
+def test_fused_embed_step_matches_the_plain_step(tmp_path, amp, compile):
+    """--fused-embed on the GPU: its Triton kernels pass their check at first use, and 10
+    steps give the plain patch embedding's losses (float32: to rounding; bf16: as two bf16
+    paths agree, points tying once rounded may pass the max's gradient to another)."""
+    from kernels import verify
+
+    runs = {}
+    for fused in (False, True):
+        cfg = small_pretrain_config(tmp_path / str(fused), device="cuda", amp=amp,
+                                    compile=compile, max_steps=10, warmup_epochs=0,
+                                    fused_embed=fused)
+        env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+        model, train_model, optimizer = pretrain.build_training(cfg, env)
+        clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()
+        perm = pretrain.epoch_perm(cfg.seed, 0, len(clouds), env.device)
+        step = pretrain.make_train_step(cfg, model, train_model, optimizer, clouds, env)
+        runs[fused] = torch.tensor([step(i, perm)["loss"].item() for i in range(10)])
+    assert "patch_max" not in verify.summary()["fallback"]
+    assert any("patch_max" in k for k in verify.summary()["variants"])
+    tol = dict(rtol=2e-2, atol=1e-3) if amp else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(runs[True], runs[False], **tol)
+
+
+@pytest.mark.parametrize("amp,compile", [(False, False), (True, True)])
 def test_captured_finetuning_step_equals_the_eager_step(tmp_path, amp, compile):
     """finetune_cls.py --cuda-graph on the GPU: 10 steps (3 eager warm-ups, the capture,
     replays) give the eager step's losses and weights."""

@@ -389,6 +389,38 @@ def test_compile_compiles_once_and_matches_eager(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check; on a GPU test_gpu.py runs it")
+def test_fused_embed_step_matches_the_plain_step(tmp_path):
+    """--fused-embed (kernels.linear_patch_max) against the plain step from the same init: on
+    the reference path (CPU's) the same loss and gradient bit for bit; through its Triton
+    kernels (interpreted here) to float32 rounding, and under bf16 autocast as close as two
+    bf16 paths are (points whose fc4 outputs tie once rounded to bf16 may pass the max's
+    gradient to another of them)."""
+    pytest.importorskip("triton")
+    import kernels
+
+    def first_step(backend, fused, amp):
+        kernels.set_backend(backend)
+        try:
+            return _first_step(small_pretrain_config(
+                tmp_path, amp=amp, batch_size=4, procedural_shapes=8, num_points=128,
+                num_group=8, group_size=8, fused_embed=fused))
+        finally:
+            kernels.set_backend("auto")
+
+    loss, grad = first_step("reference", False, False)
+    loss_f, grad_f = first_step("reference", True, False)
+    assert loss_f == loss and torch.equal(grad_f, grad)
+    loss_t, grad_t = first_step("triton", True, False)
+    assert loss_t == pytest.approx(loss, rel=1e-6)
+    assert ((grad_t - grad).norm() / grad.norm()).item() < 1e-5
+    loss16, grad16 = first_step("reference", False, True)
+    loss16_t, grad16_t = first_step("triton", True, True)
+    assert loss16_t == pytest.approx(loss16, rel=1e-3)
+    assert ((grad16_t - grad16).norm() / grad16.norm()).item() < 0.05
+    assert torch.nn.functional.cosine_similarity(grad16_t, grad16, dim=0).item() > 0.998
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check; on a GPU test_gpu.py runs it")
 def test_step_through_triton_kernels_matches_reference_path(tmp_path):
     """The step the GPU runs (Triton grouping, and Chamfer with its Triton backward; here under
     TRITON_INTERPRET=1) equals the plain-PyTorch step: the same loss, and the same gradient to

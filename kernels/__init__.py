@@ -275,23 +275,36 @@ def chamfer_l2_loss(preds, targets, *, check: bool | None = None):
                      lambda: reference.chamfer_l2_loss(preds, targets))
 
 
-def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     *, add: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                     shift: torch.Tensor | None = None):
     """max over each patch's points of a linear layer: x (P, M, K), weight (C, K), bias (C,) ->
     (P, C) = F.linear(x, weight, bias).max(dim=1).values, differentiable (the gradient of tied
-    points goes to one of them). Under autocast, computed in its dtype as F.linear is."""
+    points goes to one of them). With add (P, K), scale (K,) and shift (K,), x is first
+    relu((x + add[:, None]) * scale + shift): a BatchNorm in affine form (scale and shift
+    from its statistics: pqae.syncbn.affine) and a ReLU, applied on chip on the Triton path.
+    Under autocast, computed in its dtype as F.linear is (x + add rounded to it; the affine
+    and ReLU in float32)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (P, M, K) tensor, got {_shape_of(x)}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[2]:
-        raise ValueError(f"weight must have shape (C, {x.shape[2]}) for x of shape "
+    p, m, k = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must have shape (C, {k}) for x of shape "
                          f"{tuple(x.shape)}, got {_shape_of(weight)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+    if (scale is None) != (shift is None) or (add is not None and scale is None):
+        raise ValueError("scale and shift come together (add only with them)")
+    for name, t, shape in (("add", add, (p, k)), ("scale", scale, (k,)), ("shift", shift, (k,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add), ("scale", scale),
+                    ("shift", shift)):
         if t is not None and t.dtype not in _FLOATS:
             raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
         if t is not None and t.device != x.device:
             raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
-    p, m, k = x.shape
     if p == 0 or m == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     from . import patch_max
@@ -301,7 +314,12 @@ def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
     x, weight = x.to(dtype).reshape(p * m, k), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    return patch_max.patch_max(x, weight, bias, m)[0]
+    if scale is not None:
+        if add is None:
+            add = x.new_zeros(p, k)
+        f32 = torch.promote_types(dtype, torch.float32)
+        add, scale, shift = add.to(dtype), scale.to(f32), shift.to(f32)
+    return patch_max.patch_max(x, weight, bias, add, scale, shift, m)[0]
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")

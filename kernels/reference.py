@@ -125,22 +125,45 @@ def chamfer_l2_loss(preds, targets):
     return [sum(d.mean() for d in chamfer_l2(a, b)) for a, b in zip(preds, targets)]
 
 
-def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int):
+
+def bn_relu(x: torch.Tensor, m: int, add: torch.Tensor, scale: torch.Tensor,
+            shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_patch_max's prologue: (y, relu(y * scale + shift)) with y = x + add[patch] in x's
+    dtype (as autocast's bf16 sum), the affine and ReLU in float32, the result in x's dtype."""
+    p, k = x.shape[0] // m, x.shape[1]
+    y = (x.reshape(p, m, k) + add[:, None]).reshape(p * m, k)
+    return y, torch.relu(y.float() * scale + shift).to(x.dtype)
+
+
+def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int,
+                  bn: tuple | None = None):
     """x (P*M, K), w (C, K), b (C,) or None -> (out (P, C), idx (P, C) int16): the max over each
-    patch's M rows of x w^T + b and the row that holds it (torch.max's)."""
+    patch's M rows of x w^T + b and the row that holds it (torch.max's). bn = (add (P, K),
+    scale (K,), shift (K,)): x is first relu((x + add[patch]) * scale + shift) (bn_relu)."""
+    if bn is not None:
+        x = bn_relu(x, m, *bn)[1]
     y = torch.nn.functional.linear(x, w, b)
     out, idx = y.reshape(-1, m, y.shape[-1]).max(dim=1)
     return out, idx.to(torch.int16)
 
 
 def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                  m: int, need: tuple[bool, bool, bool]):
+                  m: int, need: tuple[bool, bool, bool], bn: tuple | None = None):
     """The gradients (dx, dw, db) of patch_max_fwd given out's gradient g (P, C) and idx, as
     autograd computes them for linear + max: the max's gradient scattered to the winning rows,
-    then the linear's backward (None for those not in `need`)."""
+    then the linear's backward (None for those not in `need`). With bn, dx through the
+    prologue, and also add's gradient and (2, K) float32: scale's and shift's."""
     p, c = g.shape
     s = g.new_zeros(p, m, c).scatter_(1, idx.long()[:, None], g[:, None]).reshape(p * m, c)
-    dx = s.mm(w) if need[0] else None
-    dw = s.t().mm(x) if need[1] else None
+    y, a = bn_relu(x, m, *bn) if bn is not None else (None, x)
+    dx = s.mm(w) if need[0] or bn is not None else None
+    dw = s.t().mm(a) if need[1] else None
     db = s.sum(0) if need[2] else None
-    return dx, dw, db
+    if bn is None:
+        return dx, dw, db
+    add, scale, shift = bn
+    yf = y.float()
+    dz = dx.float() * (yf * scale + shift > 0)
+    dx32 = dz * scale
+    dadd = dx32.reshape(p, m, -1).sum(1).to(add.dtype)
+    return dx32.to(x.dtype), dw, db, dadd, torch.stack([(dz * yf).sum(0), dz.sum(0)])

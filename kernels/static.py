@@ -802,16 +802,21 @@ def sweep() -> list[Workload]:
             Workload("chamfer_general", "per-point Chamfer, tiled (> 64 points), fwd + bwd",
                      cd(100, 70))]
 
-    def patch_max(dtype):  # --fused-embed at the reference size: one view of pretraining
+    def patch_max(dtype, bn_relu=True):  # --fused-embed at the reference size: one view
         def run():
-            x, w, b = (_meta(*shape, dtype=dtype) for shape in ((8192 * 32, 512), (384, 512), (384,)))
-            idx = T.patch_max_fwd(x, w, b, 32)[1]
-            T.patch_max_bwd(_meta(8192, 384, dtype=dtype), idx, x, w, 32, (True, True, True))
+            x, w, b, add = (_meta(*shape, dtype=dtype)
+                            for shape in ((8192 * 32, 512), (384, 512), (384,), (8192, 512)))
+            bn = (add, _meta(512), _meta(512)) if bn_relu else None
+            idx = T.patch_max_fwd(x, w, b, 32, bn)[1]
+            T.patch_max_bwd(_meta(8192, 384, dtype=dtype), idx, x, w, 32, (True, True, True), bn)
         return run
 
     # (compile and spill check only: the cost report has no tensor-core model)
-    out += [Workload("patch_max_bf16", "fc4 + patch max, fwd + bwd, bf16", patch_max(_bf16())),
-            Workload("patch_max_fp32", "fc4 + patch max, fwd + bwd, float32", patch_max(None))]
+    out += [Workload("patch_max_bf16", "BatchNorm + ReLU + fc4 + patch max, fwd + bwd, bf16",
+                     patch_max(_bf16())),
+            Workload("patch_max_fp32", "the same in float32", patch_max(None)),
+            Workload("patch_max_bf16_plain", "fc4 + patch max (no prologue), bf16",
+                     patch_max(_bf16(), False))]
     return out
 
 

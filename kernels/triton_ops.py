@@ -796,12 +796,35 @@ def _pm_dot(a, b, acc, UP: tl.constexpr):
 
 
 @triton.jit
+def _narrow(x, dtype: tl.constexpr, UP: tl.constexpr):
+    """float32 x as `dtype`, rounded to nearest even. UP (the interpreter, which truncates to
+    bf16): the rounding done on the bits first, so that it narrows as the GPU does."""
+    if UP and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
 def _pm_rows(tile, P, M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr):
-    """The rows of a tile of PB whole patches: their global row index and whether it is real."""
+    """The rows of a tile of PB whole patches: their global row index, whether it is real, and
+    their patch."""
     r = tl.arange(0, PB * MP)
     patch = tile * PB + r // MP
     m = r % MP
-    return patch.to(tl.int64) * M + m, (m < M) & (patch < P)
+    return patch.to(tl.int64) * M + m, (m < M) & (patch < P), patch.to(tl.int64)
+
+
+@triton.jit
+def _pm_bn_relu(a, add_ptr, scale_ptr, shift_ptr, patch, k, ok, K, UP: tl.constexpr):
+    """The prologue on a tile a (rows, k) of x: y = a + add[patch] rounded to a's dtype (as
+    autocast's bf16 sum), then (y in float32, relu(y * scale + shift) in a's dtype)."""
+    add = tl.load(add_ptr + patch[:, None] * K + k[None, :], mask=ok, other=0.0)
+    y = _narrow(a.to(tl.float32) + add.to(tl.float32), a.dtype, UP).to(tl.float32)
+    z = y * tl.load(scale_ptr + k, mask=k < K, other=0.0)[None, :] \
+        + tl.load(shift_ptr + k, mask=k < K, other=0.0)[None, :]
+    return y, _narrow(tl.maximum(z, 0.0), a.dtype, UP)
 
 
 @triton.jit
@@ -823,20 +846,23 @@ def _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M: tl.constexpr, MP: tl.const
 
 
 @triton.jit
-def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr, P, K, C,
-                          M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
+def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, out_ptr, idx_ptr,
+                          P, K, C, M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
                           BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          UP: tl.constexpr):
+                          BN_RELU: tl.constexpr, UP: tl.constexpr):
     # x (P*M, K), w (C, K), b (C,) -> out (P, C) = max over each patch's M rows of x w^T + b,
-    # idx (P, C) int16: the first row reaching it (NaN: out is NaN)
+    # idx (P, C) int16: the first row reaching it (NaN: out is NaN). BN_RELU: x is first
+    # relu((x + add[patch]) * scale + shift) (_pm_bn_relu)
     tile = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    row, row_ok = _pm_rows(tile, P, M, MP, PB)
+    row, row_ok, patch = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for k0 in range(0, K, BK):  # cost: k
         k = k0 + tl.arange(0, BK)
-        a = tl.load(x_ptr + row[:, None] * K + k[None, :],
-                    mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+        ok = row_ok[:, None] & (k < K)[None, :]
+        a = tl.load(x_ptr + row[:, None] * K + k[None, :], mask=ok, other=0.0)
+        if BN_RELU:
+            a = _pm_bn_relu(a, add_ptr, scale_ptr, shift_ptr, patch, k, ok, K, UP)[1]
         b = tl.load(w_ptr + n[None, :] * K + k[:, None],
                     mask=(k < K)[:, None] & (n < C)[None, :], other=0.0)
         acc = _pm_dot(a, b, acc, UP)
@@ -850,18 +876,22 @@ def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr, P, K, C,
     p = tile * PB + tl.arange(0, PB)
     off = p.to(tl.int64)[:, None] * C + n[None, :]
     ok = (p < P)[:, None] & (n < C)[None, :]
-    tl.store(out_ptr + off, top.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + off, _narrow(top, out_ptr.dtype.element_ty, UP), mask=ok)
     tl.store(idx_ptr + off, win.to(tl.int16), mask=ok)
 
 
 @triton.jit
-def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, P, K, C,
-                         M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
-                         BN: tl.constexpr, BC: tl.constexpr, UP: tl.constexpr):
-    # dx (P*M, K) = S w, S (P*M, C) the max's sparse gradient (built per tile, never stored)
+def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr,
+                         dadd_ptr, part_ptr, P, K, C, M: tl.constexpr, MP: tl.constexpr,
+                         PB: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                         BN_RELU: tl.constexpr, UP: tl.constexpr):
+    # dx (P*M, K) = S w, S (P*M, C) the max's sparse gradient (built per tile, never stored).
+    # BN_RELU: through the prologue, dz = (S w) [y * scale + shift > 0] (S w rounded to x's
+    # dtype, as the GEMM's output), dx = dz * scale, dadd (P, K) its sum over each patch, and
+    # this tile's sums of dz * y and dz (part (2, tiles, K)): scale's and shift's gradients
     tile = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    row, row_ok = _pm_rows(tile, P, M, MP, PB)
+    row, row_ok, patch = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for c0 in range(0, C, BC):  # cost: c
         c = c0 + tl.arange(0, BC)
@@ -869,24 +899,41 @@ def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, P, K, C,
         w = tl.load(w_ptr + c[:, None] * K + n[None, :], mask=(c < C)[:, None] & (n < K)[None, :],
                     other=0.0)
         acc = _pm_dot(s.to(w.dtype), w, acc, UP)
-    tl.store(dx_ptr + row[:, None] * K + n[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (n < K)[None, :])
+    ok = row_ok[:, None] & (n < K)[None, :]
+    if BN_RELU:
+        xv = tl.load(x_ptr + row[:, None] * K + n[None, :], mask=ok, other=0.0)
+        y, a = _pm_bn_relu(xv, add_ptr, scale_ptr, shift_ptr, patch, n, ok, K, UP)
+        dz = tl.where(a > 0, _narrow(acc, dx_ptr.dtype.element_ty, UP).to(tl.float32), 0.0)
+        acc = dz * tl.load(scale_ptr + n, mask=n < K, other=0.0)[None, :]
+        p = tile * PB + tl.arange(0, PB)
+        dadd = tl.sum(tl.reshape(acc, (PB, MP, BN)), axis=1)
+        tl.store(dadd_ptr + p.to(tl.int64)[:, None] * K + n[None, :],
+                 _narrow(dadd, dadd_ptr.dtype.element_ty, UP),
+                 mask=(p < P)[:, None] & (n < K)[None, :])
+        tiles = tl.num_programs(0)
+        tl.store(part_ptr + tile * K + n, tl.sum(dz * y, axis=0), mask=n < K)
+        tl.store(part_ptr + (tiles + tile) * K + n, tl.sum(dz, axis=0), mask=n < K)
+    tl.store(dx_ptr + row[:, None] * K + n[None, :], _narrow(acc, dx_ptr.dtype.element_ty, UP),
+             mask=ok)
 
 
 @triton.jit
-def _patch_max_dw_kernel(g_ptr, idx_ptr, x_ptr, part_ptr, P, K, C, TILES,
-                         M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
-                         BC: tl.constexpr, BK: tl.constexpr, UP: tl.constexpr):
+def _patch_max_dw_kernel(g_ptr, idx_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, part_ptr,
+                         P, K, C, TILES, M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr,
+                         BC: tl.constexpr, BK: tl.constexpr, BN_RELU: tl.constexpr,
+                         UP: tl.constexpr):
     # part[s] (C, K) = S^T x over the TILES patch tiles of split s (summed by the caller:
-    # deterministic, no atomics)
+    # deterministic, no atomics); BN_RELU: x through the prologue, recomputed
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     split = tl.program_id(2)
     acc = tl.zeros((BC, BK), tl.float32)
     for tile in range(split * TILES, (split + 1) * TILES):  # cost: tiles
-        row, row_ok = _pm_rows(tile, P, M, MP, PB)
-        x = tl.load(x_ptr + row[:, None] * K + k[None, :], mask=row_ok[:, None] & (k < K)[None, :],
-                    other=0.0)
+        row, row_ok, patch = _pm_rows(tile, P, M, MP, PB)
+        ok = row_ok[:, None] & (k < K)[None, :]
+        x = tl.load(x_ptr + row[:, None] * K + k[None, :], mask=ok, other=0.0)
+        if BN_RELU:
+            x = _pm_bn_relu(x, add_ptr, scale_ptr, shift_ptr, patch, k, ok, K, UP)[1]
         s = _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M, MP, PB, BC, True)
         acc = _pm_dot(s.to(x.dtype), x, acc, UP)
     off = split.to(tl.int64) * C * K + c[:, None] * K + k[None, :]
@@ -894,13 +941,13 @@ def _patch_max_dw_kernel(g_ptr, idx_ptr, x_ptr, part_ptr, P, K, C, TILES,
 
 
 @triton.jit
-def _sum_parts_kernel(part_ptr, out_ptr, S, N, BLOCK: tl.constexpr):
+def _sum_parts_kernel(part_ptr, out_ptr, S, N, BLOCK: tl.constexpr, UP: tl.constexpr):
     # out (N,) = the sum of part (S, N) over S, in float32, stored in out's dtype
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in range(0, S):  # cost: parts
         acc += tl.load(part_ptr + s * N + i, mask=i < N, other=0.0)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < N)
+    tl.store(out_ptr + i, _narrow(acc, out_ptr.dtype.element_ty, UP), mask=i < N)
 
 
 def _pm_tile(m: int, rows: int) -> tuple[int, int]:
@@ -909,41 +956,53 @@ def _pm_tile(m: int, rows: int) -> tuple[int, int]:
     return mp, max(1, rows // mp)
 
 
-def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int):
+def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int,
+                  bn: tuple | None = None):
     """x (P*M, K), w (C, K), b (C,) or None, all of x's dtype -> (out (P, C) of x's dtype,
-    idx (P, C) int16). Groups of more than PATCH_MAX_M points use the reference."""
+    idx (P, C) int16). bn = (add (P, K) of x's dtype, scale (K,), shift (K,) float32): x is
+    first relu((x + add[patch]) * scale + shift). Groups of more than PATCH_MAX_M points use
+    the reference."""
     if m > PATCH_MAX_M:
-        return reference.patch_max_fwd(x, w, b, m)
+        return reference.patch_max_fwd(x, w, b, m, bn)
     x, w = x.contiguous(), w.contiguous()
     (pm, k), c = x.shape, w.shape[0]
     p = pm // m
     mp, pb = _pm_tile(m, _PM_ROWS)
-    bn = min(128, max(16, triton.next_power_of_2(c)))
+    bn_ = min(128, max(16, triton.next_power_of_2(c)))
+    add, scale, shift = (t.contiguous() for t in bn) if bn is not None else (x, x, x)
     out = torch.empty(p, c, device=x.device, dtype=x.dtype)
     idx = torch.empty(p, c, device=x.device, dtype=torch.int16)
-    _launch(_patch_max_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn)), x, w,
-            x if b is None else b.contiguous(), out, idx, p, k, c, M=m, MP=mp, PB=pb, BN=bn,
-            BK=32, HAS_BIAS=b is not None, UP=_INTERPRET, num_warps=8, num_stages=3,
-            trips={"k": triton.cdiv(k, 32)})
+    _launch(_patch_max_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn_)), x, w,
+            x if b is None else b.contiguous(), add, scale, shift, out, idx, p, k, c, M=m, MP=mp,
+            PB=pb, BN=bn_, BK=32, HAS_BIAS=b is not None, BN_RELU=bn is not None, UP=_INTERPRET,
+            num_warps=8, num_stages=3, trips={"k": triton.cdiv(k, 32)})
     return out, idx
 
 
 def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                  m: int, need: tuple[bool, bool, bool]):
+                  m: int, need: tuple[bool, bool, bool], bn: tuple | None = None):
     """The gradients (dx (P*M, K), dw (C, K), db (C,)) of patch_max_fwd's out, given its
-    gradient g (P, C) and idx; those not in `need` are None."""
+    gradient g (P, C) and idx; those not in `need` are None. With bn, through the prologue,
+    and also dadd (P, K) and (2, K) float32: the gradients of scale and shift."""
     if m > PATCH_MAX_M:
-        return reference.patch_max_bwd(g, idx, x, w, m, need)
+        return reference.patch_max_bwd(g, idx, x, w, m, need, bn)
     g, x, w = g.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
     (pm, k), c = x.shape, w.shape[0]
     p = pm // m
-    dx = dw = db = None
-    if need[0]:
+    add, scale, shift = (t.contiguous() for t in bn) if bn is not None else (x, x, x)
+    dx = dw = db = dadd = part = None
+    if need[0] or bn is not None:
         mp, pb = _pm_tile(m, _PM_ROWS)
-        bn = min(128, max(16, triton.next_power_of_2(k)))
+        # (the prologue's epilogue holds four more tiles: 128 columns spill on Triton 3.6)
+        bn_ = min(128 if bn is None else 64, max(16, triton.next_power_of_2(k)))
+        tiles = triton.cdiv(p, pb)
         dx = torch.empty_like(x)
-        _launch(_patch_max_dx_kernel, (triton.cdiv(p, pb), triton.cdiv(k, bn)), g, idx, w, dx,
-                p, k, c, M=m, MP=mp, PB=pb, BN=bn, BC=32, UP=_INTERPRET, num_warps=8,
+        if bn is not None:
+            dadd = torch.empty_like(add)
+            part = torch.empty(2, tiles, k, device=x.device, dtype=torch.float32)
+        _launch(_patch_max_dx_kernel, (tiles, triton.cdiv(k, bn_)), g, idx, w, dx, x, add, scale,
+                shift, dx if dadd is None else dadd, dx if part is None else part, p, k, c, M=m,
+                MP=mp, PB=pb, BN=bn_, BC=32, BN_RELU=bn is not None, UP=_INTERPRET, num_warps=8,
                 num_stages=3, trips={"c": triton.cdiv(c, 32)})
     if need[1]:
         mp, pb = _pm_tile(m, _PM_DW_ROWS)
@@ -953,13 +1012,16 @@ def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.
         blocks = triton.cdiv(c, bc) * triton.cdiv(k, bk)
         per = triton.cdiv(tiles, max(1, min(tiles, _PM_PROGRAMS // blocks)))
         splits = triton.cdiv(tiles, per)
-        part = torch.empty(splits, c, k, device=x.device, dtype=torch.float32)
+        parts = torch.empty(splits, c, k, device=x.device, dtype=torch.float32)
         _launch(_patch_max_dw_kernel, (triton.cdiv(c, bc), triton.cdiv(k, bk), splits), g, idx,
-                x, part, p, k, c, per, M=m, MP=mp, PB=pb, BC=bc, BK=bk, UP=_INTERPRET,
-                num_warps=4, num_stages=3, trips={"tiles": per})
+                x, add, scale, shift, parts, p, k, c, per, M=m, MP=mp, PB=pb, BC=bc, BK=bk,
+                BN_RELU=bn is not None, UP=_INTERPRET, num_warps=4, num_stages=3,
+                trips={"tiles": per})
         dw = torch.empty_like(w)
-        _launch(_sum_parts_kernel, (triton.cdiv(c * k, 1024),), part, dw, splits, c * k,
-                BLOCK=1024, num_warps=4, trips={"parts": splits})
+        _launch(_sum_parts_kernel, (triton.cdiv(c * k, 1024),), parts, dw, splits, c * k,
+                BLOCK=1024, UP=_INTERPRET, num_warps=4, trips={"parts": splits})
     if need[2]:
         db = g.sum(0, dtype=w.dtype)
-    return dx, dw, db
+    if bn is None:
+        return dx, dw, db
+    return dx, dw, db, dadd, part.sum(1)

@@ -397,14 +397,15 @@ def spec(op: str, *shape) -> Spec | None:
                f"grad_b={int(grad_b)}]")
         return Spec(op, key, lambda d: _probe_chamfer_loss(d, n, m, da, db, grad_b))
     if op == "patch_max":
-        m, dtype, has_bias, c, k = shape
+        m, dtype, has_bias, c, k, bn_relu = shape
         if m > T.PATCH_MAX_M:
             return None
         pb = T._pm_tile(m, T._PM_ROWS)[1]
         key = (f"patch_max[m={m},{str(dtype).replace('torch.', '')},bias={int(has_bias)},"
-               f"c={min(128, _np2(c))},k={min(128, _np2(k))}]")
+               f"c={min(128, _np2(c))},k={min(128, _np2(k))},bn_relu={int(bn_relu)}]")
         sizes = (_probe_size(c, 16), _probe_size(k, 16))
-        return Spec(op, key, lambda d: _probe_patch_max(d, 2 * pb + 1, m, *sizes, dtype, has_bias))
+        return Spec(op, key, lambda d: _probe_patch_max(d, 2 * pb + 1, m, *sizes, dtype, has_bias,
+                                                        bn_relu))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -484,11 +485,13 @@ def _probe_chamfer_loss(device, n: int, m: int, da, db, grad_b: bool) -> tuple[f
     return _worst(*checks)
 
 
-def _probe_patch_max(device, p: int, m: int, c: int, k: int, dtype,
-                     has_bias: bool) -> tuple[bool, float, str]:
+def _probe_patch_max(device, p: int, m: int, c: int, k: int, dtype, has_bias: bool,
+                     bn_relu: bool) -> tuple[bool, float, str]:
     """linear + patch max over p patches (the last tile partly full), forward and backward,
     against the reference in float32 from the same (rounded) inputs; patch 1 repeats one
-    point, so that every channel ties and its first row must win."""
+    point, so that every channel ties and its first row must win. With the BatchNorm + ReLU
+    prologue the inputs lie on grids that keep y * scale + shift exact and off zero (no
+    rounding can move a point across the ReLU)."""
     from . import triton_ops as T
 
     gen = torch.Generator().manual_seed(12)
@@ -497,22 +500,33 @@ def _probe_patch_max(device, p: int, m: int, c: int, k: int, dtype,
     w = torch.randn(c, k, generator=gen) * k ** -0.5
     b = torch.randn(c, generator=gen) if has_bias else None
     g = torch.randn(p, c, generator=gen)
+    bn = None
+    if bn_relu:
+        x = torch.round(x * 4) / 4
+        add = torch.round(torch.randn(p, k, generator=gen) * 4) / 4
+        scale = 2.0 ** torch.randint(-1, 2, (k,), generator=gen).float()
+        shift = torch.round(torch.randn(k, generator=gen) * 4) / 8 + 1 / 16
+        bn = (add.to(dtype), scale, shift)
     x, w, g = x.to(dtype), w.to(dtype), g.to(dtype)
     b = None if b is None else b.to(dtype)
     dev = [t if t is None else t.to(device) for t in (x, w, b, g)]
-    out, idx = T.patch_max_fwd(*dev[:3], m)
-    grads = T.patch_max_bwd(dev[3], idx, dev[0], dev[1], m, (True, True, has_bias))
+    bn_dev = None if bn is None else tuple(t.to(device) for t in bn)
+    out, idx = T.patch_max_fwd(*dev[:3], m, bn_dev)
+    grads = T.patch_max_bwd(dev[3], idx, dev[0], dev[1], m, (True, True, has_bias), bn_dev)
     x32, w32, g32 = x.float(), w.float(), g.float()
     b32 = None if b is None else b.float()
-    want, _ = reference.patch_max_fwd(x32, w32, b32, m)
-    y = torch.nn.functional.linear(x32, w32, b32).reshape(p, m, c)
+    bn32 = None if bn is None else (bn[0].float(), bn[1], bn[2])
+    want, _ = reference.patch_max_fwd(x32, w32, b32, m, bn32)
+    a32 = x32 if bn is None else reference.bn_relu(x32, m, *bn32)[1]
+    y = torch.nn.functional.linear(a32, w32, b32).reshape(p, m, c)
     idx = idx.long().cpu()
     low = dtype in (torch.bfloat16, torch.float16)
     tol, gtol = (_TOL["grad_low"], _TOL["grad_low"]) if low else (_TOL["value"], _TOL["grad"])
     checks = [_value_err("max", out, want, tol),
               _value_err("value at the argmax", y.gather(1, idx[:, None]).squeeze(1), want, tol),
               _index_err("argmax of the repeated point", idx[1], torch.zeros_like(idx[1]))]
-    ref = reference.patch_max_bwd(g32, idx, x32, w32, m, (True, True, has_bias))
+    ref = reference.patch_max_bwd(g32, idx, x32, w32, m, (True, True, has_bias), bn32)
+    names = ("x", "weight", "bias", "add", "scale", "shift")
     checks += [_value_err(f"grad {name}", got, r, gtol)
-               for name, got, r in zip(("x", "weight", "bias"), grads, ref) if r is not None]
+               for name, got, r in zip(names, grads, ref) if r is not None]
     return _worst(*checks)

@@ -102,9 +102,10 @@ _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std"
            "argmin", "topk", "sort", "cumsum", "norm", "linalg_vector_norm", "_softmax",
            "_log_softmax", "native_layer_norm", "native_layer_norm_backward",
            "_softmax_backward_data"}
-_LAUNCHES = {"patch_max_backward": 4}
-"""launches of an op that runs several kernels (kernels.linear_patch_max's backward: the input
-and weight gradients' GEMMs, the sum of the weight gradient's split-K parts, the bias's sum)"""
+_LAUNCHES = {"patch_max_backward": 5}
+"""launches of an op that runs several kernels (kernels.linear_patch_max's backward, as the
+patch embedding calls it: the input and weight gradients' GEMMs, the sums of the weight
+gradient's split-K parts, of the BatchNorm scale's and shift's per-tile parts, and the bias's)"""
 _BATCHNORM = {"native_batch_norm", "_native_batch_norm_legit",
               "_native_batch_norm_legit_functional", "_batch_norm_with_update",
               "batch_norm_backward", "native_batch_norm_backward"}

@@ -178,8 +178,8 @@ CASES = [
     KernelCase("partseg, semseg", "feature propagation: 3 nearest of 128 centres per point",
                "knn", dict(B=16, S=2048, N=128, k=3), dict(B=2, S=40, N=100, k=3)),
     KernelCase("all four training scripts, with --fused-embed",
-               "the patch embedding's fc4 + max over each patch, forward and backward, --amp "
-               "(one view of pretraining)", "patch_max",
+               "the patch embedding's BatchNorm + ReLU + fc4 + max over each patch, forward "
+               "and backward, --amp (one view of pretraining)", "patch_max",
                dict(P=128 * 64, M=32, K=512, C=384, dtype=_BF16),
                dict(P=9, M=16, K=32, C=24, dtype=_BF16)),
 ]
@@ -215,15 +215,16 @@ def _inputs(case: KernelCase, sizes: dict, device: torch.device):
         return ((s["n"], s["m"], s["dtype"], torch.float32, False), step(T.chamfer_l2_loss),
                 step(R.chamfer_l2_loss))
     if case.op == "patch_max":
-        x = torch.randn(s["P"] * s["M"], s["K"], generator=g).to(device=device, dtype=s["dtype"])
-        w, b = (torch.randn(*shape, generator=g).to(device=device, dtype=s["dtype"])
-                for shape in ((s["C"], s["K"]), (s["C"],)))
-        grad = torch.randn(s["P"], s["C"], generator=g).to(device=device, dtype=s["dtype"])
+        x, w, b, add, grad = (torch.randn(*shape, generator=g).to(device=device, dtype=s["dtype"])
+                              for shape in ((s["P"] * s["M"], s["K"]), (s["C"], s["K"]), (s["C"],),
+                                            (s["P"], s["K"]), (s["P"], s["C"])))
+        bn = (add, torch.rand(s["K"], generator=g).to(device) + 0.5,
+              torch.randn(s["K"], generator=g).to(device))
 
-        def fwd_bwd(ops):  # as training runs it: the forward, then the three gradients
-            return lambda: ops.patch_max_bwd(grad, ops.patch_max_fwd(x, w, b, s["M"])[1], x, w,
-                                             s["M"], (True, True, True))
-        return ((s["M"], s["dtype"], True, s["C"], s["K"]), fwd_bwd(T), fwd_bwd(R))
+        def fwd_bwd(ops):  # as training runs it: the forward, then the gradients
+            return lambda: ops.patch_max_bwd(grad, ops.patch_max_fwd(x, w, b, s["M"], bn)[1], x,
+                                             w, s["M"], (True, True, True), bn)
+        return ((s["M"], s["dtype"], True, s["C"], s["K"], True), fwd_bwd(T), fwd_bwd(R))
     raise ValueError(case.op)
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from pqae import syncbn
 from pqae.data import rotate_y
 from pqae.profiling import phase
 
@@ -62,9 +63,11 @@ class PatchEmbed(nn.Module):
     the gradient of tied points (duplicates) goes to one of them, and the backward is one
     scatter instead of amax's compare, count, divide and multiply over every point.
 
-    `fused` (the scripts' --fused-embed): fc4 and the max over each patch as one op,
-    `kernels.linear_patch_max`, whose Triton kernels on a GPU write neither fc4's (P*M, C)
-    output nor its gradient; the same map and gradients up to float rounding (off: as above).
+    `fused` (the scripts' --fused-embed): bn2, the ReLU, fc4 and the max over each patch as
+    one op, `kernels.linear_patch_max`, with bn2 in affine form from its statistics
+    (`syncbn.affine`, which keeps the running statistics as bn2 would): its Triton kernels on
+    a GPU write neither fc4's (P*M, C) output, nor its gradient, nor bn2's and the ReLU's
+    (P*M, 512) outputs. The same map and gradients up to float rounding (off: as above).
     """
 
     def __init__(self, dim: int, hidden: int = 128):
@@ -87,11 +90,13 @@ class PatchEmbed(nn.Module):
         # patch, the local part per point; the (P*M, 512) concatenation never exists.
         w_glob, w_loc = self.fc3.weight[:, :h2], self.fc3.weight[:, h2:]  # global came first
         g = F.linear(glob, w_glob, self.fc3.bias)  # (P, 512)
-        x = (F.linear(x, w_loc).reshape(P, M, -1) + g[:, None]).reshape(P * M, -1)
-        x = F.relu(self.bn2(x))
-        if self.fused:
-            return kernels.linear_patch_max(x.reshape(P, M, -1), self.fc4.weight, self.fc4.bias)
-        x = self.fc4(x)  # (P*M, C)
+        local = F.linear(x, w_loc).reshape(P, M, -1)
+        x = (local + g[:, None]).reshape(P * M, -1)
+        if self.fused:  # bn2, ReLU, fc4 and the max in one op; bn2's statistics from x
+            scale, shift = syncbn.affine(self.bn2, x)
+            return kernels.linear_patch_max(local, self.fc4.weight, self.fc4.bias, add=g,
+                                            scale=scale, shift=shift)
+        x = self.fc4(F.relu(self.bn2(x)))  # (P*M, C)
         return x.reshape(P, M, -1).max(dim=1).values  # (P, C)
 
 

@@ -53,25 +53,85 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         shape = (1, C) if x.dim() == 2 else (1, C, 1)
         # statistics in float32 (as BatchNorm under autocast), float64 stays float64
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean, var, n = self.global_stats(xf, dims)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            _track(self, mean, var, n / (n - 1).clamp_min(1))
+        return y
+
+    def global_stats(self, xf: torch.Tensor, dims: tuple = (0,)):
+        """(mean, biased variance, count) per channel of xf over `dims` and every process."""
+        C = self.num_features
         var_l, mean_l = torch.var_mean(xf, dim=dims, correction=0)  # this rank's, stable
-        n_l = x.numel() // C
+        n_l = xf.numel() // C
         g = _AllGather.apply(torch.cat([mean_l, var_l * n_l, xf.new_full((1,), n_l)]))
         counts = g[:, 2 * C:]  # (world, 1)
         n = counts.sum()
         mean = (counts * g[:, :C]).sum(0) / n
         var = (g[:, C:2 * C].sum(0) + (counts * (g[:, :C] - mean).square()).sum(0)) / n
-        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / self.num_batches_tracked.float() if self.momentum is None
-                     else self.momentum)  # (a tensor weight: no host read)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-                unbiased = var * (n / (n - 1).clamp_min(1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
-        return y
+        return mean, var, n
+
+
+def _track(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, unbias) -> None:
+    """BatchNorm's running statistics after a training batch of this mean and biased variance
+    (`unbias`: n / (n - 1), the factor to the unbiased variance)."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        m = (1.0 / bn.num_batches_tracked.float() if bn.momentum is None
+             else bn.momentum)  # (a tensor weight: no host read)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
+        bn.running_var.lerp_((var * unbias).to(bn.running_var.dtype), m)
+
+
+class _VarMean(torch.autograd.Function):
+    """torch.var_mean(x, dim=0, correction=0) whose backward uses the saved mean: one
+    elementwise pass, dx = (dmean + 2 dvar (x - mean)) / N (torch's recomputes the mean, a
+    second pass over x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, dvar, dmean):
+        x, mean = ctx.saved_tensors
+        n = x.shape[0]
+        dx = 0.0
+        if dvar is not None:
+            dx = (x - mean) * (dvar * (2.0 / n))
+        if dmean is not None:
+            dx = dx + dmean / n
+        return dx
+
+
+def affine(bn: nn.BatchNorm1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift), float32 (float64 for float64), with which `bn`
+    normalises x (N, C) in its present mode: bn(x) == x * scale + shift up to rounding. In
+    training the batch's statistics (a GlobalBatchNorm1d's under DDP: the global batch's),
+    and the running ones updated as bn's forward would; else the running ones. For a kernel
+    that applies the BatchNorm itself (kernels.linear_patch_max's prologue)."""
+    if bn.training or not bn.track_running_stats:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        if isinstance(bn, GlobalBatchNorm1d) and bn.training and dist.is_available() \
+                and dist.is_initialized() and dist.get_world_size() > 1:
+            mean, var, n = bn.global_stats(xf)
+            unbias = n / (n - 1).clamp_min(1)
+        else:
+            var, mean = _VarMean.apply(xf)
+            unbias = x.shape[0] / max(x.shape[0] - 1, 1)
+        if bn.training and bn.track_running_stats:
+            _track(bn, mean, var, unbias)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+        return scale, bn.bias - mean * scale
+    return scale, -mean * scale
 
 
 def convert(module: nn.Module) -> nn.Module:

@@ -60,8 +60,9 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert graph["max_loss_diff"] == 0
     assert set(graph["ms_per_step"]) == set(graph["finetune_ms_per_step"]) == {"eager", "graph"}
     assert "--cuda-graph (reference step, --amp --compile): eager" in md
-    fused = by["pretrain.fused_embed"]["figures"]  # on a CPU both take the reference path
-    assert fused["max_loss_diff"] == 0 and fused["fallback"] == []
+    fused = by["pretrain.fused_embed"]["figures"]  # on a CPU: the op's reference path
+    assert fused["max_loss_diff"] <= 0.05 * max(fused["losses"]["False"])  # the step's check
+    assert fused["fallback"] == []
     assert set(fused["ms_per_step"]) == {"plain", "fused"}
     assert "--fused-embed (reference step, --amp --compile): plain" in md
     for name in STEPS:

@@ -35,38 +35,64 @@ def interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
 
 
-# (patches, points per patch, in channels, out channels, bias, dtype): partial last tiles,
-# a group size that is not a power of two, channels that are not multiples of the blocks
-CASES = [(9, 32, 40, 70, True, torch.float32), (5, 20, 16, 24, False, torch.float32),
-         (3, 64, 24, 150, True, torch.float32), (6, 32, 48, 40, True, torch.bfloat16)]
+def _bn(p, k, dtype, seed=1):
+    """(add, scale, shift) of the BatchNorm + ReLU prologue, about half the points above 0."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(p, k, generator=g).to(dtype), torch.rand(k, generator=g) + 0.5,
+            torch.randn(k, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("p,m,k,c,bias,dtype", CASES)
-def test_triton_matches_reference(interpreted, p, m, k, c, bias, dtype):
+# (patches, points per patch, in channels, out channels, bias, dtype, prologue): partial last
+# tiles, a group size that is not a power of two, channels that are not multiples of the
+# blocks
+CASES = [(9, 32, 40, 70, True, torch.float32, False), (5, 20, 16, 24, False, torch.float32, False),
+         (3, 64, 24, 150, True, torch.float32, False), (6, 32, 48, 40, True, torch.bfloat16, False),
+         (9, 32, 40, 70, True, torch.float32, True), (5, 20, 16, 24, False, torch.float32, True),
+         (6, 32, 48, 40, True, torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("p,m,k,c,bias,dtype,prologue", CASES)
+def test_triton_matches_reference(interpreted, p, m, k, c, bias, dtype, prologue):
+    """The kernels against the reference, from the same inputs and the kernel's argmax. In
+    float32 elementwise; in bf16 as relative L2 errors, as bf16 rounding can move a point
+    across the ReLU (the whole gradient of that value changes)."""
     x, w, b, g = _inputs(p, m, k, c, dtype, bias)
-    out, idx = triton_ops.patch_max_fwd(_on(x), _on(w), _on(b), m)
+    bn = _bn(p, k, dtype) if prologue else None
+    out, idx = triton_ops.patch_max_fwd(_on(x), _on(w), _on(b), m,
+                                        None if bn is None else tuple(map(_on, bn)))
     out, idx = out.cpu(), idx.cpu().long()
     assert out.dtype == dtype and out.shape == (p, c) and idx.shape == (p, c)
-    x32, w32, g32 = x.float(), w.float(), g.float()
-    b32 = None if b is None else b.float()
-    want, want_idx = R.patch_max_fwd(x32, w32, b32, m)
+    want, want_idx = R.patch_max_fwd(x, w, b, m, bn)
     low = dtype != torch.float32
-    tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.float(), want, **tol)
-    y = F.linear(x32, w32, b32).reshape(p, m, c)
-    torch.testing.assert_close(y.gather(1, idx[:, None]).squeeze(1), want, **tol)  # a max
+
+    def close(a, r, what):
+        a, r = a.cpu().float(), r.float()
+        if low:
+            assert ((a - r).norm() / r.norm()).item() < 2e-2, what
+            if what in ("max", "grad x"):
+                # rounded to bf16 as the GPU does (to nearest even; the interpreter alone
+                # truncates): nearly all equal, bit for bit
+                assert (a != r).float().mean().item() < 0.05, what
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=lambda s: f"{what}: {s}")
+
+    close(out, want, "max")
+    a = x if bn is None else R.bn_relu(x, m, *bn)[1]
+    y = F.linear(a.float(), w.float(), None if b is None else b.float()).reshape(p, m, c)
+    close(y.gather(1, idx[:, None]).squeeze(1), want, "value at the argmax")  # a max
     assert idx.min() >= 0 and idx.max() < m
     if not low:
         assert (idx == want_idx.long()).float().mean() > 0.99  # (near-ties may differ)
     got = triton_ops.patch_max_bwd(_on(g), _on(idx.to(torch.int16)), _on(x), _on(w), m,
-                                   (True, True, bias))
-    ref = R.patch_max_bwd(g32, idx, x32, w32, m, (True, True, bias))
-    for name, a, r in zip(("x", "weight", "bias"), got, ref):
+                                   (True, True, bias), None if bn is None else tuple(map(_on, bn)))
+    ref = R.patch_max_bwd(g, idx, x, w, m, (True, True, bias), bn)
+    assert len(got) == len(ref) == (5 if prologue else 3)
+    for name, a, r in zip(("x", "weight", "bias", "add", "scale and shift"), got, ref):
         if r is None:
             assert a is None
             continue
-        assert a.dtype == dtype, name
-        torch.testing.assert_close(a.cpu().float(), r, **tol, msg=lambda s: f"grad {name}: {s}")
+        assert a.dtype == r.dtype and a.shape == r.shape, name
+        close(a, r, f"grad {name}")
 
 
 def test_ties_go_to_the_first_point_and_nan_propagates(interpreted):
@@ -95,7 +121,8 @@ def test_one_split_and_many_of_the_weight_gradient(interpreted, monkeypatch):
 
 
 def test_public_op_equals_linear_then_max_with_gradients():
-    """On CPU (the reference path) the op is F.linear + max, values and gradients."""
+    """On CPU (the reference path) the op is F.linear + max, values and gradients; with the
+    prologue, F.linear of relu((x + add) * scale + shift), the gradients of all six inputs."""
     x = torch.randn(6, 10, 12, requires_grad=True)
     w = torch.randn(20, 12, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
@@ -107,6 +134,14 @@ def test_public_op_equals_linear_then_max_with_gradients():
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
     with torch.autocast("cpu", torch.bfloat16):
         assert kernels.linear_patch_max(x, w, b).dtype == torch.bfloat16  # as F.linear
+    # with the BatchNorm + ReLU prologue: the gradients of add, scale and shift too
+    add, scale, shift = (t.requires_grad_() for t in _bn(6, 12, torch.float32))
+    args = (x, w, b, add, scale, shift)
+    y = kernels.linear_patch_max(x, w, b, add=add, scale=scale, shift=shift)
+    r = F.linear(torch.relu((x + add[:, None]) * scale + shift), w, b).max(dim=1).values
+    torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6)
+    for a, e in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(r, args, g)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -114,10 +149,16 @@ def test_public_op_equals_linear_then_max_with_gradients():
     ((torch.zeros(2, 6, 12), torch.zeros(20, 11)), r"weight must have shape \(C, 12\).*\(20, 11\)"),
     ((torch.zeros(2, 6, 12), torch.zeros(20, 12), torch.zeros(19)), r"bias must have shape \(20,\)"),
     ((torch.zeros(2, 6, 12, dtype=torch.long), torch.zeros(20, 12)), "x must be a float tensor"),
+    ((torch.zeros(2, 6, 12), torch.zeros(20, 12), None, torch.zeros(2, 12), torch.zeros(12), None),
+     "scale and shift come together"),
+    ((torch.zeros(2, 6, 12), torch.zeros(20, 12), None, torch.zeros(3, 12), torch.zeros(12),
+      torch.zeros(12)), r"add must have shape \(2, 12\) for x of shape \(2, 6, 12\), got \(3, 12\)"),
 ])
 def test_bad_input_raises(args, match):
+    x, w, *rest = args
+    b, add, scale, shift = rest + [None] * (4 - len(rest))
     with pytest.raises(ValueError, match=match):
-        kernels.linear_patch_max(*args)
+        kernels.linear_patch_max(x, w, b, add=add, scale=scale, shift=shift)
 
 
 def test_check_at_first_use_catches_a_wrong_kernel(fresh, monkeypatch):
@@ -157,42 +198,69 @@ def _embeds(seed=0):
 def _fwd_bwd(model, pts):
     y = model(pts)
     grads = torch.autograd.grad(y.float().square().sum(), list(model.parameters()))
-    return y, grads, (model.bn1.running_mean.clone(), model.bn2.running_var.clone())
+    return y, grads, [b.clone() for b in model.buffers()]
 
 
 @pytest.mark.parametrize("triton", [False, True])
 def test_fused_patch_embed_equals_the_plain_one(fresh, triton):
     """PatchEmbed with fused=True against fused=False: forward, parameter gradients and the
-    BatchNorms' running statistics, in training mode; on CPU's reference path bit for bit, on
-    the Triton path (interpreted here) to float32 rounding."""
+    BatchNorms' running statistics over two training steps, then eval mode; on CPU's
+    reference path and on the Triton path (interpreted here) to float32 rounding (bn2 in
+    affine form rounds differently)."""
     kernels.set_backend("triton" if triton else "reference")
     plain, fused = _embeds()
-    pts = torch.randn(10, 24, 3)
-    (y0, g0, s0), (y1, g1, s1) = _fwd_bwd(plain.to(DEV), pts.to(DEV)), _fwd_bwd(fused.to(DEV), pts.to(DEV))
-    tol = dict(rtol=1e-5, atol=1e-5) if triton else dict(rtol=0, atol=0)
-    torch.testing.assert_close(y1, y0, **tol)
+    plain, fused = plain.to(DEV), fused.to(DEV)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for step in range(3):
+        if step == 2:
+            plain.eval(), fused.eval()
+        pts = (torch.randn(10, 24, 3) * (step + 1)).to(DEV)
+        (y0, g0, s0), (y1, g1, s1) = _fwd_bwd(plain, pts), _fwd_bwd(fused, pts)
+        torch.testing.assert_close(y1, y0, **tol)
+        # relative to the whole gradient: in training the biases before a BatchNorm have a
+        # gradient of 0 up to rounding
+        scale = torch.cat([b.flatten() for b in g0]).norm()
+        for a, b in zip(g1, g0):
+            assert ((a - b).norm() / scale).item() < 1e-5
+        for a, b in zip(s1, s0):  # running means, variances, batches tracked
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert int(fused.bn2.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_fused_patch_embed_under_bf16_autocast(fresh, triton):
+    """Under bf16 autocast the fused PatchEmbed is as close to the plain one as bf16 allows
+    (relative L2 of the output and of every parameter's gradient)."""
+    kernels.set_backend("triton" if triton else "reference")
+    plain, fused = _embeds(2)
+    pts = torch.randn(12, 32, 3).to(DEV)
+    with torch.autocast(DEV.type, torch.bfloat16):
+        (y0, g0, _), (y1, g1, _) = _fwd_bwd(plain.to(DEV), pts), _fwd_bwd(fused.to(DEV), pts)
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    assert ((y1.float() - y0.float()).norm() / y0.float().norm()).item() < 1e-2
+    scale = torch.cat([b.flatten() for b in g0]).norm()  # (as in the test above)
     for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(s1, s0):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert ((a - b).norm() / scale).item() < 3e-2
 
 
 def test_compile_traces_the_fused_op_in_one_graph():
     """torch.compile sees pqae::patch_max as one op: the fused PatchEmbed compiles without a
-    graph break and gives what eager gives, in float32 and under bf16 autocast."""
+    graph break and gives what it gives eagerly, in float32 and under bf16 autocast."""
+    import copy
+
     import torch._dynamo
 
-    plain, fused = _embeds(1)
+    _, fused = _embeds(1)
+    twin = copy.deepcopy(fused)
     pts = torch.randn(6, 16, 3)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
         for amp in (False, True):
             with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                got, want = _fwd_bwd(compiled, pts), _fwd_bwd(plain, pts)
+                got, want = _fwd_bwd(compiled, pts), _fwd_bwd(fused, pts)
             assert got[0].dtype == (torch.bfloat16 if amp else torch.float32)
-            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-            for a, b in zip(got[1], want[1]):
+            for a, b in [(got[0], want[0]), *zip(got[1], want[1]), *zip(got[2], want[2])]:
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     finally:
         torch._dynamo.reset()

@@ -61,7 +61,7 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(check):
     assert {"group_pretrain_both_views", "chamfer_pretrain_both_views_fwd_bwd",
             "chamfer_pretrain_both_views_fwd_bwd_bf16", "fps_finetune_2048",
             "group_finetune_2048", "group_modelnet8k", "knn_partseg_propagate",
-            "patch_max_bf16", "patch_max_fp32"} <= names
+            "patch_max_bf16", "patch_max_fp32", "patch_max_bf16_plain"} <= names
     # FPS up to FPS_MAX_N, in both variants (coordinates carried / reloaded)
     fps = [r["meta"] for r in rows if r["kernel"] == "_fps_kernel"]
     assert max(m["BLOCK"] for m in fps) == 8192

@@ -65,6 +65,23 @@ def _worker(rank: int, init: str, dtype: torch.dtype, tol: float):
         ref.eval()
         x = torch.randn(4, 3, 7, generator=g, dtype=dtype)
         torch.testing.assert_close(mine["conv"](x), ref["conv"](x), rtol=tol, atol=tol)
+        # syncbn.affine (the BatchNorm that kernels.linear_patch_max applies itself): the
+        # global batch's scale and shift, their gradients, the running statistics
+        bns = [nn.BatchNorm1d(6).to(dtype), syncbn.convert(nn.Sequential(nn.BatchNorm1d(6)))[0]]
+        bns[1].to(dtype)
+        z = (torch.randn(10, 6, generator=g, dtype=dtype) * 2 + 1).requires_grad_(True)
+        w3 = torch.randn(10, 6, generator=g, dtype=dtype)
+        zr = z.detach()[part].clone().requires_grad_(True)
+        (bns[0](z) * w3).sum().backward()
+        scale, shift = syncbn.affine(bns[1], zr)
+        ((zr * scale + shift) * w3[part]).sum().backward()
+        torch.testing.assert_close(zr.grad, z.grad[part], rtol=tol, atol=tol)
+        for p_ref, p_mine in zip(bns[0].parameters(), bns[1].parameters()):
+            grad = p_mine.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, p_ref.grad, rtol=tol, atol=tol)
+        for b_ref, b_mine in zip(bns[0].buffers(), bns[1].buffers()):
+            torch.testing.assert_close(b_mine, b_ref, rtol=tol, atol=tol)
         dist.barrier()  # both ranks done before either tears gloo down (an early one aborts)
     finally:
         dist.destroy_process_group()
@@ -100,6 +117,35 @@ def test_compiles_as_one_graph_under_ddp():
     """torch.compile traces the collective: one graph, no break (SyncBatchNorm breaks it)."""
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_compiled_worker, args=(f"file://{os.path.join(d, 'store')}",), nprocs=2)
+
+
+def test_affine_is_the_batchnorm_in_one_process():
+    """syncbn.affine without a process group: x * scale + shift is nn.BatchNorm1d's output,
+    with its gradients and running statistics (momentum 0.1 and None), then in eval mode."""
+    for momentum in (0.1, None):
+        torch.manual_seed(0)
+        bn, twin = nn.BatchNorm1d(5, momentum=momentum), nn.BatchNorm1d(5, momentum=momentum)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+        twin.load_state_dict(bn.state_dict())
+        for step in range(3):
+            if step == 2:
+                bn.eval(), twin.eval()
+            x = (torch.randn(16, 5) * 3 + step).requires_grad_(True)
+            x2 = x.detach().clone().requires_grad_(True)
+            w = torch.randn(16, 5)
+            out = bn(x)
+            (out * w).sum().backward()
+            scale, shift = syncbn.affine(twin, x2)
+            y = x2 * scale + shift
+            (y * w).sum().backward()
+            torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+            for a, b in zip(twin.parameters(), bn.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            for a, b in zip(twin.buffers(), bn.buffers()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert int(twin.num_batches_tracked) == 2
 
 
 def test_single_process_is_plain_batchnorm(monkeypatch):

@@ -86,13 +86,15 @@ def _track(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, unbias) ->
 
 
 class _VarMean(torch.autograd.Function):
-    """torch.var_mean(x, dim=0, correction=0) whose backward uses the saved mean: one
-    elementwise pass, dx = (dmean + 2 dvar (x - mean)) / N (torch's recomputes the mean, a
-    second pass over x)."""
+    """torch.var_mean(x, dim=0, correction=0) in float32 (float64 stays float64) of x (N, C),
+    keeping x in its own dtype for the backward (not its float32 copy), which uses the saved
+    mean: one elementwise pass, dx = (dmean + 2 dvar (x - mean)) / N (torch's recomputes the
+    mean, a second pass over x)."""
 
     @staticmethod
     def forward(ctx, x):
-        var, mean = torch.var_mean(x, dim=0, correction=0)
+        var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=0,
+                                   correction=0)
         ctx.save_for_backward(x, mean)
         return var, mean
 
@@ -105,7 +107,7 @@ class _VarMean(torch.autograd.Function):
             dx = (x - mean) * (dvar * (2.0 / n))
         if dmean is not None:
             dx = dx + dmean / n
-        return dx
+        return dx.to(x.dtype)
 
 
 def affine(bn: nn.BatchNorm1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,13 +117,12 @@ def affine(bn: nn.BatchNorm1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     and the running ones updated as bn's forward would; else the running ones. For a kernel
     that applies the BatchNorm itself (kernels.linear_patch_max's prologue)."""
     if bn.training or not bn.track_running_stats:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         if isinstance(bn, GlobalBatchNorm1d) and bn.training and dist.is_available() \
                 and dist.is_initialized() and dist.get_world_size() > 1:
-            mean, var, n = bn.global_stats(xf)
+            mean, var, n = bn.global_stats(x.to(torch.promote_types(x.dtype, torch.float32)))
             unbias = n / (n - 1).clamp_min(1)
         else:
-            var, mean = _VarMean.apply(xf)
+            var, mean = _VarMean.apply(x)
             unbias = x.shape[0] / max(x.shape[0] - 1, 1)
         if bn.training and bn.track_running_stats:
             _track(bn, mean, var, unbias)

@@ -125,7 +125,6 @@ def chamfer_l2_loss(preds, targets):
     return [sum(d.mean() for d in chamfer_l2(a, b)) for a, b in zip(preds, targets)]
 
 
-
 def bn_relu(x: torch.Tensor, m: int, add: torch.Tensor, scale: torch.Tensor,
             shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """linear_patch_max's prologue: (y, relu(y * scale + shift)) with y = x + add[patch] in x's

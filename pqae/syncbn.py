@@ -42,9 +42,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     Parameters, buffers and state-dict keys are those of nn.BatchNorm1d; in eval mode, or in a
     single process, it is nn.BatchNorm1d."""
 
+    def global_batch(self) -> bool:
+        """Whether training statistics come from every process (training, several of them)."""
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not self.global_batch():
             return super().forward(x)
         if x.dim() not in (2, 3):
             raise ValueError(f"expected (N, C) or (N, C, L) input, got {tuple(x.shape)}")
@@ -117,8 +121,7 @@ def affine(bn: nn.BatchNorm1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     and the running ones updated as bn's forward would; else the running ones. For a kernel
     that applies the BatchNorm itself (kernels.linear_patch_max's prologue)."""
     if bn.training or not bn.track_running_stats:
-        if isinstance(bn, GlobalBatchNorm1d) and bn.training and dist.is_available() \
-                and dist.is_initialized() and dist.get_world_size() > 1:
+        if isinstance(bn, GlobalBatchNorm1d) and bn.global_batch():
             mean, var, n = bn.global_stats(x.to(torch.promote_types(x.dtype, torch.float32)))
             unbias = n / (n - 1).clamp_min(1)
         else:

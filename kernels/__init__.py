@@ -29,6 +29,12 @@ Public API
     dtype under autocast. On the Triton path the GEMMs take the max (forward) and build its
     sparse gradient (backward) on chip: neither (P*M, C) tensor is written (``patch_max.py``).
 
+``point_mlp_max(x, w1, b1, w2, b2, *, scale, shift) -> (y (P, M, C), out (P, C))``
+    The patch embedding's first half (``--fused-embed``): y = fc2(relu(bn(fc1(x)))) of the
+    points x (P, M, K0), the BatchNorm in affine form (``pqae.syncbn.linear_affine``), and
+    y's max over each patch. On the Triton path the forward GEMM computes fc1 and the
+    BatchNorm from the points on chip, and writes only y and the max (``patch_max.py``).
+
 Inputs may be float32 / bfloat16 / float16 (computed in float32; float64 is computed in
 float64 by the reference and in float32 by Triton) and non-contiguous. Bad input raises
 ``ValueError`` naming the argument and its shape.
@@ -79,7 +85,7 @@ import torch
 from . import reference
 
 __all__ = ["fps", "knn", "group", "group_views", "chamfer_l2", "chamfer_l2_loss",
-           "linear_patch_max", "set_backend",
+           "linear_patch_max", "point_mlp_max", "set_backend",
            "get_backend", "CHECK_FINITE", "TRITON_DEVICES"]
 
 CHECK_FINITE = True
@@ -320,6 +326,51 @@ def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         f32 = torch.promote_types(dtype, torch.float32)
         add, scale, shift = add.to(dtype), scale.to(f32), shift.to(f32)
     return patch_max.patch_max(x, weight, bias, add, scale, shift, m)[0]
+
+
+def point_mlp_max(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, *, scale: torch.Tensor, shift: torch.Tensor):
+    """Two pointwise layers and the max over each patch: x (P, M, K0), w1 (H, K0), b1, scale,
+    shift (H,), w2 (C, H), b2 (C,) -> (y (P, M, C), out (P, C)) with
+    y = F.linear(relu(F.linear(x, w1, b1) * scale + shift), w2, b2) and out = y.max(dim=1):
+    the patch embedding's fc1, BatchNorm (in affine form: pqae.syncbn.linear_affine), ReLU and
+    fc2, and its patch max. Differentiable in every argument but x (the points, which are
+    data). The first layer and the affine in float32; under autocast, the ReLU's output, fc2
+    and y in autocast's dtype (as F.linear), else in w2's."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (P, M, K0) tensor, got {_shape_of(x)}")
+    p, m, k0 = x.shape
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 2 or w1.shape[1] != k0:
+        raise ValueError(f"w1 must have shape (H, {k0}) for x of shape {tuple(x.shape)}, got "
+                         f"{_shape_of(w1)}")
+    h = w1.shape[0]
+    if not isinstance(w2, torch.Tensor) or w2.dim() != 2 or w2.shape[1] != h:
+        raise ValueError(f"w2 must have shape (C, {h}) for w1 of shape {tuple(w1.shape)}, got "
+                         f"{_shape_of(w2)}")
+    for name, t, shape in (("b1", b1, (h,)), ("scale", scale, (h,)), ("shift", shift, (h,)),
+                           ("b2", b2, (w2.shape[0],))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {_shape_of(t)}")
+    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("scale", scale),
+                    ("shift", shift)):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
+    if p == 0 or m == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("point_mlp_max takes no gradient for x (the points are data); pass "
+                         "x.detach()")
+    from . import patch_max
+
+    dev = x.device.type
+    autocast = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else w2.dtype
+    f32 = torch.promote_types(x.dtype, torch.float32)
+    first = (t.to(f32) for t in (x.reshape(p * m, k0), w1, b1, scale, shift))
+    y, out, _ = patch_max.point_mlp(*first, w2.to(dtype), b2.to(dtype), m)
+    return y.reshape(p, m, -1), out
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")

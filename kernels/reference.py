@@ -166,3 +166,42 @@ def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.
     dx32 = dz * scale
     dadd = dx32.reshape(p, m, -1).sum(1).to(add.dtype)
     return dx32.to(x.dtype), dw, db, dadd, torch.stack([(dz * yf).sum(0), dz.sum(0)])
+
+
+def point_mlp_h(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """point_mlp's first layer: (z, a, h) with z = x w1^T + b1 and a = z * scale + shift in
+    float32, h = relu(a) in `dtype` (the second layer's)."""
+    z = torch.nn.functional.linear(x, w1, b1)
+    a = z * scale + shift
+    return z, a, torch.relu(a).to(dtype)
+
+
+def point_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, scale: torch.Tensor,
+                  shift: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, m: int):
+    """x (P*M, K0), w1 (H, K0), b1, scale, shift (H,), all float32; w2 (C, H), b2 (C,) of the
+    output dtype -> (y (P*M, C), out (P, C), idx (P, C) int16): y = relu((x w1^T + b1) * scale
+    + shift) w2^T + b2, the first layer and the affine in float32 (point_mlp_h), and y's max
+    over each patch's M rows with the row that holds it (torch.max's)."""
+    y = torch.nn.functional.linear(point_mlp_h(x, w1, b1, scale, shift, w2.dtype)[2], w2, b2)
+    out, idx = y.reshape(-1, m, y.shape[-1]).max(dim=1)
+    return y, out, idx.to(torch.int16)
+
+
+def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+                  w1: torch.Tensor, b1: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                  w2: torch.Tensor, m: int):
+    """point_mlp_fwd's gradients given y's gy (P*M, C) and out's g (P, C), of w2's dtype:
+    (dw2b (C*H + C,) of w2's dtype: w2's gradient (C, H) flattened, then b2's; sums (2 + K0, H)
+    float32). With G = gy + the max's gradient scattered to the winning rows (added in w2's
+    dtype, as autograd adds them), dw2 = G^T h and db2 = G's sum over the rows; with
+    dz = (G w2)[a > 0] in float32 (not rounded to w2's dtype: its sums feed BatchNorm's
+    backward, whose terms cancel), sums holds the sums over the rows of dz, dz * z and dz * x[:, j]: the
+    gradients of shift and scale, and, times scale, those of b1 and w1 (H, K0) transposed."""
+    p, c = g.shape
+    s = g.new_zeros(p, m, c).scatter_(1, idx.long()[:, None], g[:, None]).reshape(p * m, c)
+    G = gy + s
+    z, a, h = point_mlp_h(x, w1, b1, scale, shift, w2.dtype)
+    dz = G.float().mm(w2.float()) * (a > 0)  # (bf16 products are exact in float32)
+    sums = torch.cat([dz.sum(0)[None], (dz * z).sum(0)[None], x.t().mm(dz)])
+    return torch.cat([G.t().mm(h).reshape(-1), G.sum(0)]), sums

@@ -824,7 +824,7 @@ def _pm_bn_relu(a, add_ptr, scale_ptr, shift_ptr, patch, k, ok, K, UP: tl.conste
     y = _narrow(a.to(tl.float32) + add.to(tl.float32), a.dtype, UP).to(tl.float32)
     z = y * tl.load(scale_ptr + k, mask=k < K, other=0.0)[None, :] \
         + tl.load(shift_ptr + k, mask=k < K, other=0.0)[None, :]
-    return y, _narrow(tl.maximum(z, 0.0), a.dtype, UP)
+    return y, _narrow(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), a.dtype, UP)
 
 
 @triton.jit
@@ -868,6 +868,14 @@ def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, ou
         acc = _pm_dot(a, b, acc, UP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < C, other=0.0).to(tl.float32)[None, :]
+    _pm_store_max(acc, row_ok, tile, n, out_ptr, idx_ptr, P, C, M, MP, PB, BN, UP)
+
+
+@triton.jit
+def _pm_store_max(acc, row_ok, tile, n, out_ptr, idx_ptr, P, C, M: tl.constexpr,
+                  MP: tl.constexpr, PB: tl.constexpr, BN: tl.constexpr, UP: tl.constexpr):
+    """The max over each patch's rows of a tile's (PB * MP, BN) float32 values (NaN if any is
+    NaN, as torch.max) to out[patch, n], and its first row to idx (int16)."""
     v = tl.reshape(tl.where(row_ok[:, None], acc, float("-inf")), (PB, MP, BN))
     top, win = tl.max(v, axis=1, return_indices=True, return_indices_tie_break_left=True)
     nan = tl.max((v != v).to(tl.int32), axis=1) > 0  # torch.max propagates NaN
@@ -1025,3 +1033,183 @@ def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.
     if bn is None:
         return dx, dw, db
     return dx, dw, db, dadd, part.sum(1)
+
+
+# ----------------------------------------------------------------------------- point_mlp
+# The patch embedding's first half: y = relu((x w1^T + b1) * scale + shift) w2^T + b2 of the
+# points x (P*M, K0), and y's max over each patch. The first layer (K0 = 3) and the affine
+# are a few FMAs per element: every kernel recomputes h = relu(...) from x for the tile it
+# needs instead of reading it, so neither fc1's output nor h is ever written or read.
+_MLP_ROWS = 128  # rows (whole patches) of a tile of the forward and of the input gradient
+_MLP_DW_ROWS = 64  # rows a step of the weight gradient's reduction covers
+
+
+@triton.jit
+def _mlp_h(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, row, row_ok, k, H, K0: tl.constexpr,
+           dtype: tl.constexpr, UP: tl.constexpr):
+    """The first layer on a tile's rows and the columns k of h: (z, a) in float32 and
+    h = relu(a) in `dtype` (reference.point_mlp_h)."""
+    kok = k < H
+    z = tl.zeros((row.shape[0], k.shape[0]), tl.float32) \
+        + tl.load(b1_ptr + k, mask=kok, other=0.0)[None, :]
+    for j in tl.static_range(K0):
+        xj = tl.load(x_ptr + row * K0 + j, mask=row_ok, other=0.0)
+        z += xj[:, None] * tl.load(w1_ptr + k * K0 + j, mask=kok, other=0.0)[None, :]
+    a = z * tl.load(scale_ptr + k, mask=kok, other=0.0)[None, :] \
+        + tl.load(shift_ptr + k, mask=kok, other=0.0)[None, :]
+    return z, a, _narrow(tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL), dtype, UP)
+
+
+@triton.jit
+def _mlp_grad(gy_ptr, g_ptr, idx_ptr, tile, row, row_ok, c, P, C, M: tl.constexpr,
+              MP: tl.constexpr, PB: tl.constexpr, BC: tl.constexpr, TRANS: tl.constexpr,
+              UP: tl.constexpr):
+    """y's whole gradient on a tile's rows and the channels c: gy + the max's gradient at the
+    winning rows, added in gy's dtype (as autograd adds them); (rows, BC), or (BC, rows) with
+    TRANS."""
+    s = _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M, MP, PB, BC, TRANS)
+    if TRANS:
+        off, ok = row[None, :] * C + c[:, None], row_ok[None, :] & (c < C)[:, None]
+    else:
+        off, ok = row[:, None] * C + c[None, :], row_ok[:, None] & (c < C)[None, :]
+    gy = tl.load(gy_ptr + off, mask=ok, other=0.0)
+    return _narrow(gy.to(tl.float32) + s.to(tl.float32), gy.dtype, UP)
+
+
+@triton.jit
+def _mlp_fwd_kernel(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, w2_ptr, b2_ptr, y_ptr, out_ptr,
+                    idx_ptr, P, H, C, K0: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                    PB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UP: tl.constexpr):
+    # y (P*M, C) = h w2^T + b2, h = relu((x w1^T + b1) * scale + shift) made per tile from x;
+    # out, idx (P, C): y's max over each patch and its first row
+    tile = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
+    acc = tl.zeros((PB * MP, BN), tl.float32)
+    for k0 in range(0, H, BK):  # cost: h
+        k = k0 + tl.arange(0, BK)
+        h = _mlp_h(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, row, row_ok, k, H, K0,
+                   w2_ptr.dtype.element_ty, UP)[2]
+        w = tl.load(w2_ptr + n[None, :] * H + k[:, None],
+                    mask=(k < H)[:, None] & (n < C)[None, :], other=0.0)
+        acc = _pm_dot(h, w, acc, UP)
+    acc += tl.load(b2_ptr + n, mask=n < C, other=0.0).to(tl.float32)[None, :]
+    y = _narrow(acc, y_ptr.dtype.element_ty, UP)
+    tl.store(y_ptr + row[:, None] * C + n[None, :], y, mask=row_ok[:, None] & (n < C)[None, :])
+    # the max of y as stored (rounded), as the reference takes it
+    _pm_store_max(y.to(tl.float32), row_ok, tile, n, out_ptr, idx_ptr, P, C, M, MP, PB, BN, UP)
+
+
+@triton.jit
+def _mlp_dh_kernel(gy_ptr, g_ptr, idx_ptr, x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, w2_ptr,
+                   part_ptr, P, H, C, K0: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                   PB: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, UP: tl.constexpr):
+    # dz = (G w2)[a > 0] on a tile (G: y's whole gradient, built per tile; G w2 in float32),
+    # reduced at once over the tile's rows to
+    # part[tile] (2 + K0, H): the sums of dz, dz * z and dz * x[:, j]. Nothing per row is written
+    tile = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
+    acc = tl.zeros((PB * MP, BN), tl.float32)
+    for c0 in range(0, C, BC):  # cost: c
+        c = c0 + tl.arange(0, BC)
+        G = _mlp_grad(gy_ptr, g_ptr, idx_ptr, tile, row, row_ok, c, P, C, M, MP, PB, BC, False,
+                      UP)
+        w = tl.load(w2_ptr + c[:, None] * H + n[None, :],
+                    mask=(c < C)[:, None] & (n < H)[None, :], other=0.0)
+        acc = _pm_dot(G, w, acc, UP)
+    z, a, _ = _mlp_h(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, row, row_ok, n, H, K0,
+                     w2_ptr.dtype.element_ty, UP)
+    dz = tl.where(a > 0, acc, 0.0)
+    out = part_ptr + tile.to(tl.int64) * (2 + K0) * H + n
+    tl.store(out, tl.sum(dz, axis=0), mask=n < H)
+    tl.store(out + H, tl.sum(dz * z, axis=0), mask=n < H)
+    for j in tl.static_range(K0):
+        xj = tl.load(x_ptr + row * K0 + j, mask=row_ok, other=0.0)
+        tl.store(out + (2 + j) * H, tl.sum(dz * xj[:, None], axis=0), mask=n < H)
+
+
+@triton.jit
+def _mlp_dw_kernel(gy_ptr, g_ptr, idx_ptr, x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr,
+                   part_ptr, P, H, C, TILES, K0: tl.constexpr, M: tl.constexpr,
+                   MP: tl.constexpr, PB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                   UP: tl.constexpr):
+    # part[s] (C*H + C) = [G^T h, G's sum over the rows] over the TILES patch tiles of split s
+    # (summed by the caller: deterministic, no atomics); h recomputed from x
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    split = tl.program_id(2)
+    acc = tl.zeros((BC, BK), tl.float32)
+    colsum = tl.zeros((BC,), tl.float32)
+    for tile in range(split * TILES, (split + 1) * TILES):  # cost: tiles
+        row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
+        G = _mlp_grad(gy_ptr, g_ptr, idx_ptr, tile, row, row_ok, c, P, C, M, MP, PB, BC, True,
+                      UP)
+        h = _mlp_h(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, row, row_ok, k, H, K0,
+                   G.dtype, UP)[2]
+        acc = _pm_dot(G, h, acc, UP)
+        colsum += tl.sum(G.to(tl.float32), axis=1)
+    out = part_ptr + split.to(tl.int64) * (C * H + C)
+    tl.store(out + c[:, None] * H + k[None, :], acc, mask=(c < C)[:, None] & (k < H)[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(out + C * H + c, colsum, mask=c < C)
+
+
+def point_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, scale: torch.Tensor,
+                  shift: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, m: int):
+    """reference.point_mlp_fwd: (y (P*M, C), out (P, C) of w2's dtype, idx (P, C) int16).
+    Groups of more than PATCH_MAX_M points use the reference."""
+    if m > PATCH_MAX_M:
+        return reference.point_mlp_fwd(x, w1, b1, scale, shift, w2, b2, m)
+    x, w1, b1, scale, shift, w2, b2 = (t.contiguous() for t in (x, w1, b1, scale, shift, w2, b2))
+    (pm, k0), (c, h) = x.shape, w2.shape
+    p = pm // m
+    mp, pb = _pm_tile(m, _MLP_ROWS)
+    bn = min(128, max(16, triton.next_power_of_2(c)))
+    bk = min(64, max(16, triton.next_power_of_2(h)))
+    y = torch.empty(pm, c, device=x.device, dtype=w2.dtype)
+    out = torch.empty(p, c, device=x.device, dtype=w2.dtype)
+    idx = torch.empty(p, c, device=x.device, dtype=torch.int16)
+    _launch(_mlp_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn)), x, w1, b1, scale, shift,
+            w2, b2, y, out, idx, p, h, c, K0=k0, M=m, MP=mp, PB=pb, BN=bn, BK=bk, UP=_INTERPRET,
+            num_warps=8, num_stages=3, trips={"h": triton.cdiv(h, bk)})
+    return y, out, idx
+
+
+def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+                  w1: torch.Tensor, b1: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                  w2: torch.Tensor, m: int):
+    """reference.point_mlp_bwd: (dw2b (C*H + C,) of w2's dtype, sums (2 + K0, H) float32), in
+    four launches: the input gradient's GEMM reduced per tile, fc2's weight gradient split over
+    patches, and the sums of each one's parts."""
+    if m > PATCH_MAX_M:
+        return reference.point_mlp_bwd(gy, g, idx, x, w1, b1, scale, shift, w2, m)
+    gy, g = gy.to(w2.dtype).contiguous(), g.to(w2.dtype).contiguous()
+    x, w1, b1, scale, shift, w2 = (t.contiguous() for t in (x, w1, b1, scale, shift, w2))
+    (pm, k0), (c, h) = x.shape, w2.shape
+    p = pm // m
+    mp, pb = _pm_tile(m, _MLP_ROWS)
+    bn = min(64, max(16, triton.next_power_of_2(h)))
+    tiles = triton.cdiv(p, pb)
+    part = torch.empty(tiles, (2 + k0) * h, device=x.device, dtype=torch.float32)
+    _launch(_mlp_dh_kernel, (tiles, triton.cdiv(h, bn)), gy, g, idx, x, w1, b1, scale, shift, w2,
+            part, p, h, c, K0=k0, M=m, MP=mp, PB=pb, BN=bn, BC=32, UP=_INTERPRET, num_warps=8,
+            num_stages=3, trips={"c": triton.cdiv(c, 32)})
+    sums = torch.empty(2 + k0, h, device=x.device, dtype=torch.float32)
+    _launch(_sum_parts_kernel, (triton.cdiv((2 + k0) * h, 1024),), part, sums, tiles,
+            (2 + k0) * h, BLOCK=1024, UP=_INTERPRET, num_warps=4, trips={"parts": tiles})
+    mp, pb = _pm_tile(m, _MLP_DW_ROWS)
+    bc = min(64, max(16, triton.next_power_of_2(c)))
+    bk = min(128 if w2.element_size() == 2 else 32, max(16, triton.next_power_of_2(h)))
+    tiles = triton.cdiv(p, pb)
+    blocks = triton.cdiv(c, bc) * triton.cdiv(h, bk)
+    per = triton.cdiv(tiles, max(1, min(tiles, _PM_PROGRAMS // blocks)))
+    splits = triton.cdiv(tiles, per)
+    parts = torch.empty(splits, c * h + c, device=x.device, dtype=torch.float32)
+    _launch(_mlp_dw_kernel, (triton.cdiv(c, bc), triton.cdiv(h, bk), splits), gy, g, idx, x, w1,
+            b1, scale, shift, parts, p, h, c, per, K0=k0, M=m, MP=mp, PB=pb, BC=bc, BK=bk,
+            UP=_INTERPRET, num_warps=4, num_stages=3, trips={"tiles": per})
+    dw2b = torch.empty(c * h + c, device=x.device, dtype=w2.dtype)
+    _launch(_sum_parts_kernel, (triton.cdiv(c * h + c, 1024),), parts, dw2b, splits, c * h + c,
+            BLOCK=1024, UP=_INTERPRET, num_warps=4, trips={"parts": splits})
+    return dw2b, sums

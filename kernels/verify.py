@@ -406,6 +406,15 @@ def spec(op: str, *shape) -> Spec | None:
         sizes = (_probe_size(c, 16), _probe_size(k, 16))
         return Spec(op, key, lambda d: _probe_patch_max(d, 2 * pb + 1, m, *sizes, dtype, has_bias,
                                                         bn_relu))
+    if op == "point_mlp":
+        m, dtype, k0, h, c = shape
+        if m > T.PATCH_MAX_M:
+            return None
+        pb = T._pm_tile(m, T._MLP_ROWS)[1]
+        key = (f"point_mlp[m={m},{str(dtype).replace('torch.', '')},k0={k0},"
+               f"h={min(128, _np2(h))},c={min(128, _np2(c))}]")
+        sizes = (_probe_size(h, 16), _probe_size(c, 16))
+        return Spec(op, key, lambda d: _probe_point_mlp(d, 2 * pb + 1, m, k0, *sizes, dtype))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -529,4 +538,40 @@ def _probe_patch_max(device, p: int, m: int, c: int, k: int, dtype, has_bias: bo
     names = ("x", "weight", "bias", "add", "scale", "shift")
     checks += [_value_err(f"grad {name}", got, r, gtol)
                for name, got, r in zip(names, grads, ref) if r is not None]
+    return _worst(*checks)
+
+
+def _probe_point_mlp(device, p: int, m: int, k0: int, h: int, c: int,
+                     dtype) -> tuple[bool, float, str]:
+    """point_mlp over p patches (the last tile partly full), forward and backward, against the
+    reference in float32 from the same (rounded) inputs. The points and the first layer lie on
+    grids that keep its output and the affine exact and off zero (no rounding can move a point
+    across the ReLU); patch 1 repeats one point, so that every channel ties and its first row
+    must win."""
+    from . import triton_ops as T
+
+    gen = torch.Generator().manual_seed(13)
+    grid = lambda *shape: torch.round(torch.randn(*shape, generator=gen) * 4) / 4  # noqa: E731
+    x, w1, b1 = grid(p * m, k0), grid(h, k0), grid(h) / 4
+    x[m:2 * m] = x[m]
+    scale = 2.0 ** torch.randint(-1, 2, (h,), generator=gen).float()
+    shift = grid(h) / 4 + 1 / 64
+    w2 = (torch.randn(c, h, generator=gen) * h ** -0.5).to(dtype)
+    b2 = torch.randn(c, generator=gen).to(dtype)
+    gy, g = torch.randn(p * m, c, generator=gen).to(dtype), torch.randn(p, c, generator=gen).to(dtype)
+    dev = [t.to(device) for t in (x, w1, b1, scale, shift)]
+    y, out, idx = T.point_mlp_fwd(*dev, w2.to(device), b2.to(device), m)
+    grads = T.point_mlp_bwd(gy.to(device), g.to(device), idx, *dev, w2.to(device), m)
+    first = (x, w1, b1, scale, shift)
+    want_y, want, _ = reference.point_mlp_fwd(*first, w2.float(), b2.float(), m)
+    idx = idx.long().cpu()
+    low = dtype in (torch.bfloat16, torch.float16)
+    tol, gtol = (_TOL["grad_low"], _TOL["grad_low"]) if low else (_TOL["value"], _TOL["grad"])
+    checks = [_value_err("y", y, want_y, tol), _value_err("max", out, want, tol),
+              _value_err("value at the argmax", y.float().cpu().reshape(p, m, c).gather(
+                  1, idx[:, None]).squeeze(1), out, 0.0),
+              _index_err("argmax of the repeated point", idx[1], torch.zeros_like(idx[1]))]
+    ref = reference.point_mlp_bwd(gy.float(), g.float(), idx, *first, w2.float(), m)
+    checks += [_value_err(name, got, r, gtol)
+               for name, got, r in zip(("grad w2, b2", "first layer's sums"), grads, ref)]
     return _worst(*checks)

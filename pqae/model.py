@@ -63,11 +63,15 @@ class PatchEmbed(nn.Module):
     the gradient of tied points (duplicates) goes to one of them, and the backward is one
     scatter instead of amax's compare, count, divide and multiply over every point.
 
-    `fused` (the scripts' --fused-embed): bn2, the ReLU, fc4 and the max over each patch as
-    one op, `kernels.linear_patch_max`, with bn2 in affine form from its statistics
-    (`syncbn.affine`, which keeps the running statistics as bn2 would): its Triton kernels on
-    a GPU write neither fc4's (P*M, C) output, nor its gradient, nor bn2's and the ReLU's
-    (P*M, 512) outputs. The same map and gradients up to float rounding (off: as above).
+    `fused` (the scripts' --fused-embed): two ops. fc1, bn1, the ReLU, fc2 and the max over
+    each patch are `kernels.point_mlp_max`, with bn1 in affine form from the statistics of
+    fc1's output that the points' mean and covariance give exactly (`syncbn.linear_affine`);
+    bn2, the ReLU, fc4 and the max are `kernels.linear_patch_max`, with bn2 in affine form from
+    its statistics (`syncbn.affine`); both keep the running statistics as the BatchNorm would.
+    Their Triton kernels on a GPU write none of fc1's, bn1's and the ReLU's (P*M, 128)
+    outputs, fc4's (P*M, C) output or its gradient, or bn2's and the ReLU's (P*M, 512)
+    outputs. The same map and gradients up to float rounding (off: as above). The points get
+    no gradient (they are data).
     """
 
     def __init__(self, dim: int, hidden: int = 128):
@@ -83,9 +87,17 @@ class PatchEmbed(nn.Module):
 
     def _forward(self, patches: torch.Tensor) -> torch.Tensor:
         P, M, _ = patches.shape
-        x = self.fc2(F.relu(self.bn1(self.fc1(patches.reshape(P * M, 3)))))  # (P*M, 256)
+        if self.fused:  # fc1, bn1 (statistics from the points' moments), ReLU, fc2 and the max
+            scale, shift = syncbn.linear_affine(self.bn1, patches.reshape(P * M, 3),
+                                                self.fc1.weight, self.fc1.bias)
+            x, glob = kernels.point_mlp_max(patches.detach(), self.fc1.weight, self.fc1.bias,
+                                            self.fc2.weight, self.fc2.bias, scale=scale,
+                                            shift=shift)
+            x = x.reshape(P * M, -1)
+        else:
+            x = self.fc2(F.relu(self.bn1(self.fc1(patches.reshape(P * M, 3)))))  # (P*M, 256)
+            glob = x.reshape(P, M, x.shape[-1]).max(dim=1).values  # (P, 256) patch-global
         h2 = x.shape[-1]
-        glob = x.reshape(P, M, h2).max(dim=1).values  # (P, 256) patch-global feature
         # fc3 of concat(global, local) = W_g global + W_l local + b: the global part once per
         # patch, the local part per point; the (P*M, 512) concatenation never exists.
         w_glob, w_loc = self.fc3.weight[:, :h2], self.fc3.weight[:, h2:]  # global came first

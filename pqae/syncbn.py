@@ -131,11 +131,53 @@ def affine(bn: nn.BatchNorm1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             _track(bn, mean, var, unbias)
     else:
         mean, var = bn.running_mean, bn.running_var
+    return _scale_shift(bn, mean, var)
+
+
+def _scale_shift(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor):
     scale = torch.rsqrt(var + bn.eps)
     if bn.affine:
         scale = scale * bn.weight
         return scale, bn.bias - mean * scale
     return scale, -mean * scale
+
+
+def linear_affine(bn: nn.BatchNorm1d, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`affine(bn, F.linear(x, weight, bias))` without the linear layer's output: x (N, K) with
+    few features (the points, K = 3), whose mean and covariance give the statistics of
+    z = x weight^T + bias exactly (mean_z = weight mean_x + bias, var_z = diag(weight cov_x
+    weight^T)): a pass over (N, K) instead of (N, C), and differentiable in weight and bias
+    (x is data: no gradient). In training the batch's statistics (under DDP with a
+    GlobalBatchNorm1d, the global batch's: the ranks' moments combined as Chan et al.'s),
+    float32 (float64 for float64), and the running ones updated as bn's forward would. For
+    kernels.point_mlp_max, which computes the linear layer and the BatchNorm on chip."""
+    if not (bn.training or not bn.track_running_stats):
+        return _scale_shift(bn, bn.running_mean, bn.running_var)
+    with torch.autocast(x.device.type, enabled=False):  # (float32 moments, not bf16 GEMMs)
+        return _linear_affine(bn, x, weight, bias)
+
+
+def _linear_affine(bn, x, weight, bias):
+    xf = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    n_l, k = xf.shape
+    mean_x = xf.mean(0)
+    xc = xf - mean_x
+    m2 = xc.t().mm(xc)  # (K, K): sum of outer products of the deviations
+    n = xf.new_tensor(float(n_l))
+    if isinstance(bn, GlobalBatchNorm1d) and bn.global_batch():
+        g = _AllGather.apply(torch.cat([mean_x, m2.reshape(-1), n[None]]))
+        counts = g[:, -1:]  # (world, 1)
+        n = counts.sum()
+        mean_x = (counts * g[:, :k]).sum(0) / n
+        d = g[:, :k] - mean_x  # (world, K)
+        m2 = g[:, k:-1].sum(0).reshape(k, k) + (counts * d).t().mm(d)
+    w = weight.to(xf.dtype)
+    mean = torch.nn.functional.linear(mean_x, w, bias.to(xf.dtype))
+    var = (w.mm(m2 / n) * w).sum(1)
+    if bn.training and bn.track_running_stats:
+        _track(bn, mean, var, n / (n - 1).clamp_min(1))
+    return _scale_shift(bn, mean, var)
 
 
 def convert(module: nn.Module) -> nn.Module:

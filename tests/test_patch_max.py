@@ -229,18 +229,28 @@ def test_fused_patch_embed_equals_the_plain_one(fresh, triton):
 
 @pytest.mark.parametrize("triton", [False, True])
 def test_fused_patch_embed_under_bf16_autocast(fresh, triton):
-    """Under bf16 autocast the fused PatchEmbed is as close to the plain one as bf16 allows
-    (relative L2 of the output and of every parameter's gradient)."""
+    """Under bf16 autocast the fused PatchEmbed is as close to the float32 result as the plain
+    one (relative L2 of the output and of the whole gradient; bf16's own error is a few %, and
+    the two paths round differently: the fused one computes fc1 and bn1 in float32)."""
     kernels.set_backend("triton" if triton else "reference")
-    plain, fused = _embeds(2)
-    pts = torch.randn(12, 32, 3).to(DEV)
-    with torch.autocast(DEV.type, torch.bfloat16):
-        (y0, g0, _), (y1, g1, _) = _fwd_bwd(plain.to(DEV), pts), _fwd_bwd(fused.to(DEV), pts)
-    assert y1.dtype == y0.dtype == torch.bfloat16
-    assert ((y1.float() - y0.float()).norm() / y0.float().norm()).item() < 1e-2
-    scale = torch.cat([b.flatten() for b in g0]).norm()  # (as in the test above)
-    for a, b in zip(g1, g0):
-        assert ((a - b).norm() / scale).item() < 3e-2
+    err = lambda a, b: ((a.detach().float() - b).norm() / b.norm()).item()  # noqa: E731
+    flat = lambda g: torch.cat([t.flatten() for t in g])  # noqa: E731
+    errs = []
+    for seed in range(4):
+        plain, fused = _embeds(seed)
+        pts = torch.randn(12, 32, 3).to(DEV)
+        y32, g32, _ = _fwd_bwd(plain.to(DEV), pts)
+        y32, g32 = y32.detach(), flat(g32)
+        plain, fused = _embeds(seed)
+        with torch.autocast(DEV.type, torch.bfloat16):
+            (y0, g0, _), (y1, g1, _) = _fwd_bwd(plain.to(DEV), pts), _fwd_bwd(fused.to(DEV), pts)
+        assert y1.dtype == y0.dtype == torch.bfloat16
+        errs.append((err(y0, y32), err(y1, y32), err(flat(g0), g32), err(flat(g1), g32)))
+    y0, y1, g0, g1 = (sum(e) / len(errs) for e in zip(*errs))  # means over the seeds
+    # (one seed's error alone is noisy: a rounding that moves a patch's max to another point
+    # moves that point's gradient, and in bf16 such near-ties are common)
+    assert y1 < 1e-2 and y1 < 1.25 * y0
+    assert max(e[3] for e in errs) < 0.12 and g1 < 1.25 * g0
 
 
 def test_compile_traces_the_fused_op_in_one_graph():

@@ -390,11 +390,12 @@ def test_compile_compiles_once_and_matches_eager(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check; on a GPU test_gpu.py runs it")
 def test_fused_embed_step_matches_the_plain_step(tmp_path):
-    """--fused-embed (bn2 in affine form, ReLU, fc4 and the max in kernels.linear_patch_max)
-    against the plain step from the same init: on the reference path (CPU's) and through its
-    Triton kernels (interpreted here) the same loss and gradient to float32 rounding, and
-    under bf16 autocast to bf16 rounding (a value rounded across the ReLU or into a tie passes
-    its gradient differently)."""
+    """--fused-embed (the patch embedding as kernels.point_mlp_max and
+    kernels.linear_patch_max, its BatchNorms in affine form) against the plain step from the
+    same init: on the reference path (CPU's) and through its Triton kernels (interpreted here)
+    the same loss and gradient to float32 rounding; under bf16 autocast as close to float32's
+    as the plain step is (the fused one computes fc1 and bn1 in float32, the plain one in
+    bf16, so they differ by bf16's error, a few %)."""
     pytest.importorskip("triton")
     import kernels
 
@@ -407,12 +408,16 @@ def test_fused_embed_step_matches_the_plain_step(tmp_path):
         finally:
             kernels.set_backend("auto")
 
-    for amp, (loss_tol, grad_tol) in ((False, (1e-6, 1e-5)), (True, (1e-3, 1e-2))):
-        loss, grad = first_step("reference", False, amp)
-        for backend in (("reference", "triton") if not amp else ("triton",)):
-            loss_f, grad_f = first_step(backend, True, amp)
-            assert loss_f == pytest.approx(loss, rel=loss_tol), (backend, amp)
-            assert ((grad_f - grad).norm() / grad.norm()).item() < grad_tol, (backend, amp)
+    loss, grad = first_step("reference", False, False)
+    for backend in ("reference", "triton"):
+        loss_f, grad_f = first_step(backend, True, False)
+        assert loss_f == pytest.approx(loss, rel=1e-6), backend
+        assert ((grad_f - grad).norm() / grad.norm()).item() < 1e-5, backend
+    err = lambda g: ((g - grad).norm() / grad.norm()).item()  # noqa: E731
+    loss_b, grad_b = first_step("reference", False, True)
+    loss_f, grad_f = first_step("triton", True, True)
+    assert abs(loss_f - loss) <= 1.25 * abs(loss_b - loss) + 1e-4 * loss
+    assert err(grad_f) < 5e-2 and err(grad_f) < 1.25 * err(grad_b)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check; on a GPU test_gpu.py runs it")

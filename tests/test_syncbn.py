@@ -82,6 +82,23 @@ def _worker(rank: int, init: str, dtype: torch.dtype, tol: float):
             torch.testing.assert_close(grad, p_ref.grad, rtol=tol, atol=tol)
         for b_ref, b_mine in zip(bns[0].buffers(), bns[1].buffers()):
             torch.testing.assert_close(b_mine, b_ref, rtol=tol, atol=tol)
+        # syncbn.linear_affine (kernels.point_mlp_max's BatchNorm of fc1(points)): the global
+        # batch's statistics from the ranks' moments; fc1's and bn's gradients, running stats
+        fc = [nn.Linear(3, 6).to(dtype) for _ in range(2)]
+        fc[1].load_state_dict(fc[0].state_dict())
+        bns = [nn.BatchNorm1d(6).to(dtype), syncbn.convert(nn.Sequential(nn.BatchNorm1d(6)))[0]]
+        bns[1].to(dtype)
+        pts = torch.randn(10, 3, generator=g, dtype=dtype) * 2 + 1
+        (bns[0](fc[0](pts)) * w3).sum().backward()
+        scale, shift = syncbn.linear_affine(bns[1], pts[part], fc[1].weight, fc[1].bias)
+        ((fc[1](pts[part]) * scale + shift) * w3[part]).sum().backward()
+        for p_ref, p_mine in zip([*fc[0].parameters(), *bns[0].parameters()],
+                                 [*fc[1].parameters(), *bns[1].parameters()]):
+            grad = p_mine.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, p_ref.grad, rtol=tol, atol=tol)
+        for b_ref, b_mine in zip(bns[0].buffers(), bns[1].buffers()):
+            torch.testing.assert_close(b_mine, b_ref, rtol=tol, atol=tol)
         dist.barrier()  # both ranks done before either tears gloo down (an early one aborts)
     finally:
         dist.destroy_process_group()
@@ -160,3 +177,39 @@ def test_single_process_is_plain_batchnorm(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match="expected"):
         gbn(torch.randn(2, 5, 3, 3))
+
+
+def test_linear_affine_is_the_batchnorm_of_the_linear_layer_in_one_process():
+    """syncbn.linear_affine(bn, x, w, b) from x's moments: F.linear(x, w, b) * scale + shift
+    is bn(F.linear(x, w, b)), with the gradients of w, b and bn's parameters and bn's running
+    statistics, over two training steps (far from the origin: no cancellation), then in eval
+    mode; and under autocast still float32 (its moments are not bf16 GEMMs)."""
+    torch.manual_seed(0)
+    fc, bn = nn.Linear(3, 7), nn.BatchNorm1d(7)
+    fc2, bn2 = nn.Linear(3, 7), nn.BatchNorm1d(7)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    fc2.load_state_dict(fc.state_dict()), bn2.load_state_dict(bn.state_dict())
+    for step in range(3):
+        if step == 2:
+            bn.eval(), bn2.eval()
+        x = torch.randn(40, 3) * (step + 1) + 10 * step
+        w = torch.randn(40, 7)
+        out = bn(fc(x))
+        (out * w).sum().backward()
+        scale, shift = syncbn.linear_affine(bn2, x, fc2.weight, fc2.bias)
+        y = fc2(x) * scale + shift
+        torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
+        (y * w).sum().backward()
+        for p, q in zip([*fc.parameters(), *bn.parameters()], [*fc2.parameters(), *bn2.parameters()]):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
+            p.grad = q.grad = None
+        for a, b in zip(bn.buffers(), bn2.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    bn2.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        scale, shift = syncbn.linear_affine(bn2, x, fc2.weight, fc2.bias)
+    assert scale.dtype == shift.dtype == torch.float32
+    var = fc2(x).var(0, unbiased=False).detach()
+    torch.testing.assert_close(scale.detach(), bn2.weight.detach() / (var + bn2.eps).sqrt(),
+                               rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
 """Point-cloud kernels for pqae: FPS, kNN, grouping, Chamfer-L2, and the patch embedding's
-fc4 + patch max.
+layers with their patch max (fc1 + BatchNorm + ReLU + fc2, BatchNorm + ReLU + fc4).
 
 Public API
 ----------

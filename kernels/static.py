@@ -817,6 +817,20 @@ def sweep() -> list[Workload]:
             Workload("patch_max_fp32", "the same in float32", patch_max(None)),
             Workload("patch_max_bf16_plain", "fc4 + patch max (no prologue), bf16",
                      patch_max(_bf16(), False))]
+
+    def point_mlp(dtype):  # --fused-embed's first half at the reference size: one view
+        def run():
+            x, w1, b1, scale, shift = (_meta(*shape) for shape in
+                                       ((8192 * 32, 3), (128, 3), (128,), (128,), (128,)))
+            w2, b2 = _meta(256, 128, dtype=dtype), _meta(256, dtype=dtype)
+            idx = T.point_mlp_fwd(x, w1, b1, scale, shift, w2, b2, 32)[2]
+            T.point_mlp_bwd(_meta(8192 * 32, 256, dtype=dtype), _meta(8192, 256, dtype=dtype),
+                            idx, x, w1, b1, scale, shift, w2, 32)
+        return run
+
+    out += [Workload("point_mlp_bf16", "fc1 + BatchNorm + ReLU + fc2 + patch max, fwd + bwd, "
+                     "bf16", point_mlp(_bf16())),
+            Workload("point_mlp_fp32", "the same in float32", point_mlp(None))]
     return out
 
 

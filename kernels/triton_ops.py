@@ -817,6 +817,15 @@ def _pm_rows(tile, P, M: tl.constexpr, MP: tl.constexpr, PB: tl.constexpr):
 
 
 @triton.jit
+def _pm_program(N, BN: tl.constexpr):
+    """This program's tile and its BN columns of N: the programs of one tile are adjacent
+    (a 1-D grid of tiles x column blocks), so that their reads of the tile's rows meet in L2."""
+    blocks = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    return pid // blocks, (pid % blocks) * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def _pm_bn_relu(a, add_ptr, scale_ptr, shift_ptr, patch, k, ok, K, UP: tl.constexpr):
     """The prologue on a tile a (rows, k) of x: y = a + add[patch] rounded to a's dtype (as
     autocast's bf16 sum), then (y in float32, relu(y * scale + shift) in a's dtype)."""
@@ -838,11 +847,13 @@ def _pm_sparse_grad(g_ptr, idx_ptr, tile, c, P, C, M: tl.constexpr, MP: tl.const
     off = p.to(tl.int64)[:, None] * C + c[None, :]
     g = tl.load(g_ptr + off, mask=ok, other=0.0)
     win = tl.load(idx_ptr + off, mask=ok, other=-1).to(tl.int32)
-    if TRANS:
+    if TRANS:  # (one return: a constexpr branch's return must have the other's type)
         s = tl.where(tl.trans(win)[:, :, None] == m[None, None, :], tl.trans(g)[:, :, None], 0.0)
-        return tl.reshape(s, (BC, PB * MP))
-    s = tl.where(win[:, None, :] == m[None, :, None], g[:, None, :], 0.0)
-    return tl.reshape(s, (PB * MP, BC))
+        s = tl.reshape(s, (BC, PB * MP))
+    else:
+        s = tl.where(win[:, None, :] == m[None, :, None], g[:, None, :], 0.0)
+        s = tl.reshape(s, (PB * MP, BC))
+    return s
 
 
 @triton.jit
@@ -853,8 +864,7 @@ def _patch_max_fwd_kernel(x_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, ou
     # x (P*M, K), w (C, K), b (C,) -> out (P, C) = max over each patch's M rows of x w^T + b,
     # idx (P, C) int16: the first row reaching it (NaN: out is NaN). BN_RELU: x is first
     # relu((x + add[patch]) * scale + shift) (_pm_bn_relu)
-    tile = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    tile, n = _pm_program(C, BN)
     row, row_ok, patch = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for k0 in range(0, K, BK):  # cost: k
@@ -897,8 +907,7 @@ def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, x_ptr, add_ptr, scale_pt
     # BN_RELU: through the prologue, dz = (S w) [y * scale + shift > 0] (S w rounded to x's
     # dtype, as the GEMM's output), dx = dz * scale, dadd (P, K) its sum over each patch, and
     # this tile's sums of dz * y and dz (part (2, tiles, K)): scale's and shift's gradients
-    tile = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    tile, n = _pm_program(K, BN)
     row, row_ok, patch = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for c0 in range(0, C, BC):  # cost: c
@@ -918,7 +927,7 @@ def _patch_max_dx_kernel(g_ptr, idx_ptr, w_ptr, dx_ptr, x_ptr, add_ptr, scale_pt
         tl.store(dadd_ptr + p.to(tl.int64)[:, None] * K + n[None, :],
                  _narrow(dadd, dadd_ptr.dtype.element_ty, UP),
                  mask=(p < P)[:, None] & (n < K)[None, :])
-        tiles = tl.num_programs(0)
+        tiles = tl.num_programs(0) // tl.cdiv(K, BN)
         tl.store(part_ptr + tile * K + n, tl.sum(dz * y, axis=0), mask=n < K)
         tl.store(part_ptr + (tiles + tile) * K + n, tl.sum(dz, axis=0), mask=n < K)
     tl.store(dx_ptr + row[:, None] * K + n[None, :], _narrow(acc, dx_ptr.dtype.element_ty, UP),
@@ -980,7 +989,7 @@ def patch_max_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: i
     add, scale, shift = (t.contiguous() for t in bn) if bn is not None else (x, x, x)
     out = torch.empty(p, c, device=x.device, dtype=x.dtype)
     idx = torch.empty(p, c, device=x.device, dtype=torch.int16)
-    _launch(_patch_max_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn_)), x, w,
+    _launch(_patch_max_fwd_kernel, (triton.cdiv(p, pb) * triton.cdiv(c, bn_),), x, w,
             x if b is None else b.contiguous(), add, scale, shift, out, idx, p, k, c, M=m, MP=mp,
             PB=pb, BN=bn_, BK=32, HAS_BIAS=b is not None, BN_RELU=bn is not None, UP=_INTERPRET,
             num_warps=8, num_stages=3, trips={"k": triton.cdiv(k, 32)})
@@ -1008,7 +1017,7 @@ def patch_max_bwd(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, w: torch.
         if bn is not None:
             dadd = torch.empty_like(add)
             part = torch.empty(2, tiles, k, device=x.device, dtype=torch.float32)
-        _launch(_patch_max_dx_kernel, (tiles, triton.cdiv(k, bn_)), g, idx, w, dx, x, add, scale,
+        _launch(_patch_max_dx_kernel, (tiles * triton.cdiv(k, bn_),), g, idx, w, dx, x, add, scale,
                 shift, dx if dadd is None else dadd, dx if part is None else part, p, k, c, M=m,
                 MP=mp, PB=pb, BN=bn_, BC=32, BN_RELU=bn is not None, UP=_INTERPRET, num_warps=8,
                 num_stages=3, trips={"c": triton.cdiv(c, 32)})
@@ -1082,8 +1091,7 @@ def _mlp_fwd_kernel(x_ptr, w1_ptr, b1_ptr, scale_ptr, shift_ptr, w2_ptr, b2_ptr,
                     PB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UP: tl.constexpr):
     # y (P*M, C) = h w2^T + b2, h = relu((x w1^T + b1) * scale + shift) made per tile from x;
     # out, idx (P, C): y's max over each patch and its first row
-    tile = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    tile, n = _pm_program(C, BN)
     row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for k0 in range(0, H, BK):  # cost: h
@@ -1107,8 +1115,7 @@ def _mlp_dh_kernel(gy_ptr, g_ptr, idx_ptr, x_ptr, w1_ptr, b1_ptr, scale_ptr, shi
     # dz = (G w2)[a > 0] on a tile (G: y's whole gradient, built per tile; G w2 in float32),
     # reduced at once over the tile's rows to
     # part[tile] (2 + K0, H): the sums of dz, dz * z and dz * x[:, j]. Nothing per row is written
-    tile = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    tile, n = _pm_program(H, BN)
     row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)
     for c0 in range(0, C, BC):  # cost: c
@@ -1165,12 +1172,14 @@ def point_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, scale: to
     (pm, k0), (c, h) = x.shape, w2.shape
     p = pm // m
     mp, pb = _pm_tile(m, _MLP_ROWS)
-    bn = min(128, max(16, triton.next_power_of_2(c)))
-    bk = min(64, max(16, triton.next_power_of_2(h)))
+    # (float32's operand tiles take twice the registers: bf16's blocks spill there)
+    low = w2.element_size() == 2
+    bn = min(128 if low else 64, max(16, triton.next_power_of_2(c)))
+    bk = min(64 if low else 32, max(16, triton.next_power_of_2(h)))
     y = torch.empty(pm, c, device=x.device, dtype=w2.dtype)
     out = torch.empty(p, c, device=x.device, dtype=w2.dtype)
     idx = torch.empty(p, c, device=x.device, dtype=torch.int16)
-    _launch(_mlp_fwd_kernel, (triton.cdiv(p, pb), triton.cdiv(c, bn)), x, w1, b1, scale, shift,
+    _launch(_mlp_fwd_kernel, (triton.cdiv(p, pb) * triton.cdiv(c, bn),), x, w1, b1, scale, shift,
             w2, b2, y, out, idx, p, h, c, K0=k0, M=m, MP=mp, PB=pb, BN=bn, BK=bk, UP=_INTERPRET,
             num_warps=8, num_stages=3, trips={"h": triton.cdiv(h, bk)})
     return y, out, idx
@@ -1181,7 +1190,8 @@ def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch
                   w2: torch.Tensor, m: int):
     """reference.point_mlp_bwd: (dw2b (C*H + C,) of w2's dtype, sums (2 + K0, H) float32), in
     four launches: the input gradient's GEMM reduced per tile, fc2's weight gradient split over
-    patches, and the sums of each one's parts."""
+    patches, and the sums of each one's parts (the first by torch: one column per program
+    would read all tiles' parts alone)."""
     if m > PATCH_MAX_M:
         return reference.point_mlp_bwd(gy, g, idx, x, w1, b1, scale, shift, w2, m)
     gy, g = gy.to(w2.dtype).contiguous(), g.to(w2.dtype).contiguous()
@@ -1192,15 +1202,14 @@ def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch
     bn = min(64, max(16, triton.next_power_of_2(h)))
     tiles = triton.cdiv(p, pb)
     part = torch.empty(tiles, (2 + k0) * h, device=x.device, dtype=torch.float32)
-    _launch(_mlp_dh_kernel, (tiles, triton.cdiv(h, bn)), gy, g, idx, x, w1, b1, scale, shift, w2,
+    _launch(_mlp_dh_kernel, (tiles * triton.cdiv(h, bn),), gy, g, idx, x, w1, b1, scale, shift, w2,
             part, p, h, c, K0=k0, M=m, MP=mp, PB=pb, BN=bn, BC=32, UP=_INTERPRET, num_warps=8,
             num_stages=3, trips={"c": triton.cdiv(c, 32)})
-    sums = torch.empty(2 + k0, h, device=x.device, dtype=torch.float32)
-    _launch(_sum_parts_kernel, (triton.cdiv((2 + k0) * h, 1024),), part, sums, tiles,
-            (2 + k0) * h, BLOCK=1024, UP=_INTERPRET, num_warps=4, trips={"parts": tiles})
+    sums = part.sum(0).view(2 + k0, h)  # (few columns, many rows: torch's split reduction)
     mp, pb = _pm_tile(m, _MLP_DW_ROWS)
-    bc = min(64, max(16, triton.next_power_of_2(c)))
-    bk = min(128 if w2.element_size() == 2 else 32, max(16, triton.next_power_of_2(h)))
+    low = w2.element_size() == 2
+    bc = min(64 if low else 32, max(16, triton.next_power_of_2(c)))
+    bk = min(128 if low else 32, max(16, triton.next_power_of_2(h)))
     tiles = triton.cdiv(p, pb)
     blocks = triton.cdiv(c, bc) * triton.cdiv(h, bk)
     per = triton.cdiv(tiles, max(1, min(tiles, _PM_PROGRAMS // blocks)))
@@ -1210,6 +1219,6 @@ def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch
             b1, scale, shift, parts, p, h, c, per, K0=k0, M=m, MP=mp, PB=pb, BC=bc, BK=bk,
             UP=_INTERPRET, num_warps=4, num_stages=3, trips={"tiles": per})
     dw2b = torch.empty(c * h + c, device=x.device, dtype=w2.dtype)
-    _launch(_sum_parts_kernel, (triton.cdiv(c * h + c, 1024),), parts, dw2b, splits, c * h + c,
-            BLOCK=1024, UP=_INTERPRET, num_warps=4, trips={"parts": splits})
+    _launch(_sum_parts_kernel, (triton.cdiv(c * h + c, 256),), parts, dw2b, splits, c * h + c,
+            BLOCK=256, UP=_INTERPRET, num_warps=4, trips={"parts": splits})
     return dw2b, sums

@@ -21,8 +21,9 @@ How it is made
      and backward) fused by the rule below; every `kernels.*` call
      (FPS, kNN, grouping, Chamfer) in its Triton kernels, replayed at the recorded shapes by
      `kernels.static` (its calibrated estimate from the compiled SASS); fused AdamW. With
-     --fused-embed, kernels.linear_patch_max's custom ops (pqae::patch_max and its backward)
-     are recorded as ops of their own and costed as GEMMs (their FLOPs, their own bytes).
+     --fused-embed, the custom ops of kernels.linear_patch_max and kernels.point_mlp_max
+     (pqae::patch_max, pqae::point_mlp and their backwards) are recorded as ops of their own
+     and costed as GEMMs (their FLOPs, their own bytes).
    Attention (F.scaled_dot_product_attention, which meta decomposes) counts as one fused kernel
    per call and per backward, reading q, k, v (and o, dO) and writing o (dq, dk, dv), as the
    flash / memory-efficient kernels do, in both paths. Its bytes are those of the call's own
@@ -97,15 +98,25 @@ H100 = GPU("H100 SXM (132 SMs, 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 3.35 TB/
 # the ops that are GEMMs (FLOPs on tensor cores), reductions (end a fused kernel) and
 # BatchNorms (read their input twice)
 _GEMM = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
-         "patch_max", "patch_max_backward"}  # (kernels.linear_patch_max: GEMMs + epilogue)
+         "patch_max", "patch_max_backward",  # (kernels.linear_patch_max: GEMMs + epilogue)
+         "point_mlp", "point_mlp_backward"}  # (kernels.point_mlp_max: the same)
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "std", "argmax",
            "argmin", "topk", "sort", "cumsum", "norm", "linalg_vector_norm", "_softmax",
            "_log_softmax", "native_layer_norm", "native_layer_norm_backward",
            "_softmax_backward_data"}
-_LAUNCHES = {"patch_max_backward": 5}
+_LAUNCHES = {"patch_max_backward": 5, "point_mlp_backward": 4}
 """launches of an op that runs several kernels (kernels.linear_patch_max's backward, as the
 patch embedding calls it: the input and weight gradients' GEMMs, the sums of the weight
-gradient's split-K parts, of the BatchNorm scale's and shift's per-tile parts, and the bias's)"""
+gradient's split-K parts, of the BatchNorm scale's and shift's per-tile parts, and the bias's;
+kernels.point_mlp_max's: the input gradient's GEMM reduced per tile, the weight gradient's
+GEMM, and the sums of each one's parts)"""
+_REREAD = {"patch_max_backward": lambda args: 2 if args[4] is not None else None,
+           "point_mlp_backward": lambda args: 0}
+"""the argument that an op's kernels read twice (its bytes charged once more), or None:
+kernels.linear_patch_max's backward with the prologue reads x in both GEMMs (the input
+gradient's epilogue and the weight gradient's recomputed input), kernels.point_mlp_max's reads
+y's gradient in both. (A re-read of a tile by the programs of its other column blocks, which
+run next to each other, is an L2 hit: not charged.)"""
 _BATCHNORM = {"native_batch_norm", "_native_batch_norm_legit",
               "_native_batch_norm_legit_functional", "_batch_norm_with_update",
               "batch_norm_backward", "native_batch_norm_backward"}
@@ -392,20 +403,24 @@ def _tag_kernel_calls(rec: "_Recorder", amp: bool):
 
     for name, fn in saved.items():
         setattr(kernels, name, wrap(name, fn))
-    lpm = kernels.linear_patch_max
+    lpm, pmm = kernels.linear_patch_max, kernels.point_mlp_max
 
     def linear_patch_max(*args, **kwargs):  # autocast (a no-op on meta) casts as for F.linear
         args, kwargs = _autocast(F.linear, args, kwargs)
         return lpm(*args, **kwargs)
 
+    def point_mlp_max(x, w1, b1, w2, b2, **kwargs):  # fc2 in bf16, the first layer in float32
+        (w2, b2), _ = _autocast(F.linear, (w2, b2), {})
+        return pmm(x, w1, b1, w2, b2, **kwargs)
+
     if amp:
-        kernels.linear_patch_max = linear_patch_max
+        kernels.linear_patch_max, kernels.point_mlp_max = linear_patch_max, point_mlp_max
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(kernels, name, fn)
-        kernels.linear_patch_max = lpm
+        kernels.linear_patch_max, kernels.point_mlp_max = lpm, pmm
 
 
 class _Recorder(TorchDispatchMode):
@@ -453,6 +468,9 @@ class _Recorder(TorchDispatchMode):
         kind = ("attn" if attn >= 0 else "gemm" if name in _GEMM else
                 "batchnorm" if name in _BATCHNORM else "reduce" if name in _REDUCE else "other")
         reads = {_key(t): _nbytes(t) for t in ins}
+        again = _REREAD[name](args) if name in _REREAD else None
+        if again is not None:
+            reads[("again", _key(args[again]))] = _nbytes(args[again])
         writes = {_key(t): _nbytes(t) for t in outs}
         first = args[0] if args else None
         launches = _LAUNCHES.get(name, 1)

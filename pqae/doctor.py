@@ -182,6 +182,11 @@ CASES = [
                "and backward, --amp (one view of pretraining)", "patch_max",
                dict(P=128 * 64, M=32, K=512, C=384, dtype=_BF16),
                dict(P=9, M=16, K=32, C=24, dtype=_BF16)),
+    KernelCase("all four training scripts, with --fused-embed",
+               "the patch embedding's fc1 + BatchNorm + ReLU + fc2 + max over each patch, "
+               "forward and backward, --amp (one view of pretraining)", "point_mlp",
+               dict(P=128 * 64, M=32, H=128, C=256, dtype=_BF16),
+               dict(P=9, M=16, H=24, C=40, dtype=_BF16)),
 ]
 
 
@@ -225,6 +230,17 @@ def _inputs(case: KernelCase, sizes: dict, device: torch.device):
             return lambda: ops.patch_max_bwd(grad, ops.patch_max_fwd(x, w, b, s["M"], bn)[1], x,
                                              w, s["M"], (True, True, True), bn)
         return ((s["M"], s["dtype"], True, s["C"], s["K"], True), fwd_bwd(T), fwd_bwd(R))
+    if case.op == "point_mlp":
+        first = [torch.randn(*shape, generator=g).to(device) for shape in
+                 ((s["P"] * s["M"], 3), (s["H"], 3), (s["H"],), (s["H"],), (s["H"],))]
+        w2, b2, gy, gout = (torch.randn(*shape, generator=g).to(device=device, dtype=s["dtype"])
+                            for shape in ((s["C"], s["H"]), (s["C"],), (s["P"] * s["M"], s["C"]),
+                                          (s["P"], s["C"])))
+
+        def mlp_fwd_bwd(ops):  # as training runs it: the forward, then the gradients
+            return lambda: ops.point_mlp_bwd(
+                gy, gout, ops.point_mlp_fwd(*first, w2, b2, s["M"])[2], *first, w2, s["M"])
+        return ((s["M"], s["dtype"], 3, s["H"], s["C"]), mlp_fwd_bwd(T), mlp_fwd_bwd(R))
     raise ValueError(case.op)
 
 

@@ -73,10 +73,12 @@ class RunOptions:
     """AdamW as one fused kernel (torch's fused=True): the same update rule as the reference's
     default (for-each) AdamW, up to rounding in the last bits."""
     fused_embed: bool = False
-    """the patch embedding's last layer and its max over each patch's points as one op
-    (kernels.linear_patch_max): on a GPU, Triton kernels that write neither the layer's
-    per-point output nor its gradient. The same map and gradients up to float rounding (the
-    reference: a Conv1d, then the max). Off until a GPU has measured it."""
+    """the patch embedding as two ops, each its layers and its max over each patch's points
+    (kernels.point_mlp_max: fc1, BatchNorm, ReLU, fc2; kernels.linear_patch_max: BatchNorm,
+    ReLU, fc4), the BatchNorms in affine form: on a GPU, Triton kernels that write none of
+    the per-point outputs but fc2's and fc3's, nor the maxima's gradients. The same map and
+    gradients up to float rounding (fc1 and its BatchNorm in float32 under --amp; the
+    reference: Conv1d and BatchNorm layers, then the max). Off until a GPU has measured it."""
     accum_steps: int = 1
     """split each process's batch into this many micro-batches and step the optimizer once per
     batch: the global batch, and so the recipe's learning rate and schedule, stay; the

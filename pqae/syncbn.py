@@ -154,6 +154,8 @@ def linear_affine(bn: nn.BatchNorm1d, x: torch.Tensor, weight: torch.Tensor,
     kernels.point_mlp_max, which computes the linear layer and the BatchNorm on chip."""
     if not (bn.training or not bn.track_running_stats):
         return _scale_shift(bn, bn.running_mean, bn.running_var)
+    if x.device.type not in ("cuda", "cpu"):  # (no autocast there)
+        return _linear_affine(bn, x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):  # (float32 moments, not bf16 GEMMs)
         return _linear_affine(bn, x, weight, bias)
 

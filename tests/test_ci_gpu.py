@@ -53,7 +53,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert by["cost-model"]["figures"]["paths"]["amp_compile"]["step_ms"] > 0
     assert "| amp_compile | encoder |" in md and "| fp32_plain | step |" in md
     doc = by["doctor"]["figures"]
-    assert doc["ready"] and len(doc["kernels"]) == 9 and all(k["ok"] for k in doc["kernels"])
+    assert doc["ready"] and len(doc["kernels"]) == 10 and all(k["ok"] for k in doc["kernels"])
     assert f"| {doc['kernels'][0]['variant']} | pretrain | ok (" in md
     assert by["probe"]["figures"]["embed_s"] > 0 and "probe (ModelNet40-sized)" in md
     graph = by["pretrain.graph"]["figures"]  # on a CPU the split step runs as is: no difference

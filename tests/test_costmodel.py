@@ -213,11 +213,11 @@ def test_what_only_the_backward_reads_is_recomputed_from_inputs_in_memory():
 
 
 def test_fused_embed_is_costed_without_its_per_point_tensors():
-    """--fused-embed under --amp --compile: bn2, the ReLU, fc4 and the patch max as
-    kernels.linear_patch_max's launches (one forward GEMM, five backward launches), the same
-    GEMM FLOPs as fc4 (forward and both gradients), and in the forward neither fc4's (P*M, C)
-    output (written, read by the max) nor bn2's (P*M, 4h) output (written; its pass reading
-    y) moved; the backward moves no more than before."""
+    """--fused-embed under --amp --compile: the patch embedding as kernels.point_mlp_max's
+    launches (one forward GEMM, four backward launches) and kernels.linear_patch_max's (one,
+    five); the same GEMM FLOPs (but for the points' 3 x 3 moments); in the forward none of
+    fc4's (P*M, C) output, bn2's (P*M, 4h) output, fc1's and bn1's (P*M, h) outputs, or fc2's
+    (P*M, 2h) output read by the max moved; less moved in the backward."""
     from pqae.model import PatchEmbed, fuse_embed
 
     P, M, h, C_ = 128, 32, 16, 48
@@ -229,12 +229,21 @@ def test_fused_embed_is_costed_without_its_per_point_tensors():
         ks = C.kernels_of(rec, "amp_compile", {}, ("patch_embed",))
         costs[fused] = (sum(k.flops for k in ks),
                         {p: sum(k.bytes for k in ks if k.pass_ == p) for p in ("fwd", "bwd")},
-                        [k.ops for k in ks if any(o[0].startswith("patch_max") for o in k.ops)])
-    (flops0, bytes0, ops0), (flops1, bytes1, ops1) = costs[False], costs[True]
-    assert ops0 == [] and ops1 == [(("patch_max", "fwd"),)] + [(("patch_max_backward", "bwd"),)] * 5
-    assert flops1 == flops0
-    assert bytes0["fwd"] - bytes1["fwd"] >= 2 * P * M * C_ * 2 + 2 * P * M * 4 * h * 2
-    assert bytes1["bwd"] <= bytes0["bwd"]
+                        [k.ops for k in ks
+                         if any(o[0].startswith(("patch_max", "point_mlp")) for o in k.ops)],
+                        {name: sum(k.bytes for k in ks if k.ops == ((name, "bwd"),))
+                         for name in ("point_mlp_backward", "patch_max_backward")})
+    (flops0, bytes0, ops0, _), (flops1, bytes1, ops1, bwd) = costs[False], costs[True]
+    assert ops0 == [] and ops1 == (
+        [(("point_mlp", "fwd"),), (("patch_max", "fwd"),)] + [(("patch_max_backward", "bwd"),)] * 5
+        + [(("point_mlp_backward", "bwd"),)] * 4)
+    assert 0 <= flops1 - flops0 <= 2 * P * M * 3 * 3 + 4096
+    one = P * M * h * 2  # (P*M, h) in bf16
+    assert bytes0["fwd"] - bytes1["fwd"] >= 2 * P * M * C_ * 2 + 2 * 4 * one + 4 * one + 2 * one
+    assert bytes0["bwd"] - bytes1["bwd"] >= 16 * one
+    # each backward reads its big input in both GEMMs: y's gradient (P*M, 2h), and x (P*M, 4h)
+    assert bwd["point_mlp_backward"] >= 2 * 2 * one
+    assert bwd["patch_max_backward"] >= 2 * 4 * one + 4 * one  # (and writes dx)
 
 
 def test_attention_is_charged_its_own_q_k_v_and_o():

@@ -56,12 +56,14 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(check):
         kernels = {r["kernel"] for r in rows if r["arch"] == arch}
         assert kernels == {"_fps_kernel", "_knn_kernel", "_cd_loss_kernel", "_nn_fwd_pair_kernel",
                            "_nn_fwd_kernel", "_nn_bwd_kernel", "_patch_max_fwd_kernel",
-                           "_patch_max_dx_kernel", "_patch_max_dw_kernel", "_sum_parts_kernel"}
+                           "_patch_max_dx_kernel", "_patch_max_dw_kernel", "_sum_parts_kernel",
+                           "_mlp_fwd_kernel", "_mlp_dh_kernel", "_mlp_dw_kernel"}
     names = {r["workload"] for r in rows}
     assert {"group_pretrain_both_views", "chamfer_pretrain_both_views_fwd_bwd",
             "chamfer_pretrain_both_views_fwd_bwd_bf16", "fps_finetune_2048",
             "group_finetune_2048", "group_modelnet8k", "knn_partseg_propagate",
-            "patch_max_bf16", "patch_max_fp32", "patch_max_bf16_plain"} <= names
+            "patch_max_bf16", "patch_max_fp32", "patch_max_bf16_plain", "point_mlp_bf16",
+            "point_mlp_fp32"} <= names
     # FPS up to FPS_MAX_N, in both variants (coordinates carried / reloaded)
     fps = [r["meta"] for r in rows if r["kernel"] == "_fps_kernel"]
     assert max(m["BLOCK"] for m in fps) == 8192

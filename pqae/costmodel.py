@@ -30,8 +30,11 @@ How it is made
    q, k, v and o (each distinct view counted: q, k and v are usually views of one qkv
    tensor), not of meta's decomposition.
 3. **Fusion rule** (what torch.compile is assumed to do): within a compiled phase and pass,
-   the non-GEMM ops between two GEMMs form one kernel; a reduction ends it, and a BatchNorm
-   reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
+   the non-GEMM ops between two GEMMs form one kernel; a reduction ends it, but for the
+   elementwise ops over its input's size right after it, which join it when Inductor would
+   not split the reduction (its Triton scheduler fuses such an epilogue into a reduction's
+   kernel: a LayerNorm and its cast to bf16 are one `triton_per_fused__to_copy_..._native_
+   layer_norm` kernel); a BatchNorm reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
    did not produce and writes the ones read outside it (later ops, the backward), but for a
    forward tensor that only the backward reads and that the kernel makes from its inputs by
    elementwise ops alone: Inductor's partitioner keeps those inputs (already in memory) and
@@ -140,6 +143,8 @@ class Op:
     low: bool = False  # reads bf16/fp16 tensors (a GEMM: on bf16 tensor cores)
     launches: int = 1  # a for-each op launches one kernel per chunk of tensors
     kernel_call: int = -1  # the kernels.* call (Recording.calls) it belongs to, if any
+    in_numel: int = 0  # elements of its largest input
+    out_numel: int = 0  # elements of its largest output
 
 
 def _key(t: torch.Tensor) -> int:
@@ -482,7 +487,8 @@ class _Recorder(TorchDispatchMode):
             writes = {_key(first): _nbytes(first)}
         low = any(t.dtype in (torch.bfloat16, torch.float16) for t in ins)
         self.ops.append(Op(name, phase, pass_, kind, flops, reads, writes, attn, low, launches,
-                           call))
+                           call, max((t.numel() for t in ins), default=0),
+                           max((t.numel() for t in outs), default=0)))
         return out
 
 
@@ -533,10 +539,25 @@ _DRAW = {"rand", "randint", "randn", "uniform", "random", "normal"}
 function (so that they equal the eager path's), one eager launch each."""
 
 
+_SPLIT_OVER = 8192
+"""Inductor splits a reduction (two kernels: partial sums, then their sum) only when it
+reduces more than this many elements per output and has few outputs (below)
+(torch/_inductor/choices.py, reduction_split_factor: on sm_80/sm_90)"""
+_SPLIT_ROWS = 2 * 32 * 132
+"""...fewer than 2 x 32 outputs per SM (torch/_inductor/ir.py, Reduction.num_splits)"""
+
+
+def _one_pass(op: Op) -> bool:
+    """Whether Inductor would compute reduction `op` in one kernel (not split), so that
+    elementwise ops over its input's size can join that kernel after it."""
+    rows = max(op.out_numel, 1)
+    return op.in_numel // rows <= _SPLIT_OVER or rows >= _SPLIT_ROWS
+
+
 def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op]]:
     """Ops -> kernels: attention calls as one; with `fused`, the fusion rule above (sort,
     top-k and, in eager_draws phases, random draws are kernels of their own)."""
-    out, cur = [], []
+    out, cur, span = [], [], 0
     for op in ops:
         if op.kind == "attn":
             if cur and not (cur[-1].kind == "attn" and cur[-1].attn_call == op.attn_call
@@ -544,6 +565,7 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
                 out.append(cur)
                 cur = []
             cur.append(op)
+            span = 0
             continue
         if cur and cur[-1].kind == "attn":
             out.append(cur)
@@ -553,12 +575,21 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
             if cur:
                 out.append(cur)
             out.append([op])
-            cur = []
+            cur, span = [], 0
             continue
+        if span:  # after a reduction: its epilogue, elementwise ops over its input's size
+            if op.kind == "other" and op.name not in _DRAW and op.out_numel == span:
+                cur.append(op)
+                continue
+            out.append(cur)
+            cur, span = [], 0
         cur.append(op)
         if op.kind == "reduce":
-            out.append(cur)
-            cur = []
+            if _one_pass(op):
+                span = op.in_numel
+            else:  # (split: what follows reads its result from a second kernel)
+                out.append(cur)
+                cur = []
     if cur:
         out.append(cur)
     return out

@@ -95,6 +95,33 @@ def test_fusion_rule_on_a_small_graph():
     assert attn[0].bytes == 2 * act
 
 
+def test_elementwise_ops_after_a_one_pass_reduction_join_its_kernel():
+    """A LayerNorm's cast to bf16 is in its kernel, as Inductor's Triton scheduler fuses it
+    (triton_per_fused__to_copy_..._native_layer_norm): the kernel reads x in float32 and
+    writes the bf16 copy the next GEMM reads, not the float32 output as well. A reduction that
+    Inductor splits (per-channel statistics over many rows, few channels) ends its kernel:
+    the subtraction after it is a kernel of its own."""
+    N, H = 512, 64
+    ln, fc = nn.LayerNorm(H).to("meta"), nn.Linear(H, H).to("meta")
+    x = torch.empty(N, H, device="meta")
+    z = torch.empty(4 * C._SPLIT_OVER, 8, device="meta")
+
+    def step():
+        with phase("encoder"):
+            fc(ln(x))
+            z - z.mean(0)
+
+    rec = C.record(step, amp=True)
+    ks = [k for k in C.kernels_of(rec, "amp_compile", {}, ("encoder",)) if k.pass_ == "fwd"]
+    norm = [k for k in ks if ("native_layer_norm", "fwd") in k.ops]
+    assert len(norm) == 1 and ("_to_copy", "fwd") in norm[0].ops
+    small = 2 * N * 4 + 2 * H * 4  # mean and rstd, LayerNorm's weight and bias
+    assert N * H * (4 + 2) <= norm[0].bytes <= N * H * (4 + 2) + small
+    mean = [k for k in ks if ("mean", "fwd") in k.ops]
+    assert len(mean) == 1 and mean[0].ops == (("mean", "fwd"),)
+    assert any(k.ops == (("sub", "fwd"),) for k in ks)
+
+
 @pytest.mark.parametrize("script,phases,triton_phases,eager_launches", [
     ("pretrain.py", {"data", "views", "grouping", "patch_embed", "encoder", "decoder", "loss",
                      "optimizer"}, {"grouping": 2, "loss": 1}, 50),

@@ -166,7 +166,7 @@ def _linear_affine(bn, x, weight, bias):
     mean_x = xf.mean(0)
     xc = xf - mean_x
     m2 = xc.t().mm(xc)  # (K, K): sum of outer products of the deviations
-    n = xf.new_tensor(float(n_l))
+    n = xf.new_full((), float(n_l))  # (a fill, not a host copy: CUDA-graph capturable)
     if isinstance(bn, GlobalBatchNorm1d) and bn.global_batch():
         g = _AllGather.apply(torch.cat([mean_x, m2.reshape(-1), n[None]]))
         counts = g[:, -1:]  # (world, 1)

@@ -62,14 +62,17 @@ def assert_same_training(runs: dict, amp: bool) -> None:
         torch.testing.assert_close(wg[k].float(), we[k].float(), **tol, msg=k)
 
 
-@pytest.mark.parametrize("amp,compile", [(False, False), (True, True)])
-def test_captured_step_equals_the_eager_step(tmp_path, amp, compile):
+@pytest.mark.parametrize("amp,compile,fused", [(False, False, False), (True, True, False),
+                                               (True, True, True)])
+def test_captured_step_equals_the_eager_step(tmp_path, amp, compile, fused):
     """--cuda-graph on the GPU: 3 eager warm-up steps, the capture, then replays; 10 steps
-    (a new crop ratio each) give the eager step's losses and weights, and replay from a graph."""
+    (a new crop ratio each) give the eager step's losses and weights, and replay from a graph;
+    also with --fused-embed (its Triton kernels and BatchNorm statistics inside the graph)."""
     runs = {}
     for g in (False, True):
         cfg = small_pretrain_config(tmp_path / str(g), device="cuda", amp=amp, compile=compile,
-                                    max_steps=10, warmup_epochs=0, cuda_graph=g)
+                                    max_steps=10, warmup_epochs=0, cuda_graph=g,
+                                    fused_embed=fused)
         env = dist.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
         model, train_model, optimizer = pretrain.build_training(cfg, env)
         clouds = data.procedural_shapes(cfg.procedural_shapes, 512).cuda()

@@ -37,11 +37,14 @@ def test_cuda_graph_step_is_the_eager_step_and_resumes(tmp_path):
         assert torch.equal(a[k], r[k]), k
 
 
-def test_cuda_graph_step_is_the_eager_step_under_amp(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_step_is_the_eager_step_under_amp(tmp_path, fused):
     """Under bf16 autocast too: both paths cast each use of a weight (no autocast cache, which
-    a capture cannot have), so the two views' weight gradients meet in float32 in both."""
+    a capture cannot have), so the two views' weight gradients meet in float32 in both; and
+    with --fused-embed (its ops and BatchNorm statistics in the captured part)."""
     runs = [pretrain.main(small_pretrain_config(tmp_path / str(g), amp=True, max_steps=5,
-                                                warmup_epochs=0, cuda_graph=g))
+                                                warmup_epochs=0, cuda_graph=g,
+                                                fused_embed=fused))
             for g in (False, True)]
     assert runs[0]["history"] == runs[1]["history"]
     for k, v in runs[0]["model"].state_dict().items():

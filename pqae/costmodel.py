@@ -34,7 +34,10 @@ How it is made
    elementwise ops over its input's size right after it, which join it when Inductor would
    not split the reduction (its Triton scheduler fuses such an epilogue into a reduction's
    kernel: a LayerNorm and its cast to bf16 are one `triton_per_fused__to_copy_..._native_
-   layer_norm` kernel); a BatchNorm reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
+   layer_norm` kernel); a reduction alone between GEMMs whose input one earlier such
+   kernel made joins that kernel (Inductor schedules by dependencies: a bias gradient is
+   summed in the kernel that makes its input, `triton_red_fused_gelu_gelu_backward_sum`); a
+   BatchNorm reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
    did not produce and writes the ones read outside it (later ops, the backward), but for a
    forward tensor that only the backward reads and that the kernel makes from its inputs by
    elementwise ops alone: Inductor's partitioner keeps those inputs (already in memory) and
@@ -595,13 +598,14 @@ def _groups(ops: list[Op], fused: bool, eager_draws: tuple = ()) -> list[list[Op
     return out
 
 
-def _traffic(group: list[Op], last_read: dict, index: dict, last_fwd_read: dict) -> float:
+def _traffic(group: list[Op], readers: dict, index: dict) -> float:
     """Bytes a kernel made of `group` moves: what it reads that it did not write, and what it
-    writes that something after it reads (a lone op: all its reads and writes). A forward
+    writes that an op outside it reads later (a lone op: all its reads and writes). A forward
     tensor that only the backward reads and that the group makes from its inputs by
     elementwise ops alone is not written: Inductor's partitioner keeps those inputs, already in
     memory, and recomputes it (the patch embedding's fc3 sum y = mm + g; tests/test_costmodel).
-    (Attention kernels are charged their call's own bytes instead: Recording.attn_bytes.)"""
+    (Attention kernels are charged their call's own bytes instead: Recording.attn_bytes.)
+    `readers`: tensor key -> [(index of an op reading it, its pass)]."""
     if len(group) == 1 and group[0].kind != "batchnorm":
         return sum(group[0].reads.values()) + sum(group[0].writes.values())
     written, read, elementwise = {}, {}, {}
@@ -614,12 +618,38 @@ def _traffic(group: list[Op], last_read: dict, index: dict, last_fwd_read: dict)
         for k in op.writes:
             elementwise[k] = plain
         written.update(op.writes)
-    end = index[id(group[-1])]
+    inside = {index[id(op)] for op in group}
+    first = min(inside)
     forward = group[0].pass_ == "fwd"
-    out = {k: b for k, b in written.items() if last_read.get(k, -1) > end
-           and not (forward and elementwise[k] and last_fwd_read.get(k, -1) <= end)}
+    out = {}
+    for k, b in written.items():
+        later = [p for i, p in readers.get(k, ()) if i > first and i not in inside]
+        if later and not (forward and elementwise[k] and all(p == "bwd" for p in later)):
+            out[k] = b
     extra = sum(op.reads and max(op.reads.values()) for op in group if op.kind == "batchnorm")
     return sum(read.values()) + sum(out.values()) + extra
+
+
+def _into_producers(groups: list[list[Op]]) -> list[list[Op]]:
+    """A lone reduction whose input one earlier fused kernel (not a GEMM's) made joins that
+    kernel, though GEMMs ran between them in the recorded order: Inductor schedules by
+    dependencies, not by that order (a linear's bias gradient, the sum of the gradient the
+    GELU's backward makes, is in the GELU backward's kernel:
+    triton_red_fused_gelu_gelu_backward_sum in GPU traces)."""
+    out: list[list[Op]] = []
+    made: dict = {}  # tensor key -> index in `out` of the kernel that wrote it
+    for g in groups:
+        if len(g) == 1 and g[0].kind == "reduce":
+            by = {made[k] for k in g[0].reads if k in made}
+            if len(by) == 1:
+                i = by.pop()
+                if not any(op.kind in ("gemm", "attn") for op in out[i]):
+                    out[i] = out[i] + g
+                    made.update({k: i for k in g[0].writes})
+                    continue
+        out.append(g)
+        made.update({k: len(out) - 1 for op in g for k in op.writes})
+    return out
 
 
 def kernels_of(rec: Recording, path: str, triton_us: dict,
@@ -629,13 +659,10 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
     the random draws of the `eager_draws` phases."""
     ops = rec.ops
     index = {id(op): i for i, op in enumerate(ops)}
-    last_read: dict = {}
-    last_fwd_read: dict = {}  # by a forward op (or the optimizer's)
+    readers: dict = {}
     for i, op in enumerate(ops):
         for k in op.reads:
-            last_read[k] = i
-            if op.pass_ != "bwd":
-                last_fwd_read[k] = i
+            readers.setdefault(k, []).append((i, op.pass_))
     compiled = path == "amp_compile"
     out: list[Kernel] = []
     segments: list[tuple[bool, list[Op]]] = []
@@ -651,14 +678,15 @@ def kernels_of(rec: Recording, path: str, triton_us: dict,
         else:
             segments.append((fuse, [op]))
     for fuse, seg in segments:
-        for g in _groups(seg, fuse, eager_draws):
+        groups = _groups(seg, fuse, eager_draws)
+        for g in _into_producers(groups) if fuse else groups:
             flops = sum(op.flops for op in g)
             gemm = [op for op in g if op.kind in ("gemm", "attn")]
             n = g[0].launches if len(g) == 1 else 1
             eager = not fuse or (len(g) == 1 and g[0].name in _DRAW and g[0].phase in eager_draws)
             # attention: its call's own q, k, v, o (meta's decomposition is not what runs)
             traffic = rec.attn_bytes[g[0].attn_call][g[0].pass_] if g[0].kind == "attn" \
-                else _traffic(g, last_read, index, last_fwd_read)
+                else _traffic(g, readers, index)
             k = Kernel(g[0].phase, flops / n, traffic / n,
                        dtype_low=any(op.low for op in gemm), eager=eager, pass_=g[0].pass_,
                        gemm=bool(gemm), ops=tuple((op.name, op.pass_) for op in g))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import pretrain
 from conftest import small_pretrain_config
@@ -120,6 +121,30 @@ def test_elementwise_ops_after_a_one_pass_reduction_join_its_kernel():
     mean = [k for k in ks if ("mean", "fwd") in k.ops]
     assert len(mean) == 1 and mean[0].ops == (("mean", "fwd"),)
     assert any(k.ops == (("sub", "fwd"),) for k in ks)
+
+
+def test_a_bias_gradient_joins_the_kernel_that_makes_its_input():
+    """fc1's bias gradient, the sum of the gradient GELU's backward makes, is computed in
+    GELU's backward kernel, though fc2's input-gradient GEMM comes between them in the
+    recorded order (Inductor: triton_red_fused_gelu_gelu_backward_sum): that kernel reads
+    the incoming gradient and fc1's output, and writes its result (fc1's weight gradient
+    reads it) and the bias gradient; nothing reads its result a second time for the sum."""
+    N, H = 512, 64
+    fc1, fc2 = nn.Linear(H, 4 * H).to("meta"), nn.Linear(4 * H, H).to("meta")
+    x = torch.empty(N, H, device="meta")
+
+    def step():
+        with phase("encoder"):
+            fc2(F.gelu(fc1(x))).sum().backward()
+
+    rec = C.record(step, amp=False)
+    ks = [k for k in C.kernels_of(rec, "amp_compile", {}, ("encoder",)) if k.pass_ == "bwd"]
+    gelu = [k for k in ks if ("gelu_backward", "bwd") in k.ops]
+    assert len(gelu) == 1 and gelu[0].ops[-1] == ("sum", "bwd")
+    act = N * 4 * H * 4
+    small = 2 * (4 * H * H + H) * 4  # (fc2's gradients, accumulated in the same kernel)
+    assert 3 * act + 4 * H * 4 <= gelu[0].bytes <= 3 * act + 4 * H * 4 + small
+    assert not any(k.ops == (("sum", "bwd"),) and k.bytes >= act for k in ks)
 
 
 @pytest.mark.parametrize("script,phases,triton_phases,eager_launches", [

@@ -196,8 +196,9 @@ def point_mlp_bwd(gy: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, x: torch
     float32). With G = gy + the max's gradient scattered to the winning rows (added in w2's
     dtype, as autograd adds them), dw2 = G^T h and db2 = G's sum over the rows; with
     dz = (G w2)[a > 0] in float32 (not rounded to w2's dtype: its sums feed BatchNorm's
-    backward, whose terms cancel), sums holds the sums over the rows of dz, dz * z and dz * x[:, j]: the
-    gradients of shift and scale, and, times scale, those of b1 and w1 (H, K0) transposed."""
+    backward, whose terms cancel), sums holds the sums over the rows of dz, dz * z and
+    dz * x[:, j]: the gradients of shift and scale, and, times scale, those of b1 and w1
+    (H, K0) transposed."""
     p, c = g.shape
     s = g.new_zeros(p, m, c).scatter_(1, idx.long()[:, None], g[:, None]).reshape(p * m, c)
     G = gy + s

@@ -558,7 +558,8 @@ def _probe_point_mlp(device, p: int, m: int, k0: int, h: int, c: int,
     shift = grid(h) / 4 + 1 / 64
     w2 = (torch.randn(c, h, generator=gen) * h ** -0.5).to(dtype)
     b2 = torch.randn(c, generator=gen).to(dtype)
-    gy, g = torch.randn(p * m, c, generator=gen).to(dtype), torch.randn(p, c, generator=gen).to(dtype)
+    gy = torch.randn(p * m, c, generator=gen).to(dtype)
+    g = torch.randn(p, c, generator=gen).to(dtype)
     dev = [t.to(device) for t in (x, w1, b1, scale, shift)]
     y, out, idx = T.point_mlp_fwd(*dev, w2.to(device), b2.to(device), m)
     grads = T.point_mlp_bwd(gy.to(device), g.to(device), idx, *dev, w2.to(device), m)

@@ -37,8 +37,9 @@ How it is made
    layer_norm` kernel); a reduction alone between GEMMs whose input one earlier such
    kernel made joins that kernel (Inductor schedules by dependencies: a bias gradient is
    summed in the kernel that makes its input, `triton_red_fused_gelu_gelu_backward_sum`); a
-   BatchNorm reads its input twice (statistics, then normalisation). A fused kernel reads the tensors it
-   did not produce and writes the ones read outside it (later ops, the backward), but for a
+   BatchNorm reads its input twice (statistics, then normalisation). A fused kernel reads
+   the tensors it did not produce and writes the ones read outside it (later ops, the
+   backward), but for a
    forward tensor that only the backward reads and that the kernel makes from its inputs by
    elementwise ops alone: Inductor's partitioner keeps those inputs (already in memory) and
    recomputes it in the backward, so it is not written. Other recomputation by Inductor is

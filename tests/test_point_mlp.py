@@ -31,7 +31,8 @@ def _inputs(p, m, h, c, dtype, seed=0):
              torch.randn(h, generator=g) * 0.3)
     w2 = (torch.randn(c, h, generator=g) * h ** -0.5).to(dtype)
     b2 = torch.randn(c, generator=g).to(dtype)
-    gy, gout = torch.randn(p * m, c, generator=g).to(dtype), torch.randn(p, c, generator=g).to(dtype)
+    gy = torch.randn(p * m, c, generator=g).to(dtype)
+    gout = torch.randn(p, c, generator=g).to(dtype)
     return first, w2, b2, gy, gout
 
 

@@ -201,7 +201,8 @@ def test_linear_affine_is_the_batchnorm_of_the_linear_layer_in_one_process():
         y = fc2(x) * scale + shift
         torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
         (y * w).sum().backward()
-        for p, q in zip([*fc.parameters(), *bn.parameters()], [*fc2.parameters(), *bn2.parameters()]):
+        for p, q in zip([*fc.parameters(), *bn.parameters()],
+                        [*fc2.parameters(), *bn2.parameters()]):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
             p.grad = q.grad = None
         for a, b in zip(bn.buffers(), bn2.buffers()):

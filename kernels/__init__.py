@@ -78,6 +78,7 @@ per call with ``check=False`` or globally with ``kernels.CHECK_FINITE = False``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -305,19 +306,12 @@ def linear_patch_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}, "
                              f"got {tuple(t.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add), ("scale", scale),
-                    ("shift", shift)):
-        if t is not None and t.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
+    _check_floats_on(x=x, weight=weight, bias=bias, add=add, scale=scale, shift=shift)
     if p == 0 or m == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     from . import patch_max
 
-    dev = x.device.type
-    autocast = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
-    dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    dtype = _autocast_dtype(x.device, x.dtype)
     x, weight = x.to(dtype).reshape(p * m, k), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if scale is not None:
@@ -351,12 +345,7 @@ def point_mlp_max(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
                            ("b2", b2, (w2.shape[0],))):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {_shape_of(t)}")
-    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("scale", scale),
-                    ("shift", shift)):
-        if t.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
+    _check_floats_on(x=x, w1=w1, b1=b1, w2=w2, b2=b2, scale=scale, shift=shift)
     if p == 0 or m == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if x.requires_grad and torch.is_grad_enabled():
@@ -364,9 +353,7 @@ def point_mlp_max(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
                          "x.detach()")
     from . import patch_max
 
-    dev = x.device.type
-    autocast = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
-    dtype = torch.get_autocast_dtype(dev) if autocast else w2.dtype
+    dtype = _autocast_dtype(x.device, w2.dtype)
     f32 = torch.promote_types(x.dtype, torch.float32)
     first = (t.to(f32) for t in (x.reshape(p * m, k0), w1, b1, scale, shift))
     y, out, _ = patch_max.point_mlp(*first, w2.to(dtype), b2.to(dtype), m)
@@ -374,6 +361,32 @@ def point_mlp_max(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _check_floats_on(**tensors) -> None:
+    """Every tensor given (None: absent) is a float tensor on the first one's (x's) device, or
+    a ValueError naming it."""
+    x = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"devices differ: x on {x.device}, {name} on {t.device}")
+
+
+def _autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast computes a linear layer in on `device`, or `default` outside it."""
+    dev = device.type
+    on = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
+    return torch.get_autocast_dtype(dev) if on else default
+
+
+def autocast_off(device: torch.device):
+    """A context without autocast on `device` (a no-op where autocast does not exist, as on
+    meta): for code that computes in the dtypes it is given."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _shape_of(t) -> str:

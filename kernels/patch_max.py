@@ -23,7 +23,6 @@ backwards), so
 ``torch.compile`` traces around them; each picks Triton or the plain-PyTorch reference at run
 time as every op of this package does (``kernels/__init__.py``).
 """
-import contextlib
 from typing import Optional
 
 import torch
@@ -45,9 +44,7 @@ def _call(x: torch.Tensor, spec: tuple, name: str, *args):
     compiled, and its ops compute in the dtypes they are given.)"""
     import kernels
 
-    off = (torch.autocast(x.device.type, enabled=False)
-           if x.device.type in kernels._AUTOCAST_DEVICES else contextlib.nullcontext())
-    with off:
+    with kernels.autocast_off(x.device):
         return kernels._dispatch(x, lambda: kernels._spec(*spec),
                                  lambda: getattr(kernels._triton_ops(), name)(*args),
                                  lambda: getattr(reference, name)(*args))

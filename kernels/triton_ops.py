@@ -1113,8 +1113,8 @@ def _mlp_dh_kernel(gy_ptr, g_ptr, idx_ptr, x_ptr, w1_ptr, b1_ptr, scale_ptr, shi
                    part_ptr, P, H, C, K0: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
                    PB: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, UP: tl.constexpr):
     # dz = (G w2)[a > 0] on a tile (G: y's whole gradient, built per tile; G w2 in float32),
-    # reduced at once over the tile's rows to
-    # part[tile] (2 + K0, H): the sums of dz, dz * z and dz * x[:, j]. Nothing per row is written
+    # reduced at once over the tile's rows to part[tile] (2 + K0, H): the sums of dz, dz * z
+    # and dz * x[:, j]. Nothing per row is written
     tile, n = _pm_program(H, BN)
     row, row_ok, _ = _pm_rows(tile, P, M, MP, PB)
     acc = tl.zeros((PB * MP, BN), tl.float32)

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
+import kernels
+
 
 # torch 2.13 renamed these (same arguments) and warns on every call of the old names
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -154,9 +156,7 @@ def linear_affine(bn: nn.BatchNorm1d, x: torch.Tensor, weight: torch.Tensor,
     kernels.point_mlp_max, which computes the linear layer and the BatchNorm on chip."""
     if not (bn.training or not bn.track_running_stats):
         return _scale_shift(bn, bn.running_mean, bn.running_var)
-    if x.device.type not in ("cuda", "cpu"):  # (no autocast there)
-        return _linear_affine(bn, x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):  # (float32 moments, not bf16 GEMMs)
+    with kernels.autocast_off(x.device):  # (float32 moments, not bf16 GEMMs)
         return _linear_affine(bn, x, weight, bias)
 
 
